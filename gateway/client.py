@@ -1,0 +1,364 @@
+"""The client side of the gateway: one asyncio Protocol per client connection.
+
+Parses requests with httptools, enforces the request limits, hands complete
+requests to the relay one at a time (pipelined ones wait their turn), writes
+the replica's response through, and propagates backpressure and disconnects
+to the replica connection. No ASGI on this path (see upstream.py for why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from gateway.errors import Reason, error_response
+from gateway.request import Request
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+    from gateway.upstream import UpstreamConnection
+
+# Request headers never forwarded as they are: hop-by-hop and framing headers (we re-frame the body
+# with our own Content-Length), and the names Ray's HAProxy reserves for the router (ray-serve.md §b).
+_DROP = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+    b"content-length", b"expect", b"x-request-id", b"serve_multiplexed_model_id", b"serve-multiplexed-model-id",
+))
+_ROUTER_OWNED_PREFIX = b"x-serve-router-"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_WRITE_HIGH_WATER = 256 * 1024
+
+
+class RequestRejected(Exception):
+    def __init__(self, reason: Reason):
+        self.reason = reason
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, gateway: "Gateway"):
+        self.gw = gateway
+        self.config = gateway.config
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.closed = False
+        self.current: Request | None = None
+        self.upstream: "UpstreamConnection | None" = None
+        self.pending: deque[Request] = deque()
+        self.reading_paused = False
+        self.writing_paused = False
+        # Deadline for the next byte from the client (slowloris / idle keep-alive); None while we are the slow one.
+        self.deadline: float | None = time.monotonic() + self.config.header_timeout_s
+        self.in_head = False
+        self.first_byte_deadline = 0.0
+        self.idle_reads = -1
+        self.idle_since = 0.0
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._head_size = 0
+        self._request_id: bytes | None = None
+        self._session: bytes | None = None
+        self._content_type: bytes | None = None
+        self._has_host = False
+        self._expect_continue = False
+        self._content_length = 0
+        self._reject: Reason | None = None
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        if not self.gw.admit_connection(self):
+            self.respond_error(Reason.OVERLOADED, "too many connections", retry_after_s=1, close=True)
+
+    def data_received(self, data: bytes) -> None:
+        if self.current is None and not self.in_head:
+            self.deadline = time.monotonic() + self.config.header_timeout_s
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject_now(Reason.BAD_REQUEST, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            reason = self._reject or Reason.BAD_REQUEST
+            self._reject_now(reason, None if self._reject else f"malformed HTTP request: {exc}")
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still be reading the answer to its last request.
+        return self.current is not None or bool(self.pending)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.gw.connection_closed(self)
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            # The client is gone: drop the replica connection at once so the engine aborts generation.
+            upstream.abort()
+            self.gw.relay.exchange_ended(upstream)
+        request = self.current
+        if request is not None:
+            if not request.status or not request.reason:
+                request.reason = Reason.CLIENT_ABORT.value
+            if not request.status:
+                request.status = 499
+            self.current = None
+            self.gw.request_finished(request)
+        self.pending.clear()
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the replica writes: stop reading the replica (memory stays bounded).
+        self.writing_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self._reset_message()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        lower = name.lower()
+        if lower in _DROP:
+            if lower == b"x-request-id":
+                self._request_id = value
+            elif lower == b"expect":
+                self._expect_continue = value.lower() == b"100-continue"
+            elif lower == b"content-length" and value.isdigit():
+                self._content_length = int(value)
+            return
+        if lower.startswith(_ROUTER_OWNED_PREFIX):
+            return
+        if lower == b"content-type":
+            self._content_type = value
+        elif lower == b"host":
+            self._has_host = True
+        elif self._session is None and lower.replace(b"_", b"-") == self.gw.session_header_key:
+            # Ray matches the session header case-insensitively with '-' and '_' alike; first match wins.
+            self._session = value
+        if b"\r" in value or b"\n" in value:
+            self._reject = Reason.BAD_REQUEST
+            raise RequestRejected(Reason.BAD_REQUEST)
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._url[:1] != b"/":
+            # Absolute-form or authority-form targets name another host: a gateway never follows them.
+            self._reject = Reason.BAD_REQUEST
+            raise RequestRejected(Reason.BAD_REQUEST)
+        if self._content_length > self.config.max_body_bytes:
+            # Refused before a single body byte is read or anything is forwarded.
+            self._reject = Reason.BODY_TOO_LARGE
+            raise RequestRejected(Reason.BODY_TOO_LARGE)
+        if self._expect_continue:
+            self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.config.max_body_bytes:
+            self._reject = Reason.BODY_TOO_LARGE
+            raise RequestRejected(Reason.BODY_TOO_LARGE)
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        request = Request(
+            parser.get_method(), self._url, parser.get_http_version(), self._headers,
+            b"".join(self._body) if len(self._body) != 1 else self._body[0],
+            parser.should_keep_alive(),
+            self._request_id or os.urandom(16).hex().encode(),
+            self._session, self._content_type, self._has_host,
+        )
+        if self.current is None:
+            self.deadline = None
+            self.current = request
+            self.gw.relay.dispatch(self, request)
+        else:
+            # Pipelined: answer in order; stop reading until the queue drains (bounded memory).
+            self.pending.append(request)
+            if not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()
+
+    def _count_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > self.config.max_header_bytes:
+            self._reject = Reason.HEADERS_TOO_LARGE
+            raise RequestRejected(Reason.HEADERS_TOO_LARGE)
+
+    # -- writing answers the gateway makes itself
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool = False) -> None:
+        request = self.current
+        if self.closed:
+            return
+        keep = not close and request is not None and request.keep_alive and not self.gw.draining
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, _phrase(status))]
+        for name, value in headers:
+            if name.lower() not in (b"content-length", b"connection"):
+                out.append(b"%s: %s\r\n" % (name, value))
+        if request is not None:
+            out.append(b"x-request-id: %s\r\n" % request.request_id)
+        out.append(b"content-length: %d\r\n%s\r\n" % (len(body), b"" if keep else b"connection: close\r\n"))
+        if not (request is not None and request.method == b"HEAD"):
+            out.append(body)
+        self.transport.write(b"".join(out))
+        if request is not None:
+            request.status = status
+            request.bytes_out += len(body)
+            if not keep:
+                request.keep_alive = False
+        self.finish(close=not keep)
+
+    def respond_error(self, reason: Reason, message: str | None = None, *, status: int | None = None,
+                      retry_after_s: int | None = None, close: bool = False) -> None:
+        response = error_response(reason, message, status=status, retry_after_s=retry_after_s)
+        if self.current is not None:
+            self.current.reason = reason.value
+        self.respond(response.status_code, response.raw_headers, response.body, close=close)
+
+    def _reject_now(self, reason: Reason, message: str | None) -> None:
+        """A request we will not read any further: answer it and close the connection."""
+        if self.current is None:
+            # Account for it like any request so metrics and the access log see it.
+            self.current = Request(b"-", self._url[:256] or b"-", "1.1", [], b"", False,
+                                   self._request_id or os.urandom(16).hex().encode(), None, None, False)
+            self.respond_error(reason, message, close=True)
+        else:
+            self.transport.close()
+
+    # -- called by the relay and by UpstreamConnection
+    def upstream_head(self, conn: "UpstreamConnection", status: int, phrase: bytes,
+                      headers: list[tuple[bytes, bytes]], body_start: bytes, must_close: bool) -> None:
+        request = self.current
+        assert request is not None
+        request.status = status
+        request.first_byte_s = time.monotonic() - request.started
+        keep = request.keep_alive and not must_close and not self.gw.draining and request.version != "1.0"
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, phrase or _phrase(status))]
+        has_id = False
+        for name, value in headers:
+            if not has_id and name.lower() == b"x-request-id":
+                has_id = True
+            out.append(b"%s: %s\r\n" % (name, value))
+        if not has_id:
+            out.append(b"x-request-id: %s\r\n" % request.request_id)
+        if not keep:
+            request.keep_alive = False
+            out.append(b"connection: close\r\n")
+        out.append(b"\r\n")
+        out.append(body_start)
+        self.transport.write(b"".join(out))
+
+    def upstream_complete(self, conn: "UpstreamConnection") -> None:
+        self.upstream = None
+        self.gw.relay.exchange_ended(conn)
+        conn.release()
+        if conn.keep_alive and not conn.closed:
+            conn.target.pool.put(conn)  # type: ignore[union-attr]
+        else:
+            conn.close()
+        self.finish(close=not (self.current is not None and self.current.keep_alive))
+
+    def upstream_failed(self, conn: "UpstreamConnection", why: str) -> None:
+        """The replica connection broke or spoke garbage before the response ended."""
+        self.upstream = None
+        self.gw.relay.exchange_ended(conn)
+        head_sent = conn.head_sent
+        conn.abort()
+        request = self.current
+        if request is None or self.closed:
+            return
+        if not head_sent:
+            self.gw.relay.upstream_failed_before_head(self, request, conn, why)
+            return
+        # Bytes already reached the client: nothing can be retried. Closing without the final chunk
+        # makes the client see a broken stream, never a clean (and wrong) end.
+        request.reason = Reason.UPSTREAM_MALFORMED.value if why == "malformed" else Reason.UPSTREAM_DIED.value
+        request.keep_alive = False
+        self.gw.metrics.upstream_died(conn.target.replica_id)
+        self.finish(close=True)
+
+    def finish(self, *, close: bool) -> None:
+        """The current request is answered: log it, then serve the next one or close."""
+        request, self.current = self.current, None
+        if request is not None:
+            self.gw.request_finished(request)
+        if self.closed:
+            return
+        if close or self.gw.draining and not self.pending:
+            self.transport.close()
+            self.closed = True
+            return
+        if self.pending:
+            self.current = self.pending.popleft()
+            self.gw.relay.dispatch(self, self.current)
+            return
+        self.deadline = time.monotonic() + self.config.client_timeout_s
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # -- the gateway's periodic sweep
+    def check_timeouts(self, now: float) -> None:
+        if self.closed:
+            return
+        if self.deadline is not None and now > self.deadline:
+            if self.in_head:
+                self._reject_now(Reason.REQUEST_TIMEOUT, None)
+            else:
+                self.transport.close()  # idle keep-alive connection: close quietly, like any server
+            return
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if not upstream.head_sent:
+            if self.first_byte_deadline and now > self.first_byte_deadline:
+                self.upstream = None
+                self.gw.relay.exchange_ended(upstream)
+                upstream.abort()
+                self.respond_error(Reason.UPSTREAM_TIMEOUT, "the replica sent no response head in time", close=True)
+            return
+        idle = self.config.idle_timeout_s
+        if idle and not self.writing_paused:
+            if upstream.reads != self.idle_reads:
+                self.idle_reads = upstream.reads
+                self.idle_since = now
+            elif now - self.idle_since > idle:
+                if self.current is not None:
+                    self.current.reason = Reason.UPSTREAM_TIMEOUT.value
+                self.upstream = None
+                self.gw.relay.exchange_ended(upstream)
+                upstream.abort()
+                self.finish(close=True)
+
+
+_PHRASES = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+            413: b"Content Too Large", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+            499: b"Client Closed Request", 500: b"Internal Server Error", 502: b"Bad Gateway",
+            503: b"Service Unavailable", 504: b"Gateway Timeout"}
+
+
+def _phrase(status: int) -> bytes:
+    return _PHRASES.get(status, b"Unknown")

@@ -1,0 +1,282 @@
+"""The gateway's configuration, in one place.
+
+Every setting has one row in OPTIONS: its flag, the env vars it reads (Ray's
+own name where one exists), its type, default and help. The flags, the env,
+the config file and `gateway serve --help` are all generated from that table,
+so they cannot drift apart. Precedence: flag > env > config file > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A user mistake in flags, env or config file: reported in one line, no traceback."""
+
+
+def _bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"expected a boolean (1/0, true/false), got {text!r}")
+
+
+def _list(text: str | Sequence[str]) -> list[str]:
+    if isinstance(text, str):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return [str(item) for item in text]
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    env: tuple[str, ...]
+    kind: Callable[[Any], Any]
+    default: Any
+    help: str
+    flag: str | None = None
+    repeat: bool = False  # list options: the flag may be given many times
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", ("GATEWAY_HOST",), str, "127.0.0.1", "address to listen on"),
+    Option("port", ("GATEWAY_PORT",), int, 8000, "port to listen on"),
+    Option("workers", ("GATEWAY_WORKERS",), int, 1, "worker processes sharing the port (SO_REUSEPORT)"),
+    Option("routers", ("GATEWAY_ROUTERS",), _list, [], "router base URL speaking POST /internal/route (repeat; env: comma-separated)",
+           flag="--router", repeat=True),
+    Option("replicas", ("GATEWAY_REPLICAS",), _list, [], "replica direct-ingress target [ID=]URL; ID is the replica_id the router names, default host:port (repeat; env: comma-separated)",
+           flag="--replica", repeat=True),
+    Option("ray_address", ("GATEWAY_RAY_ADDRESS",), str, "", "discover routers and replicas from this Ray cluster (GCS address) instead of static lists"),
+    Option("app", ("GATEWAY_RAY_APP",), str, "", "Ray Serve application to front (default: the only app with an ingress request router)"),
+    Option("forward_body", ("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "GATEWAY_FORWARD_BODY"), _bool, False,
+           "send the request body to the router (needed by prefix-aware policies and LoRA)"),
+    Option("router_body_cap", ("RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE", "GATEWAY_ROUTER_BODY_CAP"), int, 8 * MiB,
+           "most body bytes sent to the router; a longer body is cut and marked X-Body-Truncated: sent/total"),
+    Option("router_timeout_s", ("RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S", "GATEWAY_ROUTER_TIMEOUT_S"), float, 5.0,
+           "deadline for one routing decision (connect + send + answer); past it: 504 router_timeout"),
+    Option("session_header", ("RAY_SERVE_SESSION_ID_HEADER_KEY", "GATEWAY_SESSION_HEADER"), str, "x-session-id",
+           "session header forwarded to the router for stickiness ('-' and '_' spellings both accepted)"),
+    Option("router_idle_s", ("GATEWAY_ROUTER_IDLE_S",), float, 4.0,
+           "close pooled router connections idle this long (below the router's keep-alive timeout, uvicorn's is 5 s)"),
+    Option("upstream_idle_s", ("GATEWAY_UPSTREAM_IDLE_S",), float, 4.0,
+           "close pooled replica connections idle this long (below vLLM's 5 s keep-alive timeout)"),
+    Option("connect_timeout_s", ("RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S", "GATEWAY_CONNECT_TIMEOUT_S"), float, 5.0,
+           "TCP connect timeout to a replica"),
+    Option("first_byte_timeout_s", ("GATEWAY_FIRST_BYTE_TIMEOUT_S",), float, 600.0,
+           "longest wait for a replica's response head (a long queue before the first token is normal for LLMs); 0 = none"),
+    Option("idle_timeout_s", ("GATEWAY_IDLE_TIMEOUT_S",), float, 600.0,
+           "longest silence inside a response stream before the gateway gives up on the replica; 0 = none"),
+    Option("client_timeout_s", ("GATEWAY_CLIENT_TIMEOUT_S",), float, 90.0,
+           "close client keep-alive connections idle this long (Ray's keep_alive_timeout_s)"),
+    Option("header_timeout_s", ("GATEWAY_HEADER_TIMEOUT_S",), float, 10.0,
+           "a client must send a whole request head (and body) within this time (slowloris guard): 408"),
+    Option("max_header_bytes", ("GATEWAY_MAX_HEADER_BYTES",), int, 64 * 1024, "largest request head accepted: 431"),
+    Option("max_body_bytes", ("GATEWAY_MAX_BODY_BYTES",), int, 64 * MiB, "largest request body accepted: 413, before anything is forwarded"),
+    Option("max_connections", ("RAY_SERVE_HAPROXY_MAXCONN", "GATEWAY_MAX_CONNECTIONS"), int, 4096,
+           "client connections accepted at once; past it new connections get 503 and are closed"),
+    Option("max_in_flight", ("GATEWAY_MAX_IN_FLIGHT",), int, 0, "requests relayed at once in total; past it: 503 + Retry-After; 0 = no limit"),
+    Option("max_in_flight_per_replica", ("GATEWAY_MAX_IN_FLIGHT_PER_REPLICA",), int, 0,
+           "requests in flight to one replica; past it: 429 + Retry-After; 0 = no limit"),
+    Option("health_path", ("GATEWAY_HEALTH_PATH",), str, "/health", "replica health-check path (Ray replicas: /-/healthz)"),
+    Option("health_interval_s", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER", "GATEWAY_HEALTH_INTERVAL_S"), float, 5.0, "health-check interval of a stable replica"),
+    Option("health_fast_interval_s", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_FASTINTER", "GATEWAY_HEALTH_FAST_INTERVAL_S"), float, 0.25,
+           "health-check interval while a replica is down or changing state"),
+    Option("health_fall", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_FALL", "GATEWAY_HEALTH_FALL"), int, 2, "failed checks that mark a replica down"),
+    Option("health_rise", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_RISE", "GATEWAY_HEALTH_RISE"), int, 2, "passed checks that mark a replica up"),
+    Option("health_timeout_s", ("GATEWAY_HEALTH_TIMEOUT_S",), float, 2.0, "timeout of one health check"),
+    Option("drain_timeout_s", ("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "GATEWAY_DRAIN_TIMEOUT_S"), float, 30.0,
+           "on SIGTERM, how long streams in flight may run before the gateway exits anyway"),
+    Option("access_log", ("GATEWAY_ACCESS_LOG",), _bool, True, "one JSON line per request on stdout (written off the event loop)"),
+    Option("log_level", ("GATEWAY_LOG_LEVEL",), str, "info", "debug, info, warning or error"),
+)
+
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    replica_id: str
+    host: str
+    port: int
+
+
+def parse_url(url: str, what: str) -> tuple[str, int]:
+    """host and port of an http:// URL; anything else is a configuration error."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    if parts.scheme != "http":
+        raise ConfigError(f"{what} {url!r}: only http:// is supported")
+    try:
+        port = parts.port or 80
+    except ValueError as exc:
+        raise ConfigError(f"{what} {url!r}: {exc}") from None
+    if not parts.hostname:
+        raise ConfigError(f"{what} {url!r}: no host")
+    if parts.path not in ("", "/"):
+        raise ConfigError(f"{what} {url!r}: give the base URL, without a path")
+    return parts.hostname, port
+
+
+def parse_replica(text: str) -> ReplicaSpec:
+    replica_id, sep, url = text.partition("=")
+    if not sep or "://" in replica_id:
+        replica_id, url = "", text
+    host, port = parse_url(url, "replica")
+    return ReplicaSpec(replica_id or f"{host}:{port}", host, port)
+
+
+@dataclass
+class Config:
+    """Everything the gateway process needs, resolved and validated."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    routers: list[str] = field(default_factory=list)
+    replicas: list[str] = field(default_factory=list)
+    ray_address: str = ""
+    app: str = ""
+    forward_body: bool = False
+    router_body_cap: int = 8 * MiB
+    router_timeout_s: float = 5.0
+    session_header: str = "x-session-id"
+    router_idle_s: float = 4.0
+    upstream_idle_s: float = 4.0
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 600.0
+    idle_timeout_s: float = 600.0
+    client_timeout_s: float = 90.0
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 64 * MiB
+    max_connections: int = 4096
+    max_in_flight: int = 0
+    max_in_flight_per_replica: int = 0
+    health_path: str = "/health"
+    health_interval_s: float = 5.0
+    health_fast_interval_s: float = 0.25
+    health_fall: int = 2
+    health_rise: int = 2
+    health_timeout_s: float = 2.0
+    drain_timeout_s: float = 30.0
+    access_log: bool = True
+    log_level: str = "info"
+
+    @property
+    def router_addresses(self) -> list[tuple[str, int]]:
+        return [parse_url(url, "router") for url in self.routers]
+
+    @property
+    def replica_specs(self) -> list[ReplicaSpec]:
+        return [parse_replica(text) for text in self.replicas]
+
+    @property
+    def mode(self) -> str:
+        return "ray" if self.ray_address else "static"
+
+    def validate(self) -> "Config":
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port {self.port} is out of range")
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log level {self.log_level!r}: use debug, info, warning or error")
+        for name in ("router_timeout_s", "connect_timeout_s", "router_idle_s", "upstream_idle_s", "health_interval_s",
+                     "health_fast_interval_s", "health_timeout_s", "client_timeout_s", "header_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0")
+        if not self.health_path.startswith("/"):
+            raise ConfigError("health path must start with /")
+        self.router_addresses  # noqa: B018 - parse now, so a bad URL fails at startup
+        specs = self.replica_specs
+        ids = [spec.replica_id for spec in specs]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("two replicas share one replica id")
+        if not self.ray_address and not specs:
+            raise ConfigError("no replicas: give --replica [ID=]URL (or GATEWAY_REPLICAS), or --ray-address")
+        return self
+
+    def with_changes(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; defaults are None so 'not given' can fall through to env and file."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file with any of the options below (flag and env win)")
+    for option in OPTIONS:
+        env = ", ".join(option.env)
+        default = ",".join(option.default) if isinstance(option.default, list) else option.default
+        text = f"{option.help} [env: {env}; default: {default!s}]"
+        if option.kind is _bool:
+            parser.add_argument(option.cli_flag, dest=option.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=text)
+        elif option.repeat:
+            parser.add_argument(option.cli_flag, dest=option.name, default=None, action="append", help=text)
+        else:
+            parser.add_argument(option.cli_flag, dest=option.name, default=None, help=text)
+
+
+def _coerce(option: Option, raw: Any, source: str) -> Any:
+    try:
+        return option.kind(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {raw!r} is not a valid {option.kind.__name__.lstrip('_')}") from None
+
+
+def load_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    # Both a flat file and a [gateway] table are accepted; '-' and '_' both work in keys.
+    data = data.get("gateway", data)
+    values = {}
+    for key, raw in data.items():
+        name = key.replace("-", "_")
+        name = {"router": "routers", "replica": "replicas"}.get(name, name)
+        if name not in _BY_NAME:
+            raise ConfigError(f"config file {path}: unknown option {key!r}")
+        values[name] = _coerce(_BY_NAME[name], raw, f"config file {path}, {key}")
+    return values
+
+
+def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Merge defaults < config file < env < flags into a validated Config."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = getattr(args, "config", None) or environ.get("GATEWAY_CONFIG")
+    if config_file:
+        values.update(load_file(config_file))
+    for option in OPTIONS:
+        for env_name in option.env:
+            if env_name in environ:
+                values[option.name] = _coerce(option, environ[env_name], f"env {env_name}")
+                break
+        given = getattr(args, option.name, None) if args is not None else None
+        if given is not None:
+            if option.repeat:
+                given = [item for text in given for item in _list(text)]
+            values[option.name] = _coerce(option, given, option.cli_flag)
+    return Config(**values).validate()

@@ -1,0 +1,76 @@
+"""`gateway up`: mock vLLM replicas, the standalone router and the gateway, in one command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from gateway.config import ConfigError, Config
+from gateway.procs import Child, free_port, python_module
+
+EXAMPLE = """\
+Local stack is up: {replicas} mock vLLM replicas, router ({policy}), gateway.
+
+  Base URL: {base}/v1
+
+  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "mock", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='none'); \\
+print(c.chat.completions.create(model='mock', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
+
+  Gateway endpoints: {base}/-/routes  {base}/-/metrics  {base}/-/ready
+Ctrl-C stops everything.
+"""
+
+
+def run_up(args: argparse.Namespace) -> int:
+    if args.ray:
+        from gateway.ray_stack import run_ray_up  # needs the [ray] extra
+
+        return run_ray_up(args)
+    children: list[Child] = []
+    try:
+        replicas = []
+        for index in range(args.replicas):
+            port = free_port()
+            replica_id = f"replica-{index}"
+            children.append(Child(python_module("replicas.mock_engine", "--host", "127.0.0.1", "--port", str(port),
+                                                "--replica-id", replica_id, "--ttft-ms", str(args.ttft_ms),
+                                                "--itl-ms", str(args.itl_ms)), port=port).start())
+            replicas.append(f"{replica_id}=http://127.0.0.1:{port}")
+        router_port = free_port()
+        router_args = ["--host", "127.0.0.1", "--port", str(router_port), "--policy", args.policy]
+        for replica in replicas:
+            router_args += ["--replica", replica]
+        children.append(Child(python_module("replicas.router", *router_args), port=router_port).start())
+        config = Config(host=args.host, port=args.port, routers=[f"http://127.0.0.1:{router_port}"],
+                        replicas=replicas, forward_body=args.policy == "prefix_affinity", access_log=False,
+                        log_level="warning").validate()
+        from gateway.cli import serve_async
+        import uvloop
+
+        async def main() -> int:
+            task = asyncio.ensure_future(serve_async(config, ready_message=True))
+            await asyncio.sleep(0)
+            host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            base = f"http://{host}:{args.port}"
+            while not task.done():
+                from gateway.procs import port_open
+
+                if await asyncio.to_thread(port_open, host, args.port):
+                    print(EXAMPLE.format(replicas=args.replicas, policy=args.policy, base=base), flush=True)
+                    break
+                await asyncio.sleep(0.05)
+            return await task
+
+        return uvloop.run(main())
+    except ConfigError:
+        raise
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"gateway up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for child in reversed(children):
+            child.stop()

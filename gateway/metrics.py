@@ -1,0 +1,101 @@
+"""Prometheus metrics (prometheus-client), served at /-/metrics.
+
+Hot-path updates go through label children resolved once and cached, because
+`.labels(...)` costs more than the increment itself. Router metric names follow
+Ray's HAProxy ingress-router metrics (ray-serve.md §b) so dashboards carry over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("gateway_requests", "Requests answered, by route kind, status and failure reason",
+                                ["route", "status", "reason"], registry=registry)
+        self.router_requests = Counter("gateway_router_requests", "Routing decisions asked of a router",
+                                       registry=registry)
+        self.router_failures = Counter("gateway_router_failures", "Failed routing decisions by reason",
+                                       ["reason"], registry=registry)
+        self.router_latency = Histogram("gateway_router_latency_seconds", "Time to get a routing decision",
+                                        ["outcome"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.truncations = Counter("gateway_router_body_truncations", "Bodies cut to the router body cap",
+                                   registry=registry)
+        self.mismatches = Counter("gateway_decision_mismatches",
+                                  "Router decisions naming an unknown replica or an address that differs from ours",
+                                  ["kind"], registry=registry)
+        self.connect_latency = Histogram("gateway_upstream_connect_seconds", "TCP connect time to replicas",
+                                         buckets=_LATENCY_BUCKETS, registry=registry)
+        self.ttfb = Histogram("gateway_time_to_first_byte_seconds", "Request start to the replica's response head",
+                              ["replica"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.chunk_gap = Histogram("gateway_stream_max_chunk_gap_seconds",
+                                   "Largest gap between two reads of one response stream, per stream",
+                                   ["replica"], buckets=_GAP_BUCKETS, registry=registry)
+        self.retries = Counter("gateway_retries", "Requests resent before the response head", ["kind"],
+                               registry=registry)
+        self.upstream_deaths = Counter("gateway_upstream_died", "Responses cut by the replica after the head",
+                                       ["replica"], registry=registry)
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being relayed now", registry=registry)
+        self.connections = Gauge("gateway_client_connections", "Open client connections", registry=registry)
+        self.pool_idle = Gauge("gateway_pool_idle_connections", "Idle keep-alive connections by pool",
+                               ["pool"], registry=registry)
+        self.replica_up = Gauge("gateway_replica_healthy", "1 if the replica passes health checks", ["replica"],
+                                registry=registry)
+        self._request_children: dict[tuple[str, int, str], Counter] = {}
+        self._ok = self.router_latency.labels("ok")
+        self._failed = self.router_latency.labels("failed")
+        self._ttfb_children: dict[str, Histogram] = {}
+
+    # -- hot path
+    def request(self, route: str, status: int, reason: str) -> None:
+        key = (route, status, reason)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(route, str(status), reason)
+        child.inc()
+
+    def first_byte(self, replica: str, seconds: float) -> None:
+        child = self._ttfb_children.get(replica)
+        if child is None:
+            child = self._ttfb_children[replica] = self.ttfb.labels(replica)
+        child.observe(seconds)
+
+    def router_ok(self, seconds: float) -> None:
+        self.router_requests.inc()
+        self._ok.observe(seconds)
+
+    # -- failures and rarer events
+    def router_failed(self, reason: str, seconds: float) -> None:
+        self.router_requests.inc()
+        self.router_failures.labels(reason).inc()
+        self._failed.observe(seconds)
+
+    def decision_mismatch(self, kind: str) -> None:
+        self.mismatches.labels(kind).inc()
+
+    def connect_time(self, seconds: float) -> None:
+        self.connect_latency.observe(seconds)
+
+    def retry(self, kind: str) -> None:
+        self.retries.labels(kind).inc()
+
+    def upstream_died(self, replica: str) -> None:
+        self.upstream_deaths.labels(replica).inc()
+
+    def stream_gap(self, replica: str, seconds: float) -> None:
+        self.chunk_gap.labels(replica).observe(seconds)
+
+    def render(self, refresh: Callable[["Metrics"], None] | None = None) -> bytes:
+        if refresh is not None:
+            refresh(self)
+        return generate_latest(self.registry)

@@ -1,0 +1,120 @@
+"""Child processes of the local stack, the tests and the benchmarks.
+
+Everything that starts a server process goes through here, so that "started"
+always means "its port accepts connections" and "stopped" always means the
+whole process is gone, never sleep-and-hope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel just handed out; good enough for tests and local stacks."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    if port == 2024:  # reserved on this workplace's machines
+        return free_port(host)
+    return port
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(host: str, port: int, deadline_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Block until host:port accepts a TCP connection, the process dies, or the deadline passes."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before listening on {port}")
+        if port_open(host, port):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {deadline_s}s")
+
+
+class Child:
+    """One server process: started in our session (see DEVELOPERS.md: a setsid-ed
+    process gets its own scheduler group and streams arrive in bursts)."""
+
+    def __init__(self, argv: Sequence[str], port: int | None = None, host: str = "127.0.0.1",
+                 env: dict[str, str] | None = None, log_path: str | None = None, cpu: int | None = None):
+        self.argv = list(argv)
+        if cpu is not None:
+            self.argv = ["taskset", "-c", str(cpu), *self.argv]
+        self.port = port
+        self.host = host
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self, deadline_s: float = 20.0) -> "Child":
+        out = subprocess.DEVNULL
+        if self.log_path:
+            self._log = open(self.log_path, "ab")
+            out = self._log
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        if self.port is not None:
+            try:
+                wait_port(self.host, self.port, deadline_s, self.proc)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "Child":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]

@@ -1,0 +1,217 @@
+"""The relay: for each request, pick a replica (asking the router for POSTs) and start the exchange.
+
+Per request: route, take a pooled replica connection (or connect), write the request,
+return. The response then flows through UpstreamConnection/ClientConnection callbacks
+with no coroutine per chunk. Failures before the response head are retried once; a
+request never reaches an address outside the TargetSet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from gateway.errors import GatewayError, Reason
+from gateway.request import Request
+from gateway.targets import Target
+from gateway.upstream import UpstreamConnection
+from router_client import RouterError
+
+if TYPE_CHECKING:
+    from gateway.client import ClientConnection
+    from gateway.server import Gateway
+
+log = logging.getLogger("gateway.relay")
+
+_ROUTER_REASONS = {reason.value: reason for reason in Reason}
+
+
+class Relay:
+    def __init__(self, gateway: "Gateway"):
+        self.gw = gateway
+        self.config = gateway.config
+        self.targets = gateway.targets
+        self.router = gateway.router
+        self.metrics = gateway.metrics
+
+    def dispatch(self, client: "ClientConnection", request: Request) -> None:
+        if request.url.startswith(b"/-/"):
+            asyncio.get_running_loop().create_task(self.gw.admin.serve(client, request))
+            return
+        limit = self.config.max_in_flight
+        if limit and self.gw.in_flight >= limit:
+            client.respond_error(Reason.OVERLOADED, "too many requests in flight", retry_after_s=1)
+            return
+        asyncio.get_running_loop().create_task(self.proxy(client, request))
+
+    async def proxy(self, client: "ClientConnection", request: Request, failed: Target | None = None) -> None:
+        try:
+            target, extra_headers = await self.choose(request, failed)
+            if client.closed:
+                return
+            await self.send(client, request, target, extra_headers)
+        except GatewayError as exc:
+            if client.closed:
+                return
+            if exc.body is not None:
+                # A router 4xx keeps its meaning: the client gets the router's status and body.
+                request.reason = exc.reason.value
+                headers = [(b"content-type", exc.content_type or b"application/json"),
+                           (b"x-serve-reason", exc.reason.value.encode())]
+                client.respond(exc.status or 400, headers, exc.body)
+            else:
+                retry_after = 1 if exc.reason in (Reason.OVERLOADED, Reason.NO_REPLICAS) else None
+                client.respond_error(exc.reason, exc.message, status=exc.status, retry_after_s=retry_after)
+        except Exception:  # a bug must cost one request, never the connection loop
+            log.exception("request %s failed unexpectedly", request.request_id.decode("latin-1"))
+            if not client.closed and client.current is request:
+                client.respond_error(Reason.REPLICA_UNAVAILABLE, "internal gateway error", status=500, close=True)
+
+    async def choose(self, request: Request, failed: Target | None) -> tuple[Target, dict[str, str] | None]:
+        targets = self.targets
+        if not targets.targets and targets.fallback is not None:
+            # Scaled to zero: only the fallback Serve proxy can wake the app; the router would hang (ray-serve.md §e).
+            return targets.fallback, None
+        if request.method == b"POST" and targets.routers:
+            started = time.monotonic()
+            try:
+                decision = await self.router.route(request.body, request.request_id, request.session,
+                                                   request.content_type)
+            except RouterError as exc:
+                request.router_s = time.monotonic() - started
+                self.metrics.router_failed(exc.reason, request.router_s)
+                reason = _ROUTER_REASONS[exc.reason]
+                if exc.reason == "router_non_200" and exc.status is not None and 400 <= exc.status < 500:
+                    raise GatewayError(reason, exc.detail, status=exc.status, body=exc.body,
+                                       content_type=exc.content_type) from None
+                raise GatewayError(reason, f"{reason.value}: {exc.detail}") from None
+            request.router_s = time.monotonic() - started
+            self.metrics.router_ok(request.router_s)
+            target = targets.lookup(decision.replica_id, decision.host, decision.port)
+            if target is None:
+                self.metrics.decision_mismatch("unknown_replica_id")
+                log.warning("router named %s at %s:%d, which is not a known target", decision.replica_id,
+                            decision.host, decision.port)
+                raise GatewayError(Reason.UNKNOWN_REPLICA_ID,
+                                   f"the router named replica {decision.replica_id!r}, which is not a known target")
+            if (target.host, target.port) != (decision.host, decision.port):
+                # We still connect only to the address we know for that replica.
+                self.metrics.decision_mismatch("address")
+            if target is failed or not target.healthy:
+                # Like HAProxy's `option redispatch`: the pinned replica is down, serve elsewhere (breaks affinity).
+                other = targets.least_loaded(exclude=target)
+                if other is not None:
+                    self.metrics.retry("redispatch")
+                    target = other
+            return target, decision.request_headers or None
+        target = targets.least_loaded(exclude=failed) or (None if failed is None else targets.least_loaded())
+        if target is None:
+            raise GatewayError(Reason.NO_REPLICAS)
+        return target, None
+
+    async def send(self, client: "ClientConnection", request: Request, target: Target,
+                   extra_headers: dict[str, str] | None) -> None:
+        per_replica = self.config.max_in_flight_per_replica
+        if per_replica and target.in_flight >= per_replica:
+            raise GatewayError(Reason.OVERLOADED, f"replica {target.replica_id} is at its limit", status=429)
+        pool = target.pool
+        conn = pool.take_idle()  # type: ignore[union-attr]
+        if conn is None:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self.config.connect_timeout_s):
+                    conn = await pool.connect()  # type: ignore[union-attr]
+            except (OSError, TimeoutError) as exc:
+                self.connect_failed(client, request, target, exc)
+                return
+            self.metrics.connect_time(time.monotonic() - started)
+            conn.reused = False
+        else:
+            conn.reused = True
+        if client.closed or client.current is not request:
+            pool.put(conn)  # type: ignore[union-attr]
+            return
+        self.start_exchange(client, request, target, conn, extra_headers)
+
+    def start_exchange(self, client: "ClientConnection", request: Request, target: Target,
+                       conn: UpstreamConnection, extra_headers: dict[str, str] | None) -> None:
+        head = request.upstream_head
+        if not head:
+            head = request.upstream_head = build_head(request, target)
+        if extra_headers:
+            head = head + b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
+                                   for k, v in extra_headers.items())
+        target.in_flight += 1
+        self.gw.in_flight += 1
+        request.replica_id = target.replica_id
+        client.upstream = conn
+        client.idle_reads = -1
+        timeout = self.config.first_byte_timeout_s
+        client.first_byte_deadline = time.monotonic() + timeout if timeout else 0.0
+        conn.send(client, head + b"\r\n" + request.body, head_request=request.method == b"HEAD",
+                  dechunk=request.version == "1.0")
+        if client.writing_paused:
+            conn.pause_reading()
+
+    def exchange_ended(self, conn: UpstreamConnection) -> None:
+        client = conn.client
+        if client is not None and client.current is not None:
+            client.current.bytes_out += conn.bytes_in
+        conn.target.in_flight -= 1
+        self.gw.in_flight -= 1
+
+    def connect_failed(self, client: "ClientConnection", request: Request, target: Target, exc: BaseException) -> None:
+        log.warning("connect to replica %s (%s) failed: %r", target.replica_id, target.address, exc)
+        # Like HAProxy's `observe layer4`: a refused connect marks the replica down until health checks pass.
+        self.gw.health.mark_down(target)
+        self.retry_or_fail(client, request, target, Reason.REPLICA_UNAVAILABLE)
+
+    def upstream_failed_before_head(self, client: "ClientConnection", request: Request, conn: UpstreamConnection,
+                                    why: str) -> None:
+        target = conn.target
+        if why == "malformed":
+            client.respond_error(Reason.UPSTREAM_MALFORMED, close=True)
+            return
+        if conn.reused and not conn.got_bytes:
+            # A stale keep-alive connection, closed by the replica as we reused it: resend on a fresh one.
+            self.metrics.retry("stale_connection")
+            asyncio.get_running_loop().create_task(self._resend_fresh(client, request, target))
+            return
+        self.retry_or_fail(client, request, target, Reason.REPLICA_UNAVAILABLE)
+
+    async def _resend_fresh(self, client: "ClientConnection", request: Request, target: Target) -> None:
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                conn = await target.pool.connect()  # type: ignore[union-attr]
+        except (OSError, TimeoutError) as exc:
+            self.connect_failed(client, request, target, exc)
+            return
+        conn.reused = False
+        if client.closed or client.current is not request:
+            target.pool.put(conn)  # type: ignore[union-attr]
+            return
+        self.start_exchange(client, request, target, conn, None)
+
+    def retry_or_fail(self, client: "ClientConnection", request: Request, target: Target, reason: Reason) -> None:
+        if client.closed or client.current is not request:
+            return
+        if request.retries < 1:
+            request.retries += 1
+            self.metrics.retry("replica_failed")
+            asyncio.get_running_loop().create_task(self.proxy(client, request, failed=target))
+            return
+        client.respond_error(reason, f"replica {target.replica_id} could not be reached")
+
+
+def build_head(request: Request, target: Target) -> bytes:
+    """The request head for the replica, without the final CRLF (the router may add headers)."""
+    parts = [b"%s %s HTTP/1.1\r\n" % (request.method, request.url)]
+    parts.extend([b"%s: %s\r\n" % header for header in request.headers])
+    if not request.has_host:
+        parts.append(b"host: %s\r\n" % target.address.encode())
+    parts.append(b"x-request-id: %s\r\n" % request.request_id)
+    if request.body or request.method in (b"POST", b"PUT", b"PATCH"):
+        parts.append(b"content-length: %d\r\n" % len(request.body))
+    return b"".join(parts)

@@ -1,0 +1,57 @@
+"""One client request as the relay sees it, plus what the access log records about it."""
+
+from __future__ import annotations
+
+import time
+
+
+class Request:
+    __slots__ = (
+        "method", "url", "version", "headers", "body", "keep_alive", "request_id", "session", "content_type",
+        "has_host", "started", "router_s", "first_byte_s", "status", "reason", "replica_id", "bytes_out",
+        "retries", "upstream_head",
+    )
+
+    def __init__(self, method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                 keep_alive: bool, request_id: bytes, session: bytes | None, content_type: bytes | None,
+                 has_host: bool):
+        self.method = method
+        self.url = url
+        self.version = version
+        # Client headers minus hop-by-hop, framing and router-owned ones: safe to forward as they are.
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.request_id = request_id
+        self.session = session
+        self.content_type = content_type
+        self.has_host = has_host
+        self.started = time.monotonic()
+        self.router_s = 0.0
+        self.first_byte_s = 0.0
+        self.status = 0
+        self.reason = ""
+        self.replica_id = ""
+        self.bytes_out = 0
+        self.retries = 0
+        self.upstream_head = b""
+
+    @property
+    def path(self) -> bytes:
+        return self.url.split(b"?", 1)[0]
+
+    def log_record(self) -> dict[str, object]:
+        now = time.monotonic()
+        return {
+            "request_id": self.request_id.decode("latin-1"),
+            "method": self.method.decode("latin-1"),
+            "path": self.path.decode("latin-1", "replace"),
+            "replica_id": self.replica_id,
+            "status": self.status,
+            "reason": self.reason,
+            "bytes": self.bytes_out,
+            "retries": self.retries,
+            "router_ms": round(self.router_s * 1000, 3),
+            "ttfb_ms": round(self.first_byte_s * 1000, 3) if self.first_byte_s else None,
+            "total_ms": round((now - self.started) * 1000, 3),
+        }

@@ -1,0 +1,181 @@
+"""The Gateway: wires config, targets, router client, relay, health, metrics and logs,
+and owns the lifecycle (start, serve, drain on SIGTERM, shutdown) in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+
+from gateway.access_log import AccessLog
+from gateway.admin import Admin
+from gateway.client import ClientConnection
+from gateway.config import Config
+from gateway.health import HealthChecker
+from gateway.metrics import Metrics
+from gateway.relay import Relay
+from gateway.request import Request
+from gateway.targets import Target, TargetSet
+from gateway.upstream import UpstreamConnection, open_upstream
+from router_client import RouterClient
+from router_client.pool import KeepAlivePool
+
+log = logging.getLogger("gateway")
+
+SWEEP_INTERVAL_S = 0.25
+
+
+class Gateway:
+    def __init__(self, config: Config, targets: TargetSet | None = None):
+        self.config = config
+        self.targets = targets or TargetSet(config.replica_specs, config.router_addresses)
+        self.metrics = Metrics()
+        self.router = RouterClient(
+            lambda: self.targets.routers,
+            timeout_s=config.router_timeout_s,
+            idle_timeout_s=config.router_idle_s,
+            forward_body=config.forward_body,
+            body_cap=config.router_body_cap,
+            session_header=config.session_header,
+        )
+        self.session_header_key = config.session_header.lower().replace("_", "-").encode("latin-1")
+        self.relay = Relay(self)
+        self.admin = Admin(self)
+        self.health = HealthChecker(config, self.targets)
+        self.access_log = AccessLog(config.access_log)
+        self.connections: set[ClientConnection] = set()
+        self.in_flight = 0
+        self.draining = False
+        self.serving = False
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+        self._truncations_seen = 0
+        self.targets.listeners.append(self._targets_changed)
+        self._targets_changed(self.targets.targets, [])
+
+    # -- targets
+    def _targets_changed(self, added: list[Target], removed: list[Target]) -> None:
+        for target in added:
+            target.pool = self._new_pool(target)
+        for target in removed:
+            # Idle connections go now; streams in flight on a removed replica finish on their own connection.
+            if target.pool is not None:
+                target.pool.close()  # type: ignore[attr-defined]
+        fallback = self.targets.fallback
+        if fallback is not None and fallback.pool is None:
+            fallback.pool = self._new_pool(fallback)
+
+    def _new_pool(self, target: Target) -> KeepAlivePool[UpstreamConnection]:
+        return KeepAlivePool(lambda: open_upstream(target), self.config.upstream_idle_s)
+
+    # -- connections and requests (called by ClientConnection)
+    def admit_connection(self, conn: ClientConnection) -> bool:
+        if len(self.connections) >= self.config.max_connections:
+            return False
+        self.connections.add(conn)
+        return True
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self._stopped.set()
+
+    def request_finished(self, request: Request) -> None:
+        route = "admin" if request.url.startswith(b"/-/") else "proxy"
+        self.metrics.request(route, request.status, request.reason)
+        if request.first_byte_s and request.replica_id:
+            self.metrics.first_byte(request.replica_id, request.first_byte_s)
+        if self.config.access_log:
+            self.access_log.write(request.log_record())
+
+    def refresh_gauges(self, metrics: Metrics) -> None:
+        metrics.in_flight.set(self.in_flight)
+        metrics.connections.set(len(self.connections))
+        for target in self.targets.targets:
+            metrics.pool_idle.labels(target.replica_id).set(getattr(target.pool, "idle_count", 0))
+            metrics.replica_up.labels(target.replica_id).set(1 if target.healthy else 0)
+        for (host, port), pool in list(self.router._pools.items()):
+            metrics.pool_idle.labels(f"router:{host}:{port}").set(pool.idle_count)
+        new = self.router.truncations - self._truncations_seen
+        if new:
+            metrics.truncations.inc(new)
+            self._truncations_seen = self.router.truncations
+
+    # -- lifecycle
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._server = await loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
+        else:
+            self._server = await loop.create_server(
+                lambda: ClientConnection(self), self.config.host, self.config.port, backlog=4096,
+                reuse_port=self.config.workers > 1 or None,
+            )
+        self.health.start()
+        self._sweeper = loop.create_task(self._sweep())
+        self.serving = True
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _sweep(self) -> None:
+        """Timeouts at 250 ms granularity: one timer for all connections, instead of timers per request."""
+        tick = 0
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_timeouts(now)
+            tick += 1
+            if tick % 4 == 0:
+                self.router.expire_idle()
+                for target in self.targets.targets:
+                    if target.pool is not None:
+                        target.pool.expire()  # type: ignore[attr-defined]
+
+    async def drain(self) -> None:
+        """Stop accepting, report unready, let streams in flight finish (up to the drain timeout)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d connections, %d requests in flight", len(self.connections), self.in_flight)
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.current is None and not conn.pending:
+                conn.transport.close()  # idle keep-alive: nothing is lost by closing it now
+        if self.connections:
+            try:
+                await asyncio.wait_for(self._stopped.wait(), self.config.drain_timeout_s)
+            except TimeoutError:
+                log.warning("drain timeout: closing %d connections with requests in flight", len(self.connections))
+                for conn in list(self.connections):
+                    conn.transport.abort()
+
+    async def close(self) -> None:
+        self.serving = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.health.stop()
+        self.router.close()
+        for target in self.targets.targets:
+            if target.pool is not None:
+                target.pool.close()  # type: ignore[attr-defined]
+        if self._server is not None:
+            self._server.close()
+        self.access_log.close()
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and close. Exit status 0 on a clean drain."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.drain()
+        await self.close()

@@ -1,0 +1,226 @@
+"""A keep-alive connection to one replica's direct-ingress port, relaying its response.
+
+This is the per-chunk hot path, so it is a raw asyncio Protocol, not an ASGI app or
+an httpx stream: after the response head, each read from the replica is fed to
+httptools (only to find where the message ends) and the very same bytes are written
+to the client transport, chunked framing included. No re-encoding, no per-chunk
+coroutine or future: one read and one write per chunk, like HAProxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING
+
+import httptools
+
+if TYPE_CHECKING:
+    from gateway.client import ClientConnection
+    from gateway.targets import Target
+
+# Hop-by-hop headers of the replica's response: they describe the replica's connection, not the client's.
+_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, target: "Target"):
+        self.target = target
+        self.transport: asyncio.Transport | None = None
+        self.client: "ClientConnection | None" = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False
+        self.got_bytes = False
+        self.head_sent = False
+        self.complete = False
+        self.keep_alive = False
+        self.reads = 0
+        self.bytes_in = 0
+        # Response head being parsed.
+        self._head_buffer = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._head_parsed = False
+        self._no_body = False  # HEAD request: the parser cannot know the body is absent
+        self._dechunk = False  # HTTP/1.0 client: it cannot read chunked framing
+        self._close_delimited = False
+        self._early_body: list[bytes] = []
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            # Bytes while idle in the pool: the replica is not speaking HTTP/1.1 properly. Drop it.
+            self.close()
+            return
+        self.got_bytes = True
+        self.reads += 1
+        self.bytes_in += len(data)
+        if self.head_sent and not self._dechunk:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                client.upstream_failed(self, "malformed")
+                return
+            client.transport.write(data)
+            if self.complete:
+                client.upstream_complete(self)
+            return
+        self._slow_path(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        client = self.client
+        if client is not None and not self.complete:
+            if self.head_sent and self._close_delimited:
+                # The body ran to EOF by design (no length, not chunked): that is the normal end.
+                self.complete = True
+                self.keep_alive = False
+                client.upstream_complete(self)
+            else:
+                client.upstream_failed(self, "lost")
+
+    def pause_writing(self) -> None:  # request bodies are written whole; nothing to throttle
+        pass
+
+    # -- httptools callbacks
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._head_parsed = True
+
+    def on_body(self, body: bytes) -> None:
+        if self._dechunk:
+            if not self.head_sent:
+                self._early_body.append(body)
+            elif self.client is not None:
+                self.client.transport.write(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        # Only reliable inside this callback (relay-performance.md, httptools gotchas).
+        self.keep_alive = self.parser.should_keep_alive()
+
+    # -- the relay's API
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self.client is None and self.transport is not None \
+            and not self.transport.is_closing()
+
+    def send(self, client: "ClientConnection", request: bytes, *, head_request: bool, dechunk: bool) -> None:
+        assert self.transport is not None
+        self.client = client
+        self.got_bytes = self.head_sent = self.complete = self.keep_alive = False
+        self.bytes_in = 0
+        self._head_buffer = b""
+        self._headers = []
+        self._reason = b""
+        self._head_parsed = False
+        self._no_body = head_request
+        self._dechunk = dechunk
+        self._close_delimited = False
+        self._early_body = []
+        self.transport.write(request)
+
+    def release(self) -> None:
+        """Detach from the client once the exchange is over."""
+        self.client = None
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, so the replica sees the client is gone and aborts generation."""
+        self.closed = True
+        self.client = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- response head
+    def _slow_path(self, data: bytes) -> None:
+        client = self.client
+        assert client is not None
+        if self.head_sent:  # dechunking for an HTTP/1.0 client: on_body writes the payload
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                client.upstream_failed(self, "malformed")
+                return
+            if self.complete:
+                client.upstream_complete(self)
+            return
+        buffer = self._head_buffer + data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            client.upstream_failed(self, "malformed")
+            return
+        if not self._head_parsed:
+            if len(buffer) > MAX_HEAD_BYTES:
+                client.upstream_failed(self, "malformed")
+                return
+            self._head_buffer = buffer
+            return
+        status = self.parser.get_status_code()
+        if status < 200:
+            # We never send Expect upstream, so an interim response is unexpected: refuse rather than mis-frame.
+            client.upstream_failed(self, "malformed")
+            return
+        end = buffer.find(b"\r\n\r\n")
+        end = end + 4 if end >= 0 else buffer.find(b"\n\n") + 2
+        self.head_sent = True
+        self._head_buffer = b""
+        chunked = has_length = False
+        headers = []
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
+                continue
+            if lower == b"transfer-encoding":
+                chunked = True
+                if self._dechunk:
+                    continue
+            elif lower == b"content-length":
+                has_length = True
+            headers.append((name, value))
+        bodiless = self._no_body or status in (204, 304)
+        self._close_delimited = not (chunked or has_length or bodiless)
+        if not chunked:
+            self._dechunk = False  # the payload bytes are already what an HTTP/1.0 client reads
+        body_start = b"".join(self._early_body) if self._dechunk else buffer[end:]
+        client.upstream_head(self, status, self._reason, headers, body_start,
+                             must_close=self._close_delimited or self._dechunk)
+        if bodiless and not self.complete:
+            # httptools waits for a body a HEAD response never has; end here and do not reuse the connection.
+            self.complete = True
+            self.keep_alive = False
+        if self.complete:
+            client.upstream_complete(self)
+
+
+async def open_upstream(target: "Target") -> UpstreamConnection:
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(lambda: UpstreamConnection(target), target.host, target.port)
+    return protocol

@@ -1,0 +1,405 @@
+"""An OpenAI-compatible stand-in for one vLLM replica, byte-faithful on the wire.
+
+The framing copies vLLM 0.32 behind uvicorn (shared/reference/vllm-cpu.md):
+`data: <compact JSON>\\n\\n` events each in their own HTTP chunk, the chat role
+chunk first, `finish_reason` riding on the last content delta, the optional
+usage chunk with `choices: []`, then `data: [DONE]`; errors are plain JSON
+before any SSE output. Events are spliced from precomputed byte templates so a
+200-event stream costs the engine little more than its 200 writes.
+
+Test hooks, none of which vLLM has: `x-replica-id` on every response, per
+request `ttft_ms` / `itl_ms` / `mock_bytes` body fields, the `x-mock-fault`
+request header, and the counters at `GET /mock/stats` (`POST /mock/reset`).
+
+    python -m replicas.mock_engine --host 127.0.0.1 --port 8100 --replica-id r1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from replicas.http_server import HttpServer, Request, Responder, render_headers, run
+
+SYSTEM_FINGERPRINT = "vllm-0.32.0-mock"
+LAST_BODY_CAP = 64 * 1024
+
+# One printable-ASCII token per event, none needing JSON escapes, like the tiny
+# test model's deltas; their JSON forms are precomputed below.
+_WORDS = ("the quick brown fox jumps over lazy dog and then runs far away into dark green "
+          "forest where many small birds sing their songs all day long under bright blue sky").split()
+TOKENS = tuple(" " + word for word in _WORDS)
+_FILLER = "".join(TOKENS) * 64  # padding source for `mock_bytes`, sliced not built
+
+# Outcomes of one counted request; exactly one counter moves per request.
+COMPLETED, ABORTED, FAULTED = "completed", "aborted", "faulted"
+FAULTS = ("die-before-head", "die-mid-stream", "hang", "malformed", "status-500")
+MALFORMED = b"this is not HTTP\r\n\x00\xff\xfe garbage {\"data\": \r\n\r\n"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    replica_id: str
+    model: str = "mock"
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    max_tokens_default: int = 16
+    unary_bytes: int = 0
+    max_model_len: int = 65536
+
+
+class BadRequest(Exception):
+    """Rejected before any output, as vLLM does (plain JSON even when streaming)."""
+
+
+def openai_error(message: str, status: int, kind: str) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
+
+
+def _number(value: object, default: float, name: str) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise BadRequest(f"{name} must be a non-negative number")
+    return float(value)
+
+
+def _prompt_tokens(chat: bool, body: dict) -> int:
+    """A rough count (4 characters a token): only usage needs it."""
+    chars = 0
+    if chat:
+        for message in body["messages"]:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                chars += len(content)
+            elif isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        chars += len(part["text"])
+    else:
+        prompt = body["prompt"]
+        if isinstance(prompt, str):
+            chars = len(prompt)
+        elif isinstance(prompt, list):
+            if prompt and all(isinstance(t, int) for t in prompt):
+                return len(prompt)
+            chars = sum(len(p) for p in prompt if isinstance(p, str))
+    return max(1, chars // 4)
+
+
+class _Templates:
+    """The byte tails of every event kind, per token, computed once per engine."""
+
+    def __init__(self) -> None:
+        fp = orjson.dumps(SYSTEM_FINGERPRINT)
+        toks = [orjson.dumps(t) for t in TOKENS]
+        self.chat_role = (b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+                          b'"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}\n\n')
+        self.chat_delta = [b'{"index":0,"delta":{"content":%s},"logprobs":null,"finish_reason":null,'
+                           b'"token_ids":null}]}\n\n' % t for t in toks]
+        last = b'{"index":0,"delta":{"content":%s},"logprobs":null,"finish_reason":"length","stop_reason":null,"token_ids":null}]'
+        self.chat_last = [last % t + b"}\n\n" for t in toks]
+        self.chat_last_fp = [last % t + b',"system_fingerprint":%s}\n\n' % fp for t in toks]
+        self.cmpl_delta = [b'{"index":0,"text":%s,"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n' % t
+                           for t in toks]
+        last = b'{"index":0,"text":%s,"logprobs":null,"finish_reason":"length","stop_reason":null}]'
+        self.cmpl_last = [last % t + b"}\n\n" for t in toks]
+        self.cmpl_last_fp = [last % t + b',"system_fingerprint":%s}\n\n' % fp for t in toks]
+        self.usage = b'],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d},"system_fingerprint":' + fp + b"}\n\n"
+
+
+_T = _Templates()
+_DONE = b"data: [DONE]\n\n"
+
+
+class MockEngine:
+    """The request handler; one per process."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.server: HttpServer | None = None
+        self._model_json = orjson.dumps(config.model)
+        replica = ("x-replica-id", config.replica_id)
+        self._json_headers = render_headers([("content-type", "application/json"), ("vary", "Origin"), replica])
+        self._sse_headers = render_headers([("content-type", "text/event-stream; charset=utf-8"),
+                                            ("vary", "Origin"), replica])
+        self._plain_headers = render_headers([("content-type", "text/plain; charset=utf-8"), replica])
+        self._bare_headers = render_headers([replica])
+        created = int(time.time())
+        self._models_body = orjson.dumps({"object": "list", "data": [{
+            "id": config.model, "object": "model", "created": created, "owned_by": "vllm",
+            "root": config.model, "parent": None, "max_model_len": config.max_model_len,
+            "permission": [{
+                "id": "modelperm-" + os.urandom(8).hex(), "object": "model_permission", "created": created,
+                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                "organization": "*", "group": None, "is_blocking": False}]}]})
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests = 0
+        self.completed = 0
+        self.aborted = 0
+        self.faulted = 0
+        self.in_flight = 0  # live, so a reset during traffic keeps it honest
+        # Kept as the parsed Request and rendered only when asked for: the hot
+        # path pays one reference assignment.
+        self.last_request: Request | None = None
+        if self.server is not None:
+            self.server.connections_accepted = 0
+
+    async def attach(self, server: HttpServer) -> None:
+        self.server = server
+
+    def stats(self) -> dict:
+        last = self.last_request
+        return {
+            "replica_id": self.config.replica_id,
+            "requests": self.requests,
+            "completed": self.completed,
+            "aborted": self.aborted,
+            "faulted": self.faulted,
+            "in_flight": self.in_flight,
+            "connections": self.server.connections_accepted if self.server else 0,
+            "last_request": None if last is None else {
+                "method": last.method,
+                "path": last.path,
+                "query": last.query,
+                "headers": last.headers,
+                "body": last.body[:LAST_BODY_CAP].decode("utf-8", "replace"),
+            },
+        }
+
+    # -- dispatch ---------------------------------------------------------------
+    async def __call__(self, request: Request, responder: Responder) -> None:
+        path = request.path
+        # Probes and the test hooks are not traffic: a gateway health-checking
+        # us must not move the counters a test asserts on.
+        if path == "/health":
+            return responder.send(200, self._bare_headers)
+        if path == "/-/healthz":
+            return responder.send(200, self._plain_headers, b"success")
+        if path.startswith("/mock/"):
+            return self._admin(request, responder)
+
+        self.requests += 1
+        self.in_flight += 1
+        self.last_request = request
+        try:
+            outcome = await self._answer(request, responder)
+        finally:
+            self.in_flight -= 1
+        if outcome == COMPLETED:
+            self.completed += 1
+        elif outcome == ABORTED:
+            self.aborted += 1
+        else:
+            self.faulted += 1
+
+    async def _answer(self, request: Request, responder: Responder) -> str:
+        rid = request.header(b"x-request-id")
+        echo = b"x-request-id: %s\r\n" % rid if rid is not None else b""
+        fault_raw = request.header(b"x-mock-fault")
+        fault = fault_raw.decode("latin-1").strip().lower() if fault_raw is not None else None
+        if fault is not None and fault not in FAULTS:
+            return self._json(responder, 400, openai_error(
+                f"unknown x-mock-fault {fault!r}; one of {', '.join(FAULTS)}", 400, "BadRequestError"), echo)
+        if fault == "die-before-head":
+            responder.close()
+            return FAULTED
+        if fault == "malformed":
+            responder.write_raw(MALFORMED)
+            responder.close()
+            return FAULTED
+        if fault == "hang":
+            await responder.wait_disconnected()
+            return ABORTED
+        if fault == "status-500":
+            self._json(responder, 500, openai_error("mock fault: internal server error", 500, "InternalServerError"), echo)
+            return FAULTED
+
+        path, method = request.path, request.method
+        if path == "/v1/chat/completions" or path == "/v1/completions":
+            if method != "POST":
+                return self._json(responder, 405, openai_error("Method Not Allowed", 405, "MethodNotAllowed"), echo)
+            try:
+                return await self._completion(request, responder, path == "/v1/chat/completions", rid, echo, fault)
+            except BadRequest as exc:
+                return self._json(responder, 400, openai_error(str(exc), 400, "BadRequestError"), echo)
+        if path == "/v1/models":
+            if method != "GET":
+                return self._json(responder, 405, openai_error("Method Not Allowed", 405, "MethodNotAllowed"), echo)
+            return self._json(responder, 200, self._models_body, echo, fault)
+        return self._json(responder, 404, openai_error("Not Found", 404, "NotFoundError"), echo)
+
+    def _json(self, responder: Responder, status: int, body: bytes, echo: bytes, fault: str | None = None) -> str:
+        if fault == "die-mid-stream":
+            # The head promises the whole body; half of it arrives, then a reset.
+            head_and_half = (b"HTTP/1.1 %d OK\r\ncontent-length: %d\r\ncontent-type: application/json\r\n\r\n"
+                             % (status, len(body)) + body[: len(body) // 2])
+            responder.write_raw(head_and_half)
+            responder.abort()
+            return FAULTED
+        responder.send(status, self._json_headers + echo if echo else self._json_headers, body)
+        return COMPLETED
+
+    def _admin(self, request: Request, responder: Responder) -> None:
+        if request.path == "/mock/stats" and request.method == "GET":
+            return responder.send(200, self._json_headers, orjson.dumps(self.stats()))
+        if request.path == "/mock/reset" and request.method == "POST":
+            self.reset()
+            return responder.send(200, self._json_headers, orjson.dumps(self.stats()))
+        responder.send(404, self._json_headers, openai_error("Not Found", 404, "NotFoundError"))
+
+    # -- completions --------------------------------------------------------------
+    async def _completion(self, request: Request, responder: Responder, chat: bool,
+                          rid: bytes | None, echo: bytes, fault: str | None) -> str:
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"JSON decode error: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        if chat:
+            if not isinstance(body.get("messages"), list) or not body["messages"]:
+                raise BadRequest("'messages' must be a non-empty list")
+        elif not isinstance(body.get("prompt"), (str, list)):
+            raise BadRequest("'prompt' must be a string or a list")
+        cfg = self.config
+        max_tokens = body.get("max_tokens")
+        if max_tokens is None and chat:
+            max_tokens = body.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = cfg.max_tokens_default
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadRequest("max_tokens must be a positive integer")
+        if max_tokens > cfg.max_model_len:
+            raise BadRequest(f"max_tokens={max_tokens} cannot be greater than max_model_len={cfg.max_model_len}")
+        ttft = _number(body.get("ttft_ms"), cfg.ttft_ms, "ttft_ms") / 1000.0
+        itl = _number(body.get("itl_ms"), cfg.itl_ms, "itl_ms") / 1000.0
+        prompt_tokens = _prompt_tokens(chat, body)
+        suffix = rid.decode("latin-1") if rid is not None else os.urandom(8).hex()
+        ident = ("chatcmpl-" if chat else "cmpl-") + suffix
+        created = int(time.time())
+
+        if body.get("stream"):
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            after = 2
+            if fault == "die-mid-stream":
+                raw_after = request.header(b"x-mock-after")
+                after = int(raw_after) if raw_after is not None and raw_after.isdigit() else 2
+            return await self._stream(responder, chat, ident, created, max_tokens, prompt_tokens,
+                                      include_usage, ttft, itl, echo, after if fault else -1)
+
+        # A non-streaming reply arrives when the whole generation is done.
+        if not await responder.sleep(ttft + itl * (max_tokens - 1)):
+            return ABORTED
+        text = "".join(TOKENS[i % len(TOKENS)] for i in range(max_tokens))
+        payload = self._unary(chat, ident, created, text, max_tokens, prompt_tokens)
+        pad_to = int(_number(body.get("mock_bytes"), cfg.unary_bytes, "mock_bytes"))
+        if pad_to > len(payload):
+            text += _filler(pad_to - len(payload))
+            payload = self._unary(chat, ident, created, text, max_tokens, prompt_tokens)
+        return self._json(responder, 200, payload, echo, fault)
+
+    def _unary(self, chat: bool, ident: str, created: int, text: str, n: int, prompt_tokens: int) -> bytes:
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n, "completion_tokens": n,
+                 "prompt_tokens_details": None}
+        if chat:
+            choice = {"index": 0, "message": {
+                "role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
+                "function_call": None, "tool_calls": [], "reasoning_content": None},
+                "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": None}
+            return orjson.dumps({
+                "id": ident, "object": "chat.completion", "created": created, "model": self.config.model,
+                "choices": [choice], "service_tier": None, "system_fingerprint": SYSTEM_FINGERPRINT,
+                "usage": usage, "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None})
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                  "token_ids": None, "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}
+        return orjson.dumps({
+            "id": ident, "object": "text_completion", "created": created, "model": self.config.model,
+            "choices": [choice], "service_tier": None, "system_fingerprint": SYSTEM_FINGERPRINT,
+            "usage": usage, "kv_transfer_params": None})
+
+    async def _stream(self, responder: Responder, chat: bool, ident: str, created: int, n: int,
+                      prompt_tokens: int, include_usage: bool, ttft: float, itl: float,
+                      echo: bytes, die_after: int) -> str:
+        """`die_after` >= 0: reset the connection once that many events are out."""
+        obj = b"chat.completion.chunk" if chat else b"text_completion"
+        prefix = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[' % (
+            orjson.dumps(ident), obj, created, self._model_json)
+        deltas, lasts = (_T.chat_delta, _T.chat_last if include_usage else _T.chat_last_fp) if chat else \
+            (_T.cmpl_delta, _T.cmpl_last if include_usage else _T.cmpl_last_fp)
+        vocab = len(TOKENS)
+
+        responder.start_stream(200, self._sse_headers + echo if echo else self._sse_headers)
+        if ttft and not await responder.sleep(ttft):
+            return ABORTED
+        sent = 0
+        if chat:
+            if sent == die_after:
+                responder.abort()
+                return FAULTED
+            await responder.write(prefix + _T.chat_role)
+            sent += 1
+        last = n - 1
+        for i in range(n):
+            if i and itl and not await responder.sleep(itl):
+                return ABORTED
+            if sent == die_after:
+                responder.abort()
+                return FAULTED
+            await responder.write(prefix + (deltas[i % vocab] if i != last else lasts[i % vocab]))
+            sent += 1
+            if responder.disconnected:
+                return ABORTED
+        if include_usage:
+            await responder.write(prefix + _T.usage % (prompt_tokens, prompt_tokens + n, n))
+        if die_after >= 0:
+            # Fewer events than asked to die after: still never finish cleanly.
+            responder.abort()
+            return FAULTED
+        await responder.write(_DONE)
+        if responder.disconnected:
+            return ABORTED
+        responder.end()
+        return COMPLETED
+
+
+def _filler(size: int) -> str:
+    if size <= len(_FILLER):
+        return _FILLER[:size]
+    return (_FILLER * (size // len(_FILLER) + 1))[:size]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m replicas.mock_engine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--replica-id", default=None, help="x-replica-id on every response (default host:port)")
+    parser.add_argument("--model", default="mock", help="the served model name")
+    parser.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the first event")
+    parser.add_argument("--itl-ms", type=float, default=0.0, help="delay between events; 0 = back to back")
+    parser.add_argument("--max-tokens-default", type=int, default=16, help="events when max_tokens is absent")
+    parser.add_argument("--unary-bytes", type=int, default=0, help="pad non-stream responses to about this size")
+    parser.add_argument("--max-model-len", type=int, default=65536, help="larger max_tokens are a 400")
+    parser.add_argument("--timeout-keep-alive", type=float, default=5.0, help="close idle connections after (s)")
+    parser.add_argument("--reuse-port", action="store_true")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine = MockEngine(EngineConfig(
+        replica_id=args.replica_id or f"{args.host}:{args.port}", model=args.model, ttft_ms=args.ttft_ms,
+        itl_ms=args.itl_ms, max_tokens_default=args.max_tokens_default, unary_bytes=args.unary_bytes,
+        max_model_len=args.max_model_len))
+    run(engine, args.host, args.port, args.reuse_port, keep_alive_s=args.timeout_keep_alive, on_startup=engine.attach)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,793 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark: direct to a replica vs HAProxy+Lua (as Ray 2.60) vs the gateway.
+
+One command from a fresh clone (after `pip install -e '.[test,bench,ray]'`)::
+
+    .venv/bin/python scripts/bench.py                 # full sweep, ~10 min
+    .venv/bin/python scripts/bench.py --quick         # a few points, < 2 min
+    .venv/bin/python scripts/bench.py --smoke         # seconds; what tests/test_bench_quick.py runs
+    .venv/bin/python scripts/bench.py --systems direct,haproxy --out bench-results/
+
+Layout of one run (all processes in this process's session: no setsid, see DEVELOPERS.md):
+
+* upstreams on core 1: ``replicas.router`` (POST /internal/route) and ``--replicas`` mock engines
+  (``replicas.mock_engine``, itl 0, ~10 KB unary body);
+* proxies on core 0 (``taskset``): HAProxy rendered by Ray 2.60's own templates and code
+  (``scripts/haproxy_ray.py``, nbthread 1, Lua router call on a new TCP connection per POST),
+  the gateway with 1 worker, and a 2-worker gateway point (``--gw2-cpus``, default ``0,1``, so it
+  shares core 1 with the load generator: a scaling sanity check, not a clean measurement);
+* the load generator runs in this process on core 1: raw asyncio Protocols on uvloop, httptools
+  parsing, one keep-alive connection per concurrent user, closed loop.
+
+Per (workload, concurrency) point every system runs ``--slices`` times, in the order
+A B C .. then .. C B A, so slow drifts of a noisy machine hit every system alike. A slice is
+``--warmup`` s (not counted) then ``--duration`` s measured; a request counts if it completes
+inside the window. Proxy CPU = utime+stime from /proc/<pid>/stat summed over the proxy's process
+tree (all workers) across the window, divided by requests completed in it. Direct has no proxy.
+
+Outputs in ``--out``: results.md (also printed), results.csv, results.json, latency_throughput.png,
+cpu_per_request.png, logs/ (every child's stdout/stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import importlib.util
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import httptools  # noqa: E402
+import uvloop  # noqa: E402
+
+import haproxy_ray  # noqa: E402
+from gateway.procs import Child, free_port, wait_port  # noqa: E402
+
+perf = time.perf_counter
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+WORKLOADS = {
+    # name: (stream, max_tokens)
+    "unary": (False, 16),
+    "stream50": (True, 50),
+    "stream200": (True, 200),
+}
+SLA_MS = {"unary": 200.0, "stream50": 700.0, "stream200": 700.0}
+SYSTEM_LABEL = {
+    "direct": "direct",
+    "haproxy": "HAProxy+Lua",
+    "gateway": "gateway 1w",
+    "gateway2": "gateway 2w",
+}
+
+
+# --------------------------------------------------------------------------- /proc helpers
+
+def proc_tree(root: int) -> list[int]:
+    """root and all its descendants (workers forked by a master)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                s = f.read()
+        except OSError:
+            continue
+        ppid = int(s[s.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                s = f.read()
+        except OSError:
+            continue
+        fields = s[s.rindex(b")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def rss_bytes(pids: list[int]) -> dict[int, int]:
+    out = {}
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/statm", "rb") as f:
+                out[p] = int(f.read().split()[1]) * PAGE
+        except OSError:
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------- load generator
+
+class ClientConn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 client connection, httptools-parsed."""
+
+    __slots__ = ("parser", "transport", "waiter", "t_first", "status", "nbody", "events",
+                 "tail", "count_events", "keep_alive", "closed")
+
+    def __init__(self, count_events: bool) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future | None = None
+        self.count_events = count_events
+        self.closed = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.t_first = 0.0
+        self.status = 0
+        self.nbody = 0
+        self.events = 0
+        self.tail = b""
+        self.keep_alive = True
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.t_first:
+            self.t_first = perf()
+        self.nbody += len(body)
+        if self.count_events:
+            self.events += body.count(b"data:")
+            self.tail = body[-24:]
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()  # only valid in here (httptools)
+        w = self.waiter
+        self.waiter = None
+        if w is not None and not w.done():
+            w.set_result(perf())
+
+    def _fail(self, exc: BaseException) -> None:
+        w = self.waiter
+        self.waiter = None
+        if w is not None and not w.done():
+            w.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.transport = None
+        self._fail(ConnectionError(f"connection lost: {exc}"))
+
+
+def build_request(host: str, port: int, stream: bool, max_tokens: int, extra: dict | None = None) -> bytes:
+    body = {"model": "mock", "messages": [{"role": "user", "content": "Say something."}],
+            "stream": stream, "max_tokens": max_tokens, **(extra or {})}
+    b = json.dumps(body, separators=(",", ":")).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+            b"Accept: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (host.encode(), port, b"text/event-stream" if stream else b"application/json", len(b), b))
+
+
+@dataclass
+class PhaseStats:
+    completed: int = 0
+    errors: int = 0
+    error_samples: list = field(default_factory=list)
+    lat: list = field(default_factory=list)
+    ttfb: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+    body_bytes: int = 0
+    window_s: float = 0.0
+    cpu_s: float = 0.0
+    rss: int = 0
+
+
+async def connect(addr: tuple[str, int], count_events: bool) -> ClientConn:
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(lambda: ClientConn(count_events), addr[0], addr[1])
+    return proto
+
+
+async def run_phase(addrs: list[tuple[str, int]], stream: bool, max_tokens: int, users: int,
+                    warmup: float, measure: float, cpu_root: int | None, extra: dict | None = None,
+                    drain_s: float = 30.0) -> PhaseStats:
+    st = PhaseStats()
+    reqs = [build_request(a[0], a[1], stream, max_tokens, extra) for a in addrs]
+    pids = proc_tree(cpu_root) if cpu_root else []
+    window = [float("inf"), float("-inf")]
+    stop_at = [float("inf")]
+
+    async def user(i: int) -> None:
+        addr = addrs[i % len(addrs)]
+        req = reqs[i % len(addrs)]
+        conn = None
+        while perf() < stop_at[0]:
+            try:
+                if conn is None or conn.closed:
+                    conn = await connect(addr, stream)
+                conn.reset()
+                fut = asyncio.get_running_loop().create_future()
+                conn.waiter = fut
+                t0 = perf()
+                conn.transport.write(req)
+                t1 = await fut
+                ok = conn.status == 200 and (not stream or b"[DONE]" in conn.tail)
+            except (OSError, ConnectionError, httptools.HttpParserError) as e:
+                ok, t1 = False, perf()
+                if len(st.error_samples) < 5:
+                    st.error_samples.append(repr(e))
+                conn = None
+                await asyncio.sleep(0.01)
+            if window[0] <= t1 <= window[1]:
+                if ok:
+                    st.completed += 1
+                    st.body_bytes += conn.nbody
+                    st.lat.append(t1 - t0)
+                    if stream:
+                        st.ttfb.append(conn.t_first - t0)
+                        st.events.append(conn.events)
+                else:
+                    st.errors += 1
+                    if conn is not None and len(st.error_samples) < 5:
+                        st.error_samples.append(f"status={conn.status} tail={conn.tail!r}")
+            if conn is not None and not conn.keep_alive and conn.transport is not None:
+                conn.transport.close()
+                conn = None
+        if conn is not None and conn.transport is not None:
+            conn.transport.close()
+
+    start = perf()
+    tasks = [asyncio.create_task(user(i)) for i in range(users)]
+    await asyncio.sleep(max(0.0, start + warmup - perf()))
+    cpu0 = cpu_seconds(pids)
+    window[0] = perf()
+    window[1] = float("inf")
+    await asyncio.sleep(measure)
+    window[1] = perf()
+    cpu1 = cpu_seconds(pids)
+    stop_at[0] = window[1]
+    st.window_s = window[1] - window[0]
+    st.cpu_s = cpu1 - cpu0
+    st.rss = sum(rss_bytes(pids).values())
+    done, pending = await asyncio.wait(tasks, timeout=drain_s)
+    for t in pending:
+        t.cancel()
+    return st
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))
+    return xs[k]
+
+
+def summarize(system: str, workload: str, conc: int, parts: list[PhaseStats], has_proxy: bool) -> dict:
+    lat = [x for p in parts for x in p.lat]
+    ttfb = [x for p in parts for x in p.ttfb]
+    ev = [x for p in parts for x in p.events]
+    done = sum(p.completed for p in parts)
+    win = sum(p.window_s for p in parts)
+    cpu = sum(p.cpu_s for p in parts)
+    ms = lambda v: round(v * 1000, 3)  # noqa: E731
+    return {
+        "system": system, "workload": workload, "concurrency": conc,
+        "rps": round(done / win, 1) if win else 0.0,
+        "p50_ms": ms(pct(lat, 50)), "p90_ms": ms(pct(lat, 90)), "p99_ms": ms(pct(lat, 99)),
+        "ttfb_p50_ms": ms(pct(ttfb, 50)) if ttfb else None,
+        "ttfb_p99_ms": ms(pct(ttfb, 99)) if ttfb else None,
+        "cpu_us_per_req": round(cpu / done * 1e6, 1) if (has_proxy and done) else None,
+        "proxy_cpu_util": round(cpu / win, 3) if (has_proxy and win) else None,
+        "proxy_rss_mib": round(max(p.rss for p in parts) / 2**20, 1) if has_proxy else None,
+        "events_per_stream": round(sum(ev) / len(ev), 1) if ev else None,
+        "bytes_per_resp": round(sum(p.body_bytes for p in parts) / done) if done else None,
+        "completed": done, "errors": sum(p.errors for p in parts),
+        "error_samples": [e for p in parts for e in p.error_samples][:5],
+        "window_s": round(win, 3),
+    }
+
+
+# --------------------------------------------------------------------------- memory point
+
+async def hold_streams(addr: tuple[str, int], n: int, root_pid: int, settle_s: float) -> dict:
+    """Open n slow SSE streams through a proxy, report its RSS growth per stream."""
+    pids = proc_tree(root_pid)
+    # warm the proxy's pools first so idle RSS is not its cold-start footprint
+    await run_phase([addr], True, 2, 16, 0.0, 1.0, None, extra={"itl_ms": 0}, drain_s=5.0)
+    await asyncio.sleep(0.3)
+    idle = rss_bytes(pids)
+    req = build_request(addr[0], addr[1], True, 60_000, {"itl_ms": 1000})
+    conns: list[ClientConn] = []
+    sem = asyncio.Semaphore(64)
+
+    async def open_one() -> None:
+        async with sem:
+            c = await connect(addr, False)
+            c.waiter = asyncio.get_running_loop().create_future()
+            c.waiter.add_done_callback(lambda f: f.exception())
+            c.transport.write(req)
+            conns.append(c)
+
+    t0 = perf()
+    await asyncio.gather(*[open_one() for _ in range(n)], return_exceptions=True)
+    deadline = perf() + 60
+    while perf() < deadline and sum(1 for c in conns if c.t_first) < len(conns):
+        await asyncio.sleep(0.1)
+    streaming = sum(1 for c in conns if c.t_first)
+    await asyncio.sleep(settle_s)
+    held = rss_bytes(proc_tree(root_pid))
+    for c in conns:
+        if c.transport is not None:
+            c.transport.abort()
+    delta = {p: held.get(p, 0) - idle.get(p, 0) for p in held}
+    worker = max(delta, key=lambda p: delta[p]) if delta else root_pid
+    return {
+        "streams_requested": n, "streams_flowing": streaming, "open_s": round(perf() - t0, 2),
+        "idle_rss_kib_total": sum(idle.values()) // 1024, "held_rss_kib_total": sum(held.values()) // 1024,
+        "kib_per_stream_total": round(sum(delta.values()) / 1024 / max(1, streaming), 1),
+        "worker_pid": worker,
+        "worker_idle_rss_kib": idle.get(worker, 0) // 1024, "worker_held_rss_kib": held.get(worker, 0) // 1024,
+        "kib_per_stream_worker": round(delta.get(worker, 0) / 1024 / max(1, streaming), 1),
+    }
+
+
+# --------------------------------------------------------------------------- processes
+
+class Stack:
+    """Upstreams + proxies of one run. Every process is a gateway.procs.Child of this process."""
+
+    def __init__(self, args, log_dir: Path) -> None:
+        self.a = args
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+        self.env = {"PYTHONPATH": os.pathsep.join([str(ROOT), *args.pythonpath, os.environ.get("PYTHONPATH", "")]),
+                    "PYTHONUNBUFFERED": "1"}
+
+    def start(self, name: str, argv: list[str], port: int | None, cpu, env: dict | None = None,
+              deadline_s: float = 30.0) -> Child:
+        c = Child(argv, port=port, cpu=cpu, env={**self.env, **(env or {})},
+                  log_path=str(self.log_dir / f"{name}.log"))
+        c.start(deadline_s)
+        self.children.append(c)
+        return c
+
+    def upstreams(self, tag: str, n: int, itl_ms: float) -> tuple[tuple[str, int], list[tuple[str, str, int]]]:
+        py = sys.executable
+        reps = []
+        for i in range(n):
+            port = free_port()
+            rid = haproxy_ray.ray_replica_id(i) if not tag else f"{haproxy_ray.RAY_REPLICA_PREFIX}{tag}{i}"
+            self.start(f"replica-{tag}{i}", [py, "-m", self.a.engine_module, "--host", "127.0.0.1", "--port", str(port),
+                                             "--replica-id", rid, "--itl-ms", str(itl_ms),
+                                             "--unary-bytes", str(self.a.unary_bytes)], port, self.a.load_cpu)
+            reps.append((rid, "127.0.0.1", port))
+        rport = free_port()
+        argv = [py, "-m", self.a.router_module, "--host", "127.0.0.1", "--port", str(rport)]
+        for rid, h, p in reps:
+            argv += ["--replica", f"{rid}=http://{h}:{p}"]
+        self.start(f"router{tag}", argv, rport, self.a.load_cpu)
+        return ("127.0.0.1", rport), reps
+
+    def haproxy(self, tag: str, router, reps) -> Child:
+        port = free_port()
+        work = self.log_dir.parent / f"haproxy{tag}"
+        r = haproxy_ray.render(work, port, router, reps, free_port(), free_port())
+        # Ray's HAProxyManager reads the per-request rfc5424 metrics datagrams from metrics.sock;
+        # a discard sink on the upstream core stands in for it.
+        self.start(f"haproxy{tag}-metrics-sink", haproxy_ray.sink_argv(str(work / "metrics.sock")), None,
+                   self.a.load_cpu)
+        c = self.start(f"haproxy{tag}", r.argv(), port, self.a.proxy_cpu)
+        time.sleep(0.8)  # health checks: rise 2 x fastinter 250 ms before servers are UP
+        return c
+
+    def gateway(self, tag: str, router, reps, workers: int, cpu) -> Child:
+        port = free_port()
+        argv = [sys.executable, "-m", self.a.gateway_module, "serve", "--host", "127.0.0.1", "--port", str(port),
+                "--router", f"http://{router[0]}:{router[1]}"]
+        for rid, h, p in reps:
+            argv += ["--replica", f"{rid}=http://{h}:{p}"]
+        if workers != 1:
+            argv += ["--workers", str(workers)]
+        return self.start(f"gateway{tag}-{workers}w", argv, port, cpu)
+
+    def stop(self) -> None:
+        for c in reversed(self.children):
+            try:
+                c.stop(timeout=5)
+            except Exception:  # noqa: BLE001
+                pass
+        self.children.clear()
+
+
+def gateway_runnable(args) -> str | None:
+    """None if `python -m gateway serve --help` works, else the reason it does not."""
+    mod = args.gateway_module
+    try:
+        if importlib.util.find_spec(mod) is None or importlib.util.find_spec(f"{mod}.__main__") is None:
+            return f"no module {mod}.__main__ yet"
+    except ImportError as e:
+        return f"{mod}: {e}"
+    try:
+        p = subprocess.run([sys.executable, "-m", mod, "serve", "--help"], capture_output=True, text=True,
+                           timeout=30, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        return f"`python -m {mod} serve --help` timed out"
+    if p.returncode != 0:
+        return f"`python -m {mod} serve --help` exited {p.returncode}: {(p.stderr or p.stdout).strip()[-300:]}"
+    return None
+
+
+def upstream_modules_ok(args) -> str | None:
+    for m in (args.engine_module, args.router_module):
+        try:
+            if importlib.util.find_spec(m) is None:
+                return f"module {m} not found"
+        except ImportError as e:
+            return f"module {m}: {e}"
+    return None
+
+
+# --------------------------------------------------------------------------- reporting
+
+COLS = ["workload", "concurrency", "system", "rps", "p50_ms", "p90_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms",
+        "cpu_us_per_req", "proxy_cpu_util", "proxy_rss_mib", "events_per_stream", "bytes_per_resp", "completed", "errors"]
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
+    return str(v)
+
+
+def ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]:
+    idx = {(r["system"], r["workload"], r["concurrency"]): r for r in rows}
+    lines, out = [], {}
+    gws = [s for s in ("gateway", "gateway2") if s in systems]
+
+    def get(s, w, c, k):
+        r = idx.get((s, w, c))
+        return None if r is None else r.get(k)
+
+    def ratio(a, b):
+        return None if a is None or b is None or b == 0 else a / b
+
+    for gw in gws or ["gateway"]:
+        if "haproxy" not in systems:
+            break
+        lab = SYSTEM_LABEL[gw]
+        # added p50 latency over direct at unary c=1
+        d, h, g = (get(s, "unary", 1, "p50_ms") for s in ("direct", "haproxy", gw))
+        if None not in (d, h, g):
+            r = ratio(g - d, h - d)
+            out[f"{gw}.added_p50_unary_c1_ratio"] = r
+            lines.append(f"added p50 over direct, unary c=1: {lab} {g - d:.3f} ms vs HAProxy+Lua {h - d:.3f} ms"
+                         f" -> ratio {r:.2f}" if r is not None else "")
+        for w in ("unary", "stream50", "stream200"):
+            for c in sorted({r["concurrency"] for r in rows if r["workload"] == w}):
+                h, g = get("haproxy", w, c, "cpu_us_per_req"), get(gw, w, c, "cpu_us_per_req")
+                if h and g:
+                    out[f"{gw}.cpu_ratio.{w}.c{c}"] = g / h
+                    if w == "unary" or (w == "stream200" and c == 16):
+                        lines.append(f"CPU/request {w} c={c}: {lab} {g:.1f} us vs HAProxy+Lua {h:.1f} us"
+                                     f" -> ratio {g / h:.2f}")
+        d, h, g = (get(s, "stream200", 16, "ttfb_p50_ms") for s in ("direct", "haproxy", gw))
+        if None not in (d, h, g):
+            out[f"{gw}.ttfb_added_stream200_c16_ms"] = g - d
+            out["haproxy.ttfb_added_stream200_c16_ms"] = h - d
+            r = ratio(g - d, h - d)
+            lines.append(f"TTFB p50 added over direct, stream200 c=16: {lab} {g - d:.3f} ms vs HAProxy+Lua "
+                         f"{h - d:.3f} ms" + (f" -> ratio {r:.2f}" if r is not None else ""))
+        ph = max((r["rps"] for r in rows if r["system"] == "haproxy" and r["workload"] == "unary"), default=None)
+        pg = max((r["rps"] for r in rows if r["system"] == gw and r["workload"] == "unary"), default=None)
+        if ph and pg:
+            out[f"{gw}.peak_unary_rps_ratio"] = pg / ph
+            lines.append(f"peak unary throughput: {lab} {pg:.0f} req/s vs HAProxy+Lua {ph:.0f} req/s -> ratio {pg / ph:.2f}")
+    return [x for x in lines if x], out
+
+
+def write_outputs(out: Path, rows: list[dict], meta: dict, systems: list[str]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# gateway benchmark", "",
+             f"{meta['started']} · {meta['host']} · {meta['cpus']} CPUs · mode {meta['mode']} · "
+             f"proxies on core {meta['proxy_cpu']}, load generator + upstreams on core {meta['load_cpu']} · "
+             f"{meta['slices']} x {meta['duration_s']} s per system per point (+{meta['warmup_s']} s warm-up)", ""]
+    for s, why in meta.get("skipped", {}).items():
+        lines.append(f"**{SYSTEM_LABEL.get(s, s)} skipped:** {why}")
+    if meta.get("skipped"):
+        lines.append("")
+    hdr = ["workload", "c", "system", "req/s", "p50 ms", "p90 ms", "p99 ms", "TTFB p50 ms", "TTFB p99 ms",
+           "proxy CPU us/req", "proxy CPU util", "proxy RSS MiB", "events/stream", "body B/resp", "ok", "errors"]
+    lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r[c]) if c != "system" else SYSTEM_LABEL.get(r[c], r[c]) for c in COLS) + " |")
+    rl, rv = ratios(rows, systems)
+    meta["ratios"] = rv
+    if rl:
+        lines += ["", "## Target ratios (gateway / HAProxy+Lua; lower is better except throughput)", ""]
+        lines += [f"- {x}" for x in rl]
+    if meta.get("memory"):
+        lines += ["", "## Memory: RSS per open stream (slow streams, itl 1000 ms)", ""]
+        for s, m in meta["memory"].items():
+            if "error" in m:
+                lines.append(f"- {SYSTEM_LABEL.get(s, s)}: error {m['error']}")
+                continue
+            lines.append(f"- {SYSTEM_LABEL.get(s, s)}: {m['streams_flowing']}/{m['streams_requested']} streams open, "
+                         f"worker RSS {m['worker_idle_rss_kib']} -> {m['worker_held_rss_kib']} KiB = "
+                         f"**{m['kib_per_stream_worker']} KiB/stream** (whole process tree "
+                         f"{m['kib_per_stream_total']} KiB/stream; target for the gateway <= 50 KiB)")
+    for k, v in meta.get("notes", {}).items():
+        lines.append(f"- note ({k}): {v}")
+    md = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(md)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLS + ["window_s"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    try:
+        plot(out, rows)
+    except Exception as e:  # noqa: BLE001  (plots are a convenience; the data files are the result)
+        print(f"plotting failed: {e!r}", file=sys.stderr)
+    return md
+
+
+def plot(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    wls = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
+    systems = [s for s in SYSTEM_LABEL if any(r["system"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(wls), figsize=(5.5 * len(wls), 4.5), squeeze=False)
+    for ax, w in zip(axes[0], wls):
+        for s in systems:
+            pts = sorted((r for r in rows if r["workload"] == w and r["system"] == s), key=lambda r: r["concurrency"])
+            if not pts:
+                continue
+            ax.plot([p["rps"] for p in pts], [p["p50_ms"] for p in pts], marker="o", label=SYSTEM_LABEL[s])
+            for p in pts:
+                ax.annotate(f"c{p['concurrency']}", (p["rps"], p["p50_ms"]), fontsize=7, alpha=0.7)
+        ax.axhline(SLA_MS[w], color="red", ls="--", lw=1, label=f"SLA {SLA_MS[w]:.0f} ms")
+        ax.set_yscale("log")
+        ax.set_xlabel("throughput (req/s)")
+        ax.set_ylabel("p50 latency (ms)")
+        ax.set_title(w)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency_throughput.png", dpi=110)
+    plt.close(fig)
+
+    proxies = [s for s in systems if s != "direct"]
+    fig, axes = plt.subplots(1, len(wls), figsize=(5.5 * len(wls), 4.2), squeeze=False)
+    for ax, w in zip(axes[0], wls):
+        concs = sorted({r["concurrency"] for r in rows if r["workload"] == w})
+        width = 0.8 / max(1, len(proxies))
+        for i, s in enumerate(proxies):
+            vals = []
+            for c in concs:
+                r = next((r for r in rows if r["workload"] == w and r["system"] == s and r["concurrency"] == c), None)
+                vals.append(r["cpu_us_per_req"] if r and r["cpu_us_per_req"] is not None else 0)
+            ax.bar([j + i * width for j in range(len(concs))], vals, width, label=SYSTEM_LABEL[s])
+        ax.set_xticks([j + width * (len(proxies) - 1) / 2 for j in range(len(concs))], [f"c={c}" for c in concs])
+        ax.set_ylabel("proxy CPU per request (us)")
+        ax.set_title(w)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "cpu_per_request.png", dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few points, short slices (< 2 min)")
+    ap.add_argument("--smoke", action="store_true", help="tiny: 2 points, 0.5 s slices, small memory point")
+    ap.add_argument("--out", default=str(ROOT / "bench-results"))
+    ap.add_argument("--systems", default="direct,haproxy,gateway,gateway2",
+                    help="comma list of direct,haproxy,gateway,gateway2")
+    ap.add_argument("--workloads", default=None, help="comma list of unary,stream50,stream200")
+    ap.add_argument("--unary-conc", default=None, help="default 1,4,16,64,256 (quick: 1,16,64)")
+    ap.add_argument("--stream-conc", default=None, help="default 1,4,16,64,128 (quick: 16)")
+    ap.add_argument("--duration", type=float, default=None, help="measured seconds per slice")
+    ap.add_argument("--warmup", type=float, default=None, help="warm-up seconds per slice")
+    ap.add_argument("--slices", type=int, default=2, help="slices per system per point, order A..Z Z..A")
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--unary-bytes", type=int, default=10000)
+    ap.add_argument("--mem-streams", type=int, default=None, help="open streams for the memory point (0 = skip)")
+    ap.add_argument("--proxy-cpu", default="0")
+    ap.add_argument("--load-cpu", default="1")
+    ap.add_argument("--gw2-cpus", default="0,1", help="cpus of the 2-worker gateway point")
+    ap.add_argument("--engine-module", default="replicas.mock_engine")
+    ap.add_argument("--router-module", default="replicas.router")
+    ap.add_argument("--gateway-module", default="gateway")
+    ap.add_argument("--pythonpath", action="append", default=[], help="extra PYTHONPATH entry for children")
+    a = ap.parse_args(argv)
+    mode = "smoke" if a.smoke else "quick" if a.quick else "full"
+    dflt = {
+        "full": dict(workloads="unary,stream50,stream200", unary="1,4,16,64,256", stream="1,4,16,64,128",
+                     duration=3.0, warmup=1.0, mem=1000),
+        "quick": dict(workloads="unary,stream50,stream200", unary="1,16,64", stream="16",
+                      duration=1.5, warmup=0.5, mem=1000),
+        "smoke": dict(workloads="unary,stream50", unary="4", stream="4", duration=0.5, warmup=0.3, mem=50),
+    }[mode]
+    a.mode = mode
+    a.workloads = (a.workloads or dflt["workloads"]).split(",")
+    a.unary_conc = [int(x) for x in (a.unary_conc or dflt["unary"]).split(",")]
+    a.stream_conc = [int(x) for x in (a.stream_conc or dflt["stream"]).split(",")]
+    a.duration = a.duration if a.duration is not None else dflt["duration"]
+    a.warmup = a.warmup if a.warmup is not None else dflt["warmup"]
+    a.mem_streams = a.mem_streams if a.mem_streams is not None else dflt["mem"]
+    a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    for s in a.systems:
+        if s not in SYSTEM_LABEL:
+            ap.error(f"unknown system {s!r}")
+    for w in a.workloads:
+        if w not in WORKLOADS:
+            ap.error(f"unknown workload {w!r}")
+    sys.path[:0] = a.pythonpath
+    return a
+
+
+async def sweep(a, targets: dict[str, dict]) -> list[dict]:
+    rows = []
+    systems = list(targets)
+    points = [(w, c) for w in a.workloads for c in (a.unary_conc if w == "unary" else a.stream_conc)]
+    for pi, (w, c) in enumerate(points):
+        stream, max_tokens = WORKLOADS[w]
+        rot = systems[pi % len(systems):] + systems[:pi % len(systems)]
+        parts: dict[str, list[PhaseStats]] = {s: [] for s in systems}
+        for sl in range(a.slices):
+            for s in (rot if sl % 2 == 0 else rot[::-1]):
+                t = targets[s]
+                parts[s].append(await run_phase(t["addrs"], stream, max_tokens, c, a.warmup, a.duration, t["pid"]))
+        for s in systems:
+            r = summarize(s, w, c, parts[s], targets[s]["pid"] is not None)
+            rows.append(r)
+            print(f"  {w:9s} c={c:<4d} {SYSTEM_LABEL[s]:12s} {r['rps']:9.1f} req/s  p50 {fmt(r['p50_ms']):>7s} ms"
+                  f"  p99 {fmt(r['p99_ms']):>7s} ms  ttfb50 {fmt(r['ttfb_p50_ms']):>6s}"
+                  f"  cpu/req {fmt(r['cpu_us_per_req']):>6s} us  err {r['errors']}", flush=True)
+            if r["errors"]:
+                print(f"    errors: {r['error_samples']}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    out = Path(a.out).resolve()
+    log_dir = out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+    ncpu = os.cpu_count() or 1
+    if ncpu < 2:
+        a.proxy_cpu = a.load_cpu = a.gw2_cpus = "0"
+    # The load generator (this process) shares core(s) with the upstreams; children get their own taskset.
+    os.sched_setaffinity(0, {int(x) for x in str(a.load_cpu).split(",")})
+
+    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "cpus": ncpu, "mode": a.mode,
+            "proxy_cpu": a.proxy_cpu, "load_cpu": a.load_cpu, "gw2_cpus": a.gw2_cpus,
+            "slices": a.slices, "duration_s": a.duration, "warmup_s": a.warmup, "replicas": a.replicas,
+            "systems": a.systems, "skipped": {}, "notes": {}, "argv": sys.argv}
+    why = upstream_modules_ok(a)
+    if why:
+        print(f"cannot run: {why} (the mock engine/router modules are required)", file=sys.stderr)
+        return 2
+    if any(s.startswith("gateway") for s in a.systems):
+        why = gateway_runnable(a)
+        if why:
+            print(f"gateway: SKIPPED - {why}", flush=True)
+            for s in [s for s in a.systems if s.startswith("gateway")]:
+                meta["skipped"][s] = why
+            a.systems = [s for s in a.systems if not s.startswith("gateway")]
+    if "haproxy" in a.systems:
+        try:
+            meta["haproxy_binary"] = haproxy_ray.haproxy_binary()
+            meta["haproxy_version"] = subprocess.run([meta["haproxy_binary"], "-v"], capture_output=True,
+                                                     text=True).stdout.splitlines()[0]
+        except (FileNotFoundError, OSError, IndexError) as e:
+            print(f"haproxy: SKIPPED - {e}", flush=True)
+            meta["skipped"]["haproxy"] = str(e)
+            a.systems.remove("haproxy")
+
+    stack = Stack(a, log_dir)
+    rows: list[dict] = []
+    try:
+        t0 = perf()
+        router, reps = stack.upstreams("", a.replicas, 0)
+        targets: dict[str, dict] = {}
+        for s in a.systems:
+            if s == "direct":
+                targets[s] = {"addrs": [(h, p) for _, h, p in reps], "pid": None}
+            elif s == "haproxy":
+                c = stack.haproxy("", router, reps)
+                targets[s] = {"addrs": [("127.0.0.1", c.port)], "pid": c.pid}
+            elif s in ("gateway", "gateway2"):
+                w = 1 if s == "gateway" else 2
+                try:
+                    c = stack.gateway("", router, reps, w, a.proxy_cpu if w == 1 else a.gw2_cpus)
+                except (RuntimeError, TimeoutError) as e:
+                    print(f"{s}: SKIPPED - failed to start: {e}", flush=True)
+                    meta["skipped"][s] = f"failed to start: {e}"
+                    continue
+                targets[s] = {"addrs": [("127.0.0.1", c.port)], "pid": c.pid}
+        meta["startup_s"] = round(perf() - t0, 2)
+        uvloop.install()
+        # sanity: one request of each kind through every system before measuring
+        for s, t in list(targets.items()):
+            st = asyncio.run(run_phase(t["addrs"], True, 5, 1, 0.0, 0.3, None))
+            st2 = asyncio.run(run_phase(t["addrs"], False, 5, 1, 0.0, 0.3, None))
+            if st.completed == 0 or st2.completed == 0:
+                msg = f"sanity requests failed: {(st.error_samples + st2.error_samples)[:3]}"
+                print(f"{s}: SKIPPED - {msg}", flush=True)
+                meta["skipped"][s] = msg
+                del targets[s]
+        a.systems = list(targets)
+        print(f"systems: {', '.join(SYSTEM_LABEL[s] for s in targets)}; "
+              f"{len(a.workloads)} workloads, unary c={a.unary_conc}, streams c={a.stream_conc}", flush=True)
+        rows = asyncio.run(sweep(a, targets))
+
+        if a.mem_streams > 0:
+            mem_systems = [s for s in ("gateway", "haproxy") if s in a.systems]
+            if mem_systems:
+                print(f"memory point: {a.mem_streams} slow streams", flush=True)
+                srouter, sreps = stack.upstreams("slow", 1, 1000)
+                meta["memory"] = {}
+                for s in mem_systems:
+                    try:
+                        c = (stack.gateway("slow", srouter, sreps, 1, a.proxy_cpu) if s == "gateway"
+                             else stack.haproxy("slow", srouter, sreps))
+                        m = asyncio.run(hold_streams(("127.0.0.1", c.port), a.mem_streams, c.pid, 2.0))
+                        c.stop()
+                    except Exception as e:  # noqa: BLE001
+                        m = {"error": repr(e)}
+                    meta["memory"][s] = m
+                    print(f"  {SYSTEM_LABEL[s]}: {m}", flush=True)
+    finally:
+        stack.stop()
+    md = write_outputs(out, rows, meta, a.systems)
+    print()
+    print(md)
+    print(f"wrote {out}/results.md, results.csv, results.json, latency_throughput.png, cpu_per_request.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
