@@ -105,8 +105,8 @@ class ClientConnection(asyncio.Protocol):
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             # The client is gone: drop the replica connection at once so the engine aborts generation.
-            upstream.abort()
             self.gw.relay.exchange_ended(upstream)
+            upstream.abort()
         request = self.current
         if request is not None:
             if not request.status or not request.reason:

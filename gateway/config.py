@@ -66,6 +66,8 @@ OPTIONS: tuple[Option, ...] = (
            flag="--replica", repeat=True),
     Option("ray_address", ("GATEWAY_RAY_ADDRESS",), str, "", "discover routers and replicas from this Ray cluster (GCS address) instead of static lists"),
     Option("app", ("GATEWAY_RAY_APP",), str, "", "Ray Serve application to front (default: the only app with an ingress request router)"),
+    Option("strict_replica_id", ("GATEWAY_STRICT_REPLICA_ID",), _bool, False,
+           "accept a decision only by replica_id; off: a decision naming a known host:port is also accepted (always on with Ray discovery, where ports get reused)"),
     Option("forward_body", ("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "GATEWAY_FORWARD_BODY"), _bool, False,
            "send the request body to the router (needed by prefix-aware policies and LoRA)"),
     Option("router_body_cap", ("RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE", "GATEWAY_ROUTER_BODY_CAP"), int, 8 * MiB,
@@ -153,6 +155,7 @@ class Config:
     replicas: list[str] = field(default_factory=list)
     ray_address: str = ""
     app: str = ""
+    strict_replica_id: bool = False
     forward_body: bool = False
     router_body_cap: int = 8 * MiB
     router_timeout_s: float = 5.0

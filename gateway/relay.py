@@ -96,7 +96,9 @@ class Relay:
                             decision.host, decision.port)
                 raise GatewayError(Reason.UNKNOWN_REPLICA_ID,
                                    f"the router named replica {decision.replica_id!r}, which is not a known target")
-            if (target.host, target.port) != (decision.host, decision.port):
+            if target.replica_id != decision.replica_id:
+                self.metrics.decision_mismatch("replica_id")  # accepted by its address (non-strict mode)
+            elif (target.host, target.port) != (decision.host, decision.port):
                 # We still connect only to the address we know for that replica.
                 self.metrics.decision_mismatch("address")
             if target is failed or not target.healthy:

@@ -31,7 +31,7 @@ class _Probe:
             reused = self._conn is not None
             try:
                 return await asyncio.wait_for(self._once(), timeout_s)
-            except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, TimeoutError):
                 self.close()
                 if not reused:
                     return False

@@ -24,7 +24,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Union
 
 import httptools
 
@@ -34,7 +33,7 @@ log = logging.getLogger("replicas.http")
 
 # Either (name, value) pairs or a block already rendered by `render_headers`;
 # hot paths pass the latter so a response costs one join and nothing else.
-Headers = Union[Sequence[tuple[Union[bytes, str], Union[bytes, str]]], bytes]
+Headers = Sequence[tuple[bytes | str, bytes | str]] | bytes
 Handler = Callable[["Request", "Responder"], Awaitable[None]]
 
 MAX_BODY_BYTES = 64 * 1024 * 1024

@@ -17,8 +17,10 @@ request header, and the counters at `GET /mock/stats` (`POST /mock/reset`).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass
 
@@ -102,7 +104,8 @@ class _Templates:
                           b'"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}\n\n')
         self.chat_delta = [b'{"index":0,"delta":{"content":%s},"logprobs":null,"finish_reason":null,'
                            b'"token_ids":null}]}\n\n' % t for t in toks]
-        last = b'{"index":0,"delta":{"content":%s},"logprobs":null,"finish_reason":"length","stop_reason":null,"token_ids":null}]'
+        last = (b'{"index":0,"delta":{"content":%s},"logprobs":null,"finish_reason":"length",'
+                b'"stop_reason":null,"token_ids":null}]')
         self.chat_last = [last % t + b"}\n\n" for t in toks]
         self.chat_last_fp = [last % t + b',"system_fingerprint":%s}\n\n' % fp for t in toks]
         self.cmpl_delta = [b'{"index":0,"text":%s,"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n' % t
@@ -110,7 +113,8 @@ class _Templates:
         last = b'{"index":0,"text":%s,"logprobs":null,"finish_reason":"length","stop_reason":null}]'
         self.cmpl_last = [last % t + b"}\n\n" for t in toks]
         self.cmpl_last_fp = [last % t + b',"system_fingerprint":%s}\n\n' % fp for t in toks]
-        self.usage = b'],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d},"system_fingerprint":' + fp + b"}\n\n"
+        self.usage = (b'],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d},'
+                      b'"system_fingerprint":' + fp + b"}\n\n")
 
 
 _T = _Templates()
@@ -220,7 +224,8 @@ class MockEngine:
             await responder.wait_disconnected()
             return ABORTED
         if fault == "status-500":
-            self._json(responder, 500, openai_error("mock fault: internal server error", 500, "InternalServerError"), echo)
+            error = openai_error("mock fault: internal server error", 500, "InternalServerError")
+            self._json(responder, 500, error, echo)
             return FAULTED
 
         path, method = request.path, request.method
@@ -283,7 +288,7 @@ class MockEngine:
         ttft = _number(body.get("ttft_ms"), cfg.ttft_ms, "ttft_ms") / 1000.0
         itl = _number(body.get("itl_ms"), cfg.itl_ms, "itl_ms") / 1000.0
         prompt_tokens = _prompt_tokens(chat, body)
-        suffix = rid.decode("latin-1") if rid is not None else os.urandom(8).hex()
+        suffix = rid.decode("latin-1") if rid is not None else f"{random.getrandbits(64):016x}"
         ident = ("chatcmpl-" if chat else "cmpl-") + suffix
         created = int(time.time())
 
@@ -300,12 +305,12 @@ class MockEngine:
         # A non-streaming reply arrives when the whole generation is done.
         if not await responder.sleep(ttft + itl * (max_tokens - 1)):
             return ABORTED
-        text = "".join(TOKENS[i % len(TOKENS)] for i in range(max_tokens))
+        text = _text(max_tokens)
         payload = self._unary(chat, ident, created, text, max_tokens, prompt_tokens)
         pad_to = int(_number(body.get("mock_bytes"), cfg.unary_bytes, "mock_bytes"))
         if pad_to > len(payload):
-            text += _filler(pad_to - len(payload))
-            payload = self._unary(chat, ident, created, text, max_tokens, prompt_tokens)
+            payload = self._unary(chat, ident, created, _padded_text(max_tokens, pad_to - len(payload)),
+                                  max_tokens, prompt_tokens)
         return self._json(responder, 200, payload, echo, fault)
 
     def _unary(self, chat: bool, ident: str, created: int, text: str, n: int, prompt_tokens: int) -> bytes:
@@ -372,10 +377,16 @@ class MockEngine:
         return COMPLETED
 
 
-def _filler(size: int) -> str:
-    if size <= len(_FILLER):
-        return _FILLER[:size]
-    return (_FILLER * (size // len(_FILLER) + 1))[:size]
+@functools.lru_cache(maxsize=256)
+def _text(n: int) -> str:
+    return "".join(TOKENS[i % len(TOKENS)] for i in range(n))
+
+
+@functools.lru_cache(maxsize=256)
+def _padded_text(n: int, extra: int) -> str:
+    # Benchmarks repeat one shape, so the padded text is built once per shape.
+    filler = _FILLER if extra <= len(_FILLER) else _FILLER * (extra // len(_FILLER) + 1)
+    return _text(n) + filler[:extra]
 
 
 def main(argv: list[str] | None = None) -> None:

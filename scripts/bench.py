@@ -642,7 +642,7 @@ def parse_args(argv=None):
         "full": dict(workloads="unary,stream50,stream200", unary="1,4,16,64,256", stream="1,4,16,64,128",
                      duration=3.0, warmup=1.0, mem=1000),
         "quick": dict(workloads="unary,stream50,stream200", unary="1,16,64", stream="16",
-                      duration=1.5, warmup=0.5, mem=1000),
+                      duration=1.2, warmup=0.4, mem=1000),
         "smoke": dict(workloads="unary,stream50", unary="4", stream="4", duration=0.5, warmup=0.3, mem=50),
     }[mode]
     a.mode = mode

@@ -181,7 +181,8 @@ async def test_openai_sdk_streaming_chat_with_usage(engine: Child) -> None:
 
 async def test_openai_sdk_unary_and_models(engine: Child) -> None:
     client = openai.AsyncOpenAI(base_url=url(engine, "/v1"), api_key="unused", max_retries=0)
-    chat = await client.chat.completions.create(model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    chat = await client.chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert chat.object == "chat.completion" and re.fullmatch(r"chatcmpl-[0-9a-f]{16}", chat.id)
     assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason == "length"
     assert len(chat.choices[0].message.content.split()) == 4 and chat.usage.completion_tokens == 4
@@ -215,7 +216,8 @@ def test_sse_framing_is_byte_exact_one_event_per_chunk(engine: Child) -> None:
     assert last["choices"][0]["finish_reason"] == "length" and last["choices"][0]["stop_reason"] is None
     assert last["system_fingerprint"]  # no usage chunk: the fingerprint rides on the final delta
     # Compact JSON, LF separators, nothing but data: lines.
-    assert response.chunks[1].startswith(b'data: {"id":"chatcmpl-framing-1","object":"chat.completion.chunk","created":')
+    assert response.chunks[1].startswith(
+        b'data: {"id":"chatcmpl-framing-1","object":"chat.completion.chunk","created":')
     assert response.chunks[-1] == b"data: [DONE]\n\n"
 
 
@@ -265,14 +267,16 @@ async def test_errors_are_openai_shaped(engine: Child) -> None:
             (client.get(url(engine, "/nope")), 404, "NotFoundError"),
             (client.post(url(engine, "/v1/chat/completions"), content=b"{not json"), 400, "BadRequestError"),
             (client.post(url(engine, "/v1/chat/completions"), json={"model": "mock"}), 400, "BadRequestError"),
-            (client.post(url(engine, "/v1/completions"), json={"prompt": "x", "max_tokens": -1}), 400, "BadRequestError"),
+            (client.post(url(engine, "/v1/completions"), json={"prompt": "x", "max_tokens": -1}),
+             400, "BadRequestError"),
             (client.get(url(engine, "/v1/chat/completions")), 405, "MethodNotAllowed"),
         ]
         for request, status, kind in cases:
             response = await request
             assert response.status_code == status
             error = response.json()["error"]
-            assert set(error) == {"message", "type", "param", "code"} and error["type"] == kind and error["code"] == status
+            assert set(error) == {"message", "type", "param", "code"}
+            assert (error["type"], error["code"]) == (kind, status)
             assert response.headers["x-replica-id"] == "r1"
 
 
@@ -408,7 +412,8 @@ async def test_fault_hang_counts_abort_when_client_leaves(engine: Child) -> None
     await reset(engine)
     async with httpx.AsyncClient(timeout=0.3) as client:
         with pytest.raises(httpx.ReadTimeout):
-            await client.post(url(engine, "/v1/chat/completions"), content=chat_body(), headers={"x-mock-fault": "hang"})
+            await client.post(url(engine, "/v1/chat/completions"), content=chat_body(),
+                              headers={"x-mock-fault": "hang"})
     await eventually(lambda s: s["aborted"] == 1 and s["in_flight"] == 0, engine, deadline_s=2.0)
 
 

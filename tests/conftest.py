@@ -1,0 +1,159 @@
+"""Fixtures: real processes on 127.0.0.1 — mock vLLM replicas, the router, the gateway."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from gateway.procs import Child, free_port, python_module
+
+LOG_DIR = os.environ.get("GATEWAY_TEST_LOGS", "/tmp/gateway-test-logs")
+os.makedirs(LOG_DIR, exist_ok=True)
+
+
+def wait_until(check: Callable[[], object], deadline_s: float = 10.0, interval_s: float = 0.02, what: str = "") -> object:
+    """Poll `check` until it returns something truthy; fail the test at the deadline (no sleep-and-hope)."""
+    deadline = time.monotonic() + deadline_s
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {deadline_s}s waiting for {what or check}; last value {last!r}")
+
+
+@dataclass
+class Replica:
+    replica_id: str
+    port: int
+    child: Child
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/mock/stats", timeout=5).json()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/mock/reset", timeout=5)
+
+
+@dataclass
+class Router:
+    port: int
+    child: Child
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/-/stats", timeout=5).json()
+
+
+@dataclass
+class Gateway:
+    port: int
+    child: Child
+    log_path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def routes(self) -> dict:
+        return httpx.get(f"{self.url}/-/routes", timeout=5).json()
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/-/metrics", timeout=5).text
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+
+@dataclass
+class Stack:
+    """Starts processes and stops them all at teardown."""
+
+    name: str
+    children: list[Child] = field(default_factory=list)
+
+    def _start(self, child: Child) -> Child:
+        self.children.append(child)
+        return child.start()
+
+    def replica(self, replica_id: str | None = None, *args: str, port: int | None = None) -> Replica:
+        port = port or free_port()
+        replica_id = replica_id or f"replica-{port}"
+        argv = python_module("replicas.mock_engine", "--host", "127.0.0.1", "--port", str(port),
+                             "--replica-id", replica_id, *args)
+        child = self._start(Child(argv, port=port, log_path=f"{LOG_DIR}/{self.name}-{replica_id}.log"))
+        return Replica(replica_id, port, child)
+
+    def router(self, replicas: list[Replica], *args: str, port: int | None = None) -> Router:
+        port = port or free_port()
+        argv = python_module("replicas.router", "--host", "127.0.0.1", "--port", str(port), *args)
+        for replica in replicas:
+            argv += ["--replica", f"{replica.replica_id}={replica.url}"]
+        child = self._start(Child(argv, port=port, log_path=f"{LOG_DIR}/{self.name}-router-{port}.log"))
+        return Router(port, child)
+
+    def gateway(self, routers: list[Router], replicas: list[Replica], *args: str,
+                env: dict[str, str] | None = None, extra_replicas: list[str] = ()) -> Gateway:
+        port = free_port()
+        argv = python_module("gateway", "serve", "--host", "127.0.0.1", "--port", str(port), *args)
+        for router in routers:
+            argv += ["--router", router.url]
+        for replica in replicas:
+            argv += ["--replica", f"{replica.replica_id}={replica.url}"]
+        for text in extra_replicas:
+            argv += ["--replica", text]
+        log_path = f"{LOG_DIR}/{self.name}-gateway-{port}.log"
+        if os.path.exists(log_path):
+            os.unlink(log_path)
+        child = self._start(Child(argv, port=port, env=env, log_path=log_path))
+        return Gateway(port, child, log_path)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+
+@pytest.fixture
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """A fresh set of processes for one test."""
+    s = Stack(request.node.name[:60].replace("/", "_"))
+    yield s
+    s.stop()
+
+
+@dataclass
+class Basic:
+    """Two replicas, a round-robin router and a gateway: shared by the tests that only read."""
+
+    replicas: list[Replica]
+    router: Router
+    gateway: Gateway
+
+
+@pytest.fixture(scope="module")
+def basic(request: pytest.FixtureRequest) -> Iterator[Basic]:
+    s = Stack(f"{request.module.__name__}-basic")
+    try:
+        replicas = [s.replica("r1"), s.replica("r2")]
+        router = s.router(replicas)
+        gateway = s.gateway([router], replicas)
+        yield Basic(replicas, router, gateway)
+    finally:
+        s.stop()
+
+
+CHAT = {"model": "mock", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 5}
