@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 import httptools
+import uvloop
 
 __all__ = ["Handler", "Headers", "HttpServer", "Request", "Responder", "render_headers", "run", "serve"]
 
@@ -507,7 +508,6 @@ Hook = Callable[[HttpServer], Awaitable[None]]
 def run(handler: Handler, host: str, port: int, reuse_port: bool = False, *, keep_alive_s: float = 5.0,
         on_startup: Hook | None = None, on_shutdown: Hook | None = None) -> None:
     """Serve on uvloop until SIGTERM or SIGINT, then shut down and return (exit 0)."""
-    import uvloop
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -209,6 +209,7 @@ class PhaseStats:
     body_bytes: int = 0
     window_s: float = 0.0
     cpu_s: float = 0.0
+    router_cpu_s: float = 0.0
     rss: int = 0
 
 
@@ -220,10 +221,11 @@ async def connect(addr: tuple[str, int], count_events: bool) -> ClientConn:
 
 async def run_phase(addrs: list[tuple[str, int]], stream: bool, max_tokens: int, users: int,
                     warmup: float, measure: float, cpu_root: int | None, extra: dict | None = None,
-                    drain_s: float = 30.0) -> PhaseStats:
+                    drain_s: float = 30.0, router_pid: int | None = None) -> PhaseStats:
     st = PhaseStats()
     reqs = [build_request(a[0], a[1], stream, max_tokens, extra) for a in addrs]
     pids = proc_tree(cpu_root) if cpu_root else []
+    rpids = [router_pid] if router_pid else []
     window = [float("inf"), float("-inf")]
     stop_at = [float("inf")]
 
@@ -270,12 +272,15 @@ async def run_phase(addrs: list[tuple[str, int]], stream: bool, max_tokens: int,
     tasks = [asyncio.create_task(user(i)) for i in range(users)]
     await asyncio.sleep(max(0.0, start + warmup - perf()))
     cpu0 = cpu_seconds(pids)
+    rcpu0 = cpu_seconds(rpids)
     window[0] = perf()
     window[1] = float("inf")
     await asyncio.sleep(measure)
     window[1] = perf()
     cpu1 = cpu_seconds(pids)
+    rcpu1 = cpu_seconds(rpids)
     stop_at[0] = window[1]
+    st.router_cpu_s = rcpu1 - rcpu0
     st.window_s = window[1] - window[0]
     st.cpu_s = cpu1 - cpu0
     st.rss = sum(rss_bytes(pids).values())
@@ -309,6 +314,8 @@ def summarize(system: str, workload: str, conc: int, parts: list[PhaseStats], ha
         "ttfb_p99_ms": ms(pct(ttfb, 99)) if ttfb else None,
         "cpu_us_per_req": round(cpu / done * 1e6, 1) if (has_proxy and done) else None,
         "proxy_cpu_util": round(cpu / win, 3) if (has_proxy and win) else None,
+        "router_cpu_us_per_req": (round(sum(p.router_cpu_s for p in parts) / done * 1e6, 1)
+                                  if (has_proxy and done) else None),
         "proxy_rss_mib": round(max(p.rss for p in parts) / 2**20, 1) if has_proxy else None,
         "events_per_stream": round(sum(ev) / len(ev), 1) if ev else None,
         "bytes_per_resp": round(sum(p.body_bytes for p in parts) / done) if done else None,
@@ -396,7 +403,7 @@ class Stack:
         argv = [py, "-m", self.a.router_module, "--host", "127.0.0.1", "--port", str(rport)]
         for rid, h, p in reps:
             argv += ["--replica", f"{rid}=http://{h}:{p}"]
-        self.start(f"router{tag}", argv, rport, self.a.load_cpu)
+        self.router_pid = self.start(f"router{tag}", argv, rport, self.a.load_cpu).pid
         return ("127.0.0.1", rport), reps
 
     def haproxy(self, tag: str, router, reps) -> Child:
@@ -405,8 +412,13 @@ class Stack:
         r = haproxy_ray.render(work, port, router, reps, free_port(), free_port())
         # Ray's HAProxyManager reads the per-request rfc5424 metrics datagrams from metrics.sock;
         # a discard sink on the upstream core stands in for it.
-        self.start(f"haproxy{tag}-metrics-sink", haproxy_ray.sink_argv(str(work / "metrics.sock")), None,
-                   self.a.load_cpu)
+        sock = work / "metrics.sock"
+        if sock.exists():
+            sock.unlink()
+        self.start(f"haproxy{tag}-metrics-sink", haproxy_ray.sink_argv(str(sock)), None, self.a.load_cpu)
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         c = self.start(f"haproxy{tag}", r.argv(), port, self.a.proxy_cpu)
         time.sleep(0.8)  # health checks: rise 2 x fastinter 250 ms before servers are UP
         return c
@@ -460,8 +472,19 @@ def upstream_modules_ok(args) -> str | None:
 
 # --------------------------------------------------------------------------- reporting
 
+STANDING_NOTES = [
+    "Requests/s is closed-loop throughput of the whole rig. The load generator, the router and the replicas "
+    "share one core; when `proxy CPU util` is well below 1.0 the proxy was not the bottleneck, that core was.",
+    "`router CPU us/req` is the router process's CPU per request: Ray's Lua opens a new TCP connection to the "
+    "router for every POST, which the router pays for too.",
+    "Proxy CPU is utime+stime from /proc/<pid>/stat over the measured window, summed over the proxy's process "
+    "tree, divided by the requests completed in that window; 10 ms tick granularity.",
+    "Latencies are client-side, from writing the request to the last byte (TTFB: to the first body byte, "
+    "i.e. the first SSE event). Streams use itl 0: events back to back.",
+]
+
 COLS = ["workload", "concurrency", "system", "rps", "p50_ms", "p90_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms",
-        "cpu_us_per_req", "proxy_cpu_util", "proxy_rss_mib", "events_per_stream", "bytes_per_resp", "completed", "errors"]
+        "cpu_us_per_req", "proxy_cpu_util", "router_cpu_us_per_req", "proxy_rss_mib", "events_per_stream", "bytes_per_resp", "completed", "errors"]
 
 
 def fmt(v) -> str:
@@ -529,7 +552,7 @@ def write_outputs(out: Path, rows: list[dict], meta: dict, systems: list[str]) -
     if meta.get("skipped"):
         lines.append("")
     hdr = ["workload", "c", "system", "req/s", "p50 ms", "p90 ms", "p99 ms", "TTFB p50 ms", "TTFB p99 ms",
-           "proxy CPU us/req", "proxy CPU util", "proxy RSS MiB", "events/stream", "body B/resp", "ok", "errors"]
+           "proxy CPU us/req", "proxy CPU util", "router CPU us/req", "proxy RSS MiB", "events/stream", "body B/resp", "ok", "errors"]
     lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r[c]) if c != "system" else SYSTEM_LABEL.get(r[c], r[c]) for c in COLS) + " |")
@@ -548,8 +571,14 @@ def write_outputs(out: Path, rows: list[dict], meta: dict, systems: list[str]) -
                          f"worker RSS {m['worker_idle_rss_kib']} -> {m['worker_held_rss_kib']} KiB = "
                          f"**{m['kib_per_stream_worker']} KiB/stream** (whole process tree "
                          f"{m['kib_per_stream_total']} KiB/stream; target for the gateway <= 50 KiB)")
+    lines += ["", "## Notes", ""]
+    lines += [f"- {x}" for x in STANDING_NOTES]
+    if meta.get("haproxy_version"):
+        lines.append(f"- HAProxy: `{meta['haproxy_binary']}` ({meta['haproxy_version']}); config and Lua rendered "
+                     "by Ray 2.60's own `HAProxyApi._generate_config_file_internal` (scripts/haproxy_ray.py), "
+                     "`nbthread 1`, every other setting Ray's default.")
     for k, v in meta.get("notes", {}).items():
-        lines.append(f"- note ({k}): {v}")
+        lines.append(f"- {k}: {v}")
     md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
     with open(out / "results.csv", "w", newline="") as f:
@@ -674,7 +703,8 @@ async def sweep(a, targets: dict[str, dict]) -> list[dict]:
         for sl in range(a.slices):
             for s in (rot if sl % 2 == 0 else rot[::-1]):
                 t = targets[s]
-                parts[s].append(await run_phase(t["addrs"], stream, max_tokens, c, a.warmup, a.duration, t["pid"]))
+                parts[s].append(await run_phase(t["addrs"], stream, max_tokens, c, a.warmup, a.duration, t["pid"],
+                                                router_pid=t.get("router_pid")))
         for s in systems:
             r = summarize(s, w, c, parts[s], targets[s]["pid"] is not None)
             rows.append(r)
@@ -738,7 +768,7 @@ def main(argv=None) -> int:
                 targets[s] = {"addrs": [(h, p) for _, h, p in reps], "pid": None}
             elif s == "haproxy":
                 c = stack.haproxy("", router, reps)
-                targets[s] = {"addrs": [("127.0.0.1", c.port)], "pid": c.pid}
+                targets[s] = {"addrs": [("127.0.0.1", c.port)], "pid": c.pid, "router_pid": stack.router_pid}
             elif s in ("gateway", "gateway2"):
                 w = 1 if s == "gateway" else 2
                 try:
@@ -747,7 +777,7 @@ def main(argv=None) -> int:
                     print(f"{s}: SKIPPED - failed to start: {e}", flush=True)
                     meta["skipped"][s] = f"failed to start: {e}"
                     continue
-                targets[s] = {"addrs": [("127.0.0.1", c.port)], "pid": c.pid}
+                targets[s] = {"addrs": [("127.0.0.1", c.port)], "pid": c.pid, "router_pid": stack.router_pid}
         meta["startup_s"] = round(perf() - t0, 2)
         uvloop.install()
         # sanity: one request of each kind through every system before measuring

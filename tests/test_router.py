@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from gateway.procs import Child, free_port, python_module
+from replicas.routing import ConsistentHash, LoadTracker, PrefixAffinity, Replica
 
 HOST = "127.0.0.1"
 FAULTS = ("garbage", "truncated_json", "huge_body", "wrong_types", "outside_target", "slow",
@@ -164,6 +165,27 @@ async def test_prefix_affinity_follows_the_prompt(engines: dict[str, Child]) -> 
             bad = await route(client, base, {"messages": "not a list"})
             assert bad.status_code == 400 and "messages" in bad.json()["detail"]
             assert (await route(client, base, b"{truncated")).status_code == 200  # no payload: load-balanced
+
+
+def test_consistent_hash_moves_only_the_departed_replicas_sessions() -> None:
+    replicas = [Replica(f"r{i}", HOST, 8000 + i) for i in range(4)]
+    ring = ConsistentHash(replicas)
+    sessions = [f"user-{i}" for i in range(2000)]
+    before = {s: ring.pick(replicas, s, None).id for s in sessions}
+    shares = {r.id: list(before.values()).count(r.id) for r in replicas}
+    assert all(300 < n < 700 for n in shares.values()), shares  # ~100 virtual nodes spread the load
+    survivors = replicas[:2] + replicas[3:]
+    after = {s: ring.pick(survivors, s, None).id for s in sessions}
+    assert all(after[s] == before[s] for s in sessions if before[s] != "r2")
+    assert all(after[s] != "r2" for s in sessions)
+
+
+def test_prefix_affinity_memory_is_bounded() -> None:
+    policy = PrefixAffinity(LoadTracker(), max_prefixes=1000)
+    replicas = [Replica("a", HOST, 1), Replica("b", HOST, 2)]
+    for i in range(500):
+        policy.pick(replicas, None, {"prompt": f"{i:08d} " + "x" * 200})
+    assert len(policy._owners) <= 1000
 
 
 async def test_no_replicas_is_503() -> None:

@@ -1,0 +1,92 @@
+"""The command line as an operator meets it: help, config errors, env, `gateway up`."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+
+from gateway.procs import free_port, port_open
+from tests.conftest import CHAT, wait_until
+
+
+def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=30,
+                          env=env)
+
+
+def test_serve_help_documents_flags_and_env() -> None:
+    result = run_gateway("serve", "--help")
+    assert result.returncode == 0
+    for text in ("--router", "--replica", "GATEWAY_ROUTERS", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY",
+                 "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE", "RAY_SERVE_SESSION_ID_HEADER_KEY",
+                 "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S"):
+        assert text in result.stdout
+
+
+def test_bad_configuration_is_one_clear_line_and_exit_2() -> None:
+    cases = [
+        (["serve"], "no replicas"),
+        (["serve", "--replica", "ftp://x:1"], "only http://"),
+        (["serve", "--replica", "http://127.0.0.1:99999"], "replica"),
+        (["serve", "--replica", "http://127.0.0.1:1", "--port", "abc"], "--port"),
+        (["serve", "--replica", "http://127.0.0.1:1", "--router-timeout-s", "-1"], "router_timeout_s"),
+    ]
+    for argv, expected in cases:
+        result = run_gateway(*argv)
+        assert result.returncode == 2, (argv, result.stderr)
+        assert expected in result.stderr, (argv, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_clear_error(basic) -> None:
+    result = run_gateway("serve", "--port", str(basic.gateway.port), "--replica", basic.replicas[0].url)
+    assert result.returncode == 2
+    assert "already in use" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_env_configures_everything_and_flags_win(stack) -> None:
+    replica = stack.replica("a")
+    router = stack.router([replica])
+    port = free_port()
+    env = {"GATEWAY_PORT": str(port), "GATEWAY_ROUTERS": router.url, "GATEWAY_REPLICAS": f"a={replica.url}",
+           "GATEWAY_HOST": "127.0.0.1"}
+    gateway = stack.gateway([], [], env=env)  # the fixture passes --port: the flag wins over GATEWAY_PORT
+    assert gateway.port != port
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT).status_code == 200
+    assert router.stats()["requests"] == 1
+
+
+def test_gateway_up_runs_the_local_stack_and_stops_cleanly() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "up", "--port", str(port), "--itl-ms", "1",
+                             "--ttft-ms", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "Base URL" in line:
+                break
+        base = re.search(r"Base URL: (\S+)", "".join(lines)).group(1)
+        client = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="mock", messages=CHAT["messages"], stream=True, max_tokens=4) if c.choices)
+        assert text.strip()
+        routes = httpx.get(f"http://127.0.0.1:{port}/-/routes").json()
+        assert len(routes["targets"]) == 2 and len(routes["routers"]) == 1
+        children = [f"127.0.0.1:{t['address'].split(':')[1]}" for t in routes["targets"]]
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=20) == 0
+        assert not port_open("127.0.0.1", port)
+        for address in children:
+            assert not port_open(*address.split(":")[:1], int(address.split(":")[1]))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
