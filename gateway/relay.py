@@ -17,7 +17,7 @@ from gateway.errors import GatewayError, Reason
 from gateway.request import Request
 from gateway.targets import Target
 from gateway.upstream import UpstreamConnection
-from router_client import RouterError
+from router_client import Decision, RouterError
 
 if TYPE_CHECKING:
     from gateway.client import ClientConnection
@@ -38,100 +38,118 @@ class Relay:
 
     def dispatch(self, client: "ClientConnection", request: Request) -> None:
         if request.url.startswith(b"/-/"):
-            asyncio.get_running_loop().create_task(self.gw.admin.serve(client, request))
+            self.gw.loop.create_task(self.gw.admin.serve(client, request))
             return
         limit = self.config.max_in_flight
         if limit and self.gw.in_flight >= limit:
             client.respond_error(Reason.OVERLOADED, "too many requests in flight", retry_after_s=1)
             return
-        asyncio.get_running_loop().create_task(self.proxy(client, request))
+        self.route(client, request, None)
 
-    async def proxy(self, client: "ClientConnection", request: Request, failed: Target | None = None) -> None:
-        try:
-            target, extra_headers = await self.choose(request, failed)
-            if client.closed:
-                return
-            await self.send(client, request, target, extra_headers)
-        except GatewayError as exc:
-            if client.closed:
-                return
-            if exc.body is not None:
-                # A router 4xx keeps its meaning: the client gets the router's status and body.
-                request.reason = exc.reason.value
-                headers = [(b"content-type", exc.content_type or b"application/json"),
-                           (b"x-serve-reason", exc.reason.value.encode())]
-                client.respond(exc.status or 400, headers, exc.body)
-            else:
-                retry_after = 1 if exc.reason in (Reason.OVERLOADED, Reason.NO_REPLICAS) else None
-                client.respond_error(exc.reason, exc.message, status=exc.status, retry_after_s=retry_after)
-        except Exception:  # a bug must cost one request, never the connection loop
-            log.exception("request %s failed unexpectedly", request.request_id.decode("latin-1"))
-            if not client.closed and client.current is request:
-                client.respond_error(Reason.REPLICA_UNAVAILABLE, "internal gateway error", status=500, close=True)
-
-    async def choose(self, request: Request, failed: Target | None) -> tuple[Target, dict[str, str] | None]:
+    def route(self, client: "ClientConnection", request: Request, failed: Target | None) -> None:
+        """Pick the replica: the router decides POSTs; everything else goes least-loaded."""
         targets = self.targets
         if not targets.targets and targets.fallback is not None:
             # Scaled to zero: only the fallback Serve proxy can wake the app; the router would hang (ray-serve.md §e).
-            return targets.fallback, None
+            self.connect_to(client, request, targets.fallback, None)
+            return
         if request.method == b"POST" and targets.routers:
             started = time.monotonic()
-            try:
-                decision = await self.router.route(request.body, request.request_id, request.session,
-                                                   request.content_type)
-            except RouterError as exc:
-                request.router_s = time.monotonic() - started
-                self.metrics.router_failed(exc.reason, request.router_s)
-                reason = _ROUTER_REASONS[exc.reason]
-                if exc.reason == "router_non_200" and exc.status is not None and 400 <= exc.status < 500:
-                    raise GatewayError(reason, exc.detail, status=exc.status, body=exc.body,
-                                       content_type=exc.content_type) from None
-                raise GatewayError(reason, f"{reason.value}: {exc.detail}") from None
-            request.router_s = time.monotonic() - started
-            self.metrics.router_ok(request.router_s)
-            target = targets.lookup(decision.replica_id, decision.host, decision.port)
-            if target is None:
-                self.metrics.decision_mismatch("unknown_replica_id")
-                log.warning("router named %s at %s:%d, which is not a known target", decision.replica_id,
-                            decision.host, decision.port)
-                raise GatewayError(Reason.UNKNOWN_REPLICA_ID,
-                                   f"the router named replica {decision.replica_id!r}, which is not a known target")
-            if target.replica_id != decision.replica_id:
-                self.metrics.decision_mismatch("replica_id")  # accepted by its address (non-strict mode)
-            elif (target.host, target.port) != (decision.host, decision.port):
-                # We still connect only to the address we know for that replica.
-                self.metrics.decision_mismatch("address")
-            if target is failed or not target.healthy:
-                # Like HAProxy's `option redispatch`: the pinned replica is down, serve elsewhere (breaks affinity).
-                other = targets.least_loaded(exclude=target)
-                if other is not None:
-                    self.metrics.retry("redispatch")
-                    target = other
-            return target, decision.request_headers or None
+            self.router.start(request.body, request.request_id, request.session, request.content_type,
+                              lambda decision, error: self.on_decision(client, request, failed, started, decision,
+                                                                       error))
+            return
         target = targets.least_loaded(exclude=failed) or (None if failed is None else targets.least_loaded())
         if target is None:
-            raise GatewayError(Reason.NO_REPLICAS)
-        return target, None
+            self.fail(client, request, GatewayError(Reason.NO_REPLICAS))
+            return
+        self.connect_to(client, request, target, None)
 
-    async def send(self, client: "ClientConnection", request: Request, target: Target,
+    def on_decision(self, client: "ClientConnection", request: Request, failed: Target | None, started: float,
+                    decision: Decision | None, error: RouterError | None) -> None:
+        request.router_s = time.monotonic() - started
+        if client.closed or client.current is not request:
+            return
+        try:
+            if error is not None:
+                self.metrics.router_failed(error.reason, request.router_s)
+                reason = _ROUTER_REASONS[error.reason]
+                if error.reason == "router_non_200" and error.status is not None and 400 <= error.status < 500:
+                    raise GatewayError(reason, error.detail, status=error.status, body=error.body,
+                                       content_type=error.content_type)
+                raise GatewayError(reason, f"{reason.value}: {error.detail}")
+            assert decision is not None
+            self.metrics.router_ok(request.router_s)
+            target = self.target_for(decision, failed)
+            self.connect_to(client, request, target, decision.request_headers or None)
+        except GatewayError as exc:
+            self.fail(client, request, exc)
+        except Exception:  # a bug must cost one request, never the router connection it was called from
+            log.exception("request %s failed unexpectedly", request.request_id.decode("latin-1"))
+            self.fail(client, request, GatewayError(Reason.REPLICA_UNAVAILABLE, "internal gateway error", status=500))
+
+    def target_for(self, decision: Decision, failed: Target | None) -> Target:
+        """The known target a decision names: the SSRF boundary (never an address we do not know)."""
+        targets = self.targets
+        target = targets.lookup(decision.replica_id, decision.host, decision.port)
+        if target is None:
+            self.metrics.decision_mismatch("unknown_replica_id")
+            log.warning("router named %s at %s:%d, which is not a known target", decision.replica_id,
+                        decision.host, decision.port)
+            raise GatewayError(Reason.UNKNOWN_REPLICA_ID,
+                               f"the router named replica {decision.replica_id!r}, which is not a known target")
+        if target.replica_id != decision.replica_id:
+            self.metrics.decision_mismatch("replica_id")  # accepted by its address (non-strict mode)
+        elif (target.host, target.port) != (decision.host, decision.port):
+            # We still connect only to the address we know for that replica.
+            self.metrics.decision_mismatch("address")
+        if target is failed or not target.healthy:
+            # Like HAProxy's `option redispatch`: the pinned replica is down, serve elsewhere (breaks affinity).
+            other = targets.least_loaded(exclude=target)
+            if other is not None:
+                self.metrics.retry("redispatch")
+                return other
+        return target
+
+    def fail(self, client: "ClientConnection", request: Request, exc: GatewayError) -> None:
+        if client.closed or client.current is not request:
+            return
+        if exc.body is not None:
+            # A router 4xx keeps its meaning: the client gets the router's status and body.
+            request.reason = exc.reason.value
+            headers = [(b"content-type", exc.content_type or b"application/json"),
+                       (b"x-serve-reason", exc.reason.value.encode())]
+            client.respond(exc.status or 400, headers, exc.body)
+            return
+        retry_after = 1 if exc.reason in (Reason.OVERLOADED, Reason.NO_REPLICAS) else None
+        client.respond_error(exc.reason, exc.message, status=exc.status, retry_after_s=retry_after)
+
+    def connect_to(self, client: "ClientConnection", request: Request, target: Target,
                    extra_headers: dict[str, str] | None) -> None:
         per_replica = self.config.max_in_flight_per_replica
         if per_replica and target.in_flight >= per_replica:
-            raise GatewayError(Reason.OVERLOADED, f"replica {target.replica_id} is at its limit", status=429)
-        pool = target.pool
-        conn = pool.take_idle()  # type: ignore[union-attr]
+            self.fail(client, request, GatewayError(Reason.OVERLOADED, f"replica {target.replica_id} is at its limit",
+                                                    status=429))
+            return
+        conn = target.pool.take_idle()  # type: ignore[union-attr]
         if conn is None:
-            started = time.monotonic()
-            try:
-                async with asyncio.timeout(self.config.connect_timeout_s):
-                    conn = await pool.connect()  # type: ignore[union-attr]
-            except (OSError, TimeoutError) as exc:
-                self.connect_failed(client, request, target, exc)
-                return
-            self.metrics.connect_time(time.monotonic() - started)
-            conn.reused = False
-        else:
-            conn.reused = True
+            self.gw.loop.create_task(self.connect_fresh(client, request, target, extra_headers))
+            return
+        conn.reused = True
+        self.start_exchange(client, request, target, conn, extra_headers)
+
+    async def connect_fresh(self, client: "ClientConnection", request: Request, target: Target,
+                            extra_headers: dict[str, str] | None) -> None:
+        pool = target.pool
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                conn = await pool.connect()  # type: ignore[union-attr]
+        except (OSError, TimeoutError) as exc:
+            self.connect_failed(client, request, target, exc)
+            return
+        self.metrics.connect_time(time.monotonic() - started)
+        conn.reused = False
         if client.closed or client.current is not request:
             pool.put(conn)  # type: ignore[union-attr]
             return
@@ -142,6 +160,7 @@ class Relay:
         head = request.upstream_head
         if not head:
             head = request.upstream_head = build_head(request, target)
+        request.extra_headers = extra_headers
         if extra_headers:
             head = head + b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
                                    for k, v in extra_headers.items())
@@ -179,22 +198,9 @@ class Relay:
         if conn.reused and not conn.got_bytes:
             # A stale keep-alive connection, closed by the replica as we reused it: resend on a fresh one.
             self.metrics.retry("stale_connection")
-            asyncio.get_running_loop().create_task(self._resend_fresh(client, request, target))
+            self.gw.loop.create_task(self.connect_fresh(client, request, target, request.extra_headers))
             return
         self.retry_or_fail(client, request, target, Reason.REPLICA_UNAVAILABLE)
-
-    async def _resend_fresh(self, client: "ClientConnection", request: Request, target: Target) -> None:
-        try:
-            async with asyncio.timeout(self.config.connect_timeout_s):
-                conn = await target.pool.connect()  # type: ignore[union-attr]
-        except (OSError, TimeoutError) as exc:
-            self.connect_failed(client, request, target, exc)
-            return
-        conn.reused = False
-        if client.closed or client.current is not request:
-            target.pool.put(conn)  # type: ignore[union-attr]
-            return
-        self.start_exchange(client, request, target, conn, None)
 
     def retry_or_fail(self, client: "ClientConnection", request: Request, target: Target, reason: Reason) -> None:
         if client.closed or client.current is not request:
@@ -202,7 +208,7 @@ class Relay:
         if request.retries < 1:
             request.retries += 1
             self.metrics.retry("replica_failed")
-            asyncio.get_running_loop().create_task(self.proxy(client, request, failed=target))
+            self.route(client, request, target)
             return
         client.respond_error(reason, f"replica {target.replica_id} could not be reached")
 

@@ -9,7 +9,7 @@ class Request:
     __slots__ = (
         "method", "url", "version", "headers", "body", "keep_alive", "request_id", "session", "content_type",
         "has_host", "started", "router_s", "first_byte_s", "status", "reason", "replica_id", "bytes_out",
-        "retries", "upstream_head",
+        "retries", "upstream_head", "extra_headers",
     )
 
     def __init__(self, method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -35,6 +35,7 @@ class Request:
         self.bytes_out = 0
         self.retries = 0
         self.upstream_head = b""
+        self.extra_headers: dict[str, str] | None = None
 
     @property
     def path(self) -> bytes:

@@ -24,7 +24,8 @@ from router_client.pool import KeepAlivePool
 
 log = logging.getLogger("gateway")
 
-SWEEP_INTERVAL_S = 0.25
+# Timeouts (router, first byte, idle, slowloris) are enforced at this granularity.
+SWEEP_INTERVAL_S = 0.1
 
 
 class Gateway:
@@ -50,6 +51,7 @@ class Gateway:
         self.in_flight = 0
         self.draining = False
         self.serving = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
         self._stopped = asyncio.Event()
@@ -98,7 +100,7 @@ class Gateway:
         for target in self.targets.targets:
             metrics.pool_idle.labels(target.replica_id).set(getattr(target.pool, "idle_count", 0))
             metrics.replica_up.labels(target.replica_id).set(1 if target.healthy else 0)
-        for (host, port), pool in list(self.router._pools.items()):
+        for (host, port), pool in self.router.pools().items():
             metrics.pool_idle.labels(f"router:{host}:{port}").set(pool.idle_count)
         new = self.router.truncations - self._truncations_seen
         if new:
@@ -107,7 +109,8 @@ class Gateway:
 
     # -- lifecycle
     async def start(self, sock: socket.socket | None = None) -> None:
-        loop = asyncio.get_running_loop()
+        # Cached: asyncio.get_running_loop() costs a getpid() syscall per call.
+        self.loop = loop = asyncio.get_running_loop()
         if sock is not None:
             self._server = await loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
         else:
@@ -130,6 +133,7 @@ class Gateway:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
+            self.router.expire(now)
             for conn in list(self.connections):
                 conn.check_timeouts(now)
             tick += 1

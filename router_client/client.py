@@ -7,6 +7,12 @@ Differences from Ray's Lua, on purpose:
   on a fresh connection, which is safe because nothing was answered yet.
 Like the Lua: routers are tried round-robin, a connect failure moves to the next
 router, a non-200 is not retried.
+
+A decision is a RouteCall state machine driven by I/O callbacks, with no task or
+coroutine unless a new connection must be opened: on the common path (a pooled
+connection) the whole call is one write, one read and two callbacks. Deadlines are
+enforced by `expire()`, which the owner calls periodically (the gateway's sweeper),
+so no timer is armed per request.
 """
 
 from __future__ import annotations
@@ -14,17 +20,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from router_client.connection import BufferedHTTPConnection, Response, open_connection
 from router_client.decision import Decision, parse_decision
 from router_client.errors import (
+    MALFORMED_DECISION,
     ROUTER_NON_200,
     ROUTER_TIMEOUT,
     ROUTER_UNREACHABLE,
     ConnectionLost,
     MalformedResponse,
-    MALFORMED_DECISION,
     RouterError,
 )
 from router_client.pool import KeepAlivePool
@@ -32,6 +39,7 @@ from router_client.pool import KeepAlivePool
 log = logging.getLogger("gateway.router")
 
 Address = tuple[str, int]
+Done = Callable[[Decision | None, RouterError | None], None]
 
 
 class RouterClient:
@@ -55,10 +63,10 @@ class RouterClient:
         self.max_response_bytes = max_response_bytes
         self._pools: dict[Address, KeepAlivePool[BufferedHTTPConnection]] = {}
         self._cursor = itertools.count()
+        self._calls: set[RouteCall] = set()
         self.truncations = 0
-        # Called with (outcome, seconds) after each decision: the gateway's metrics hook.
-        self.observe: Callable[[str, float], None] | None = None
 
+    # -- pools
     def pool(self, address: Address) -> KeepAlivePool[BufferedHTTPConnection]:
         pool = self._pools.get(address)
         if pool is None:
@@ -66,6 +74,9 @@ class RouterClient:
             pool = KeepAlivePool(lambda: open_connection(host, port, self.max_response_bytes), self.idle_timeout_s)
             self._pools[address] = pool
         return pool
+
+    def pools(self) -> dict[Address, KeepAlivePool[BufferedHTTPConnection]]:
+        return dict(self._pools)
 
     def expire_idle(self) -> None:
         live = set(self._routers())
@@ -80,6 +91,40 @@ class RouterClient:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+    # -- decisions
+    def start(self, body: bytes, request_id: bytes, session: bytes | None, content_type: bytes | None,
+              done: Done) -> None:
+        """Ask for a decision; `done(decision, None)` or `done(None, error)` is called exactly once."""
+        routers = self._routers()
+        if not routers:
+            done(None, RouterError(ROUTER_UNREACHABLE, "no router is known"))
+            return
+        call = RouteCall(self, routers, next(self._cursor), body, request_id, session, content_type, done)
+        self._calls.add(call)
+        call.try_next_router()
+
+    async def route(self, body: bytes, request_id: bytes, session: bytes | None = None,
+                    content_type: bytes | None = None) -> Decision:
+        """Awaitable form, for callers without a sweeper: arms its own deadline timer."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Decision] = loop.create_future()
+
+        def done(decision: Decision | None, error: RouterError | None) -> None:
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(decision)  # type: ignore[arg-type]
+
+        timer = loop.call_later(self.timeout_s, lambda: self.expire(time.monotonic() + self.timeout_s))
+        try:
+            self.start(body, request_id, session, content_type, done)
+            return await future
+        finally:
+            timer.cancel()
+
+    def expire(self, now: float) -> None:
+        """Fail every decision whose deadline has passed with router_timeout."""
+        for call in [call for call in self._calls if call.deadline <= now]:
+            call.time_out()
 
     def build_request(self, address: Address, body: bytes, request_id: bytes, session: bytes | None,
                       content_type: bytes | None) -> bytes:
@@ -99,63 +144,119 @@ class RouterClient:
         head.append(payload)
         return b"".join(head)
 
-    async def route(self, body: bytes, request_id: bytes, session: bytes | None = None,
-                    content_type: bytes | None = None) -> Decision:
-        routers = self._routers()
-        if not routers:
-            raise RouterError(ROUTER_UNREACHABLE, "no router is known")
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                response = await self._ask_any(routers, body, request_id, session, content_type)
-        except TimeoutError:
-            raise RouterError(ROUTER_TIMEOUT, f"no decision within {self.timeout_s}s") from None
-        if response.status != 200:
-            raise RouterError(ROUTER_NON_200, f"router answered {response.status}", status=response.status,
-                              body=response.body, content_type=response.header(b"content-type"))
-        return parse_decision(response.body)
 
-    async def _ask_any(self, routers: Sequence[Address], body: bytes, request_id: bytes, session: bytes | None,
-                       content_type: bytes | None) -> Response:
-        start = next(self._cursor)
-        errors = []
-        for i in range(len(routers)):
-            address = routers[(start + i) % len(routers)]
-            try:
-                return await self._ask(address, body, request_id, session, content_type)
-            except (OSError, ConnectionLost) as exc:
-                log.warning("router %s:%d unreachable: %s", *address, exc)
-                errors.append(f"{address[0]}:{address[1]}: {exc}")
-        raise RouterError(ROUTER_UNREACHABLE, "; ".join(errors))
+class RouteCall:
+    """One routing decision in progress: routers in turn until one answers, or the deadline passes."""
 
-    async def _ask(self, address: Address, body: bytes, request_id: bytes, session: bytes | None,
-                   content_type: bytes | None) -> Response:
-        pool = self.pool(address)
-        request = self.build_request(address, body, request_id, session, content_type)
-        conn = pool.take_idle()
-        if conn is not None:
-            try:
-                return await self._exchange(pool, conn, request)
-            except ConnectionLost as exc:
-                if exc.got_response_bytes:
-                    raise
-                # Stale keep-alive connection: the router closed it as we reused it. Resend once, fresh.
-        conn = await pool.connect()
-        return await self._exchange(pool, conn, request)
+    __slots__ = ("client", "routers", "start", "attempt", "body", "request_id", "session", "content_type", "done",
+                 "deadline", "conn", "connecting", "resent_stale", "errors", "finished", "pool", "address")
 
-    @staticmethod
-    async def _exchange(pool: KeepAlivePool[BufferedHTTPConnection], conn: BufferedHTTPConnection,
-                        request: bytes) -> Response:
-        try:
-            response = await conn.request(request)
-        except MalformedResponse as exc:
-            conn.close()
-            raise RouterError(MALFORMED_DECISION, f"router answer is not valid HTTP: {exc}") from None
-        except BaseException:
-            # Timeout/cancel mid-exchange: the connection's state is unknown, so it never goes back to the pool.
-            conn.close()
-            raise
+    def __init__(self, client: RouterClient, routers: Sequence[Address], start: int, body: bytes, request_id: bytes,
+                 session: bytes | None, content_type: bytes | None, done: Done):
+        self.client = client
+        self.routers = routers
+        self.start = start
+        self.attempt = 0
+        self.body = body
+        self.request_id = request_id
+        self.session = session
+        self.content_type = content_type
+        self.done = done
+        self.deadline = time.monotonic() + client.timeout_s
+        self.conn: BufferedHTTPConnection | None = None
+        self.connecting: asyncio.Task | None = None
+        self.resent_stale = False
+        self.errors: list[str] = []
+        self.finished = False
+        self.pool: KeepAlivePool[BufferedHTTPConnection] | None = None
+        self.address: Address = ("", 0)
+
+    def try_next_router(self) -> None:
+        if self.attempt >= len(self.routers):
+            self.finish(None, RouterError(ROUTER_UNREACHABLE, "; ".join(self.errors)))
+            return
+        self.address = self.routers[(self.start + self.attempt) % len(self.routers)]
+        self.pool = self.client.pool(self.address)
+        conn = self.pool.take_idle()
+        if conn is None:
+            self.connect()
+            return
+        conn.reused = True
+        self.send(conn)
+
+    def connect(self) -> None:
+        assert self.pool is not None
+        self.connecting = asyncio.get_running_loop().create_task(self.pool.connect())
+        self.connecting.add_done_callback(self.on_connected)
+
+    def on_connected(self, task: asyncio.Task) -> None:
+        self.connecting = None
+        if task.cancelled():
+            return  # timed out; time_out() already answered
+        exc = task.exception()
+        if self.finished:
+            if exc is None:
+                self.pool.put(task.result())  # type: ignore[union-attr]
+            return
+        if exc is not None:
+            self.router_failed(exc)
+            return
+        conn = task.result()
+        conn.reused = False
+        self.send(conn)
+
+    def send(self, conn: BufferedHTTPConnection) -> None:
+        self.conn = conn
+        client = self.client
+        conn.request(client.build_request(self.address, self.body, self.request_id, self.session, self.content_type),
+                     self)
+
+    def on_response(self, conn: BufferedHTTPConnection, response: Response) -> None:
+        self.conn = None
         if response.keep_alive:
-            pool.put(conn)
+            self.pool.put(conn)  # type: ignore[union-attr]
         else:
             conn.close()
-        return response
+        if response.status != 200:
+            self.finish(None, RouterError(ROUTER_NON_200, f"router answered {response.status}", status=response.status,
+                                          body=response.body, content_type=response.header(b"content-type")))
+            return
+        try:
+            decision = parse_decision(response.body)
+        except RouterError as exc:
+            self.finish(None, exc)
+            return
+        self.finish(decision, None)
+
+    def on_error(self, conn: BufferedHTTPConnection, exc: Exception) -> None:
+        self.conn = None
+        if isinstance(exc, MalformedResponse):
+            self.finish(None, RouterError(MALFORMED_DECISION, f"router answer is not valid HTTP: {exc}"))
+        elif isinstance(exc, ConnectionLost) and conn.reused and not exc.got_response_bytes and not self.resent_stale:
+            # Stale keep-alive connection: the router closed it as we reused it. Resend once, fresh.
+            self.resent_stale = True
+            self.connect()
+        else:
+            self.router_failed(exc)
+
+    def router_failed(self, exc: BaseException) -> None:
+        log.warning("router %s:%d unreachable: %s", *self.address, exc)
+        self.errors.append(f"{self.address[0]}:{self.address[1]}: {exc}")
+        self.attempt += 1
+        self.resent_stale = False
+        self.try_next_router()
+
+    def time_out(self) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.conn is not None:
+            self.conn.abandon()  # mid-exchange: its state is unknown, it never goes back to a pool
+            self.conn = None
+        self.finish(None, RouterError(ROUTER_TIMEOUT, f"no decision within {self.client.timeout_s}s"))
+
+    def finish(self, decision: Decision | None, error: RouterError | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.client._calls.discard(self)
+        self.done(decision, error)

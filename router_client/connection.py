@@ -1,14 +1,16 @@
 """One HTTP/1.1 client connection that buffers whole responses (router answers are small).
 
-Written on a raw asyncio Protocol with httptools rather than httpx: this call is
-on every request's path, and httpx's per-request cost (~100+ us of Python) would
-be most of the gateway's budget; here it is one write, one read and a C parser.
+Written on a raw asyncio Protocol with httptools rather than httpx, and driven by
+callbacks rather than awaited: this call is on every request's path, and httpx's
+per-request cost (~100+ us of Python), or even a chain of coroutines, would be most
+of the gateway's budget. Here it is one write, one read and a C parser.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Protocol
 
 import httptools
 
@@ -31,17 +33,26 @@ class Response:
         return None
 
 
+class Exchange(Protocol):
+    """Whoever waits for the response: told exactly once, by one of these."""
+
+    def on_response(self, conn: "BufferedHTTPConnection", response: Response) -> None: ...
+
+    def on_error(self, conn: "BufferedHTTPConnection", exc: Exception) -> None: ...
+
+
 class BufferedHTTPConnection(asyncio.Protocol):
     def __init__(self, max_response_bytes: int):
         self.max_response_bytes = max_response_bytes
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._waiter: asyncio.Future[Response] | None = None
+        self._exchange: Exchange | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._size = 0
         self._got_bytes = False
         self._closed = False
+        self.reused = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -51,7 +62,7 @@ class BufferedHTTPConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None:
+        if self._exchange is None:
             # A server must not speak while no request is outstanding: the connection is unusable.
             self.close()
             return
@@ -62,8 +73,8 @@ class BufferedHTTPConnection(asyncio.Protocol):
                 raise MalformedResponse(f"response larger than {self.max_response_bytes} bytes")
             self._parser.feed_data(data)
         except (httptools.HttpParserError, MalformedResponse) as exc:
-            self._fail(exc if isinstance(exc, MalformedResponse) else MalformedResponse(str(exc)))
             self.close()
+            self._fail(exc if isinstance(exc, MalformedResponse) else MalformedResponse(str(exc)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -78,37 +89,41 @@ class BufferedHTTPConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         # should_keep_alive() is only right inside this callback (relay-performance.md, gotchas).
-        response = Response(self._parser.get_status_code(), self._headers, b"".join(self._body),
-                            self._parser.should_keep_alive())
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        response = Response(self._parser.get_status_code(), self._headers, body, self._parser.should_keep_alive())
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.on_response(self, response)
 
     # -- API
     @property
     def usable(self) -> bool:
-        return not self._closed and self._waiter is None and self.transport is not None \
+        return not self._closed and self._exchange is None and self.transport is not None \
             and not self.transport.is_closing()
 
-    def request(self, data: bytes) -> asyncio.Future[Response]:
-        assert self.transport is not None and self._waiter is None
-        self._waiter = asyncio.get_running_loop().create_future()
+    def request(self, data: bytes, exchange: Exchange) -> None:
+        assert self.transport is not None and self._exchange is None
+        self._exchange = exchange
         self._headers = []
         self._body = []
         self._size = 0
         self._got_bytes = False
         self.transport.write(data)
-        return self._waiter
 
     def close(self) -> None:
         self._closed = True
         if self.transport is not None:
             self.transport.close()
 
+    def abandon(self) -> None:
+        """Forget the exchange (it timed out) and drop the connection: its state is unknown."""
+        self._exchange = None
+        self.close()
+
     def _fail(self, exc: Exception) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.on_error(self, exc)
 
 
 async def open_connection(host: str, port: int, max_response_bytes: int) -> BufferedHTTPConnection:

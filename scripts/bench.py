@@ -43,7 +43,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ import httptools  # noqa: E402
 import uvloop  # noqa: E402
 
 import haproxy_ray  # noqa: E402
-from gateway.procs import Child, free_port, wait_port  # noqa: E402
+from gateway.procs import Child, free_port  # noqa: E402
 
 perf = time.perf_counter
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -66,6 +66,7 @@ WORKLOADS = {
     "stream200": (True, 200),
 }
 SLA_MS = {"unary": 200.0, "stream50": 700.0, "stream200": 700.0}
+COLORS = {"direct": "tab:blue", "haproxy": "tab:orange", "gateway": "tab:green", "gateway2": "tab:red"}
 SYSTEM_LABEL = {
     "direct": "direct",
     "haproxy": "HAProxy+Lua",
@@ -165,8 +166,9 @@ class ClientConn(asyncio.Protocol):
             self.t_first = perf()
         self.nbody += len(body)
         if self.count_events:
-            self.events += body.count(b"data:")
-            self.tail = body[-24:]
+            # carry 4 bytes: a "data:" split across two reads is counted once, never twice
+            self.events += (self.tail[-4:] + body).count(b"data:")
+            self.tail = (self.tail + body)[-24:]
 
     def on_message_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()  # only valid in here (httptools)
@@ -284,9 +286,12 @@ async def run_phase(addrs: list[tuple[str, int]], stream: bool, max_tokens: int,
     st.window_s = window[1] - window[0]
     st.cpu_s = cpu1 - cpu0
     st.rss = sum(rss_bytes(pids).values())
-    done, pending = await asyncio.wait(tasks, timeout=drain_s)
-    for t in pending:
+    _, pending = await asyncio.wait(tasks, timeout=drain_s)
+    for t in pending:  # a request still open drain_s after the window: count it as failed
         t.cancel()
+    if pending:
+        st.errors += len(pending)
+        st.error_samples.append(f"{len(pending)} requests still open {drain_s:.0f} s after the window")
     return st
 
 
@@ -409,7 +414,8 @@ class Stack:
     def haproxy(self, tag: str, router, reps) -> Child:
         port = free_port()
         work = self.log_dir.parent / f"haproxy{tag}"
-        r = haproxy_ray.render(work, port, router, reps, free_port(), free_port())
+        extra = dict(kv.split("=", 1) for kv in self.a.haproxy_env)
+        r = haproxy_ray.render(work, port, router, reps, free_port(), free_port(), extra_env=extra)
         # Ray's HAProxyManager reads the per-request rfc5424 metrics datagrams from metrics.sock;
         # a discard sink on the upstream core stands in for it.
         sock = work / "metrics.sock"
@@ -431,6 +437,7 @@ class Stack:
             argv += ["--replica", f"{rid}=http://{h}:{p}"]
         if workers != 1:
             argv += ["--workers", str(workers)]
+        argv += self.a.gateway_arg
         return self.start(f"gateway{tag}-{workers}w", argv, port, cpu)
 
     def stop(self) -> None:
@@ -451,7 +458,7 @@ def gateway_runnable(args) -> str | None:
     except ImportError as e:
         return f"{mod}: {e}"
     try:
-        p = subprocess.run([sys.executable, "-m", mod, "serve", "--help"], capture_output=True, text=True,
+        p = subprocess.run([sys.executable, "-m", mod, "serve", "--help"], capture_output=True, text=True, check=False,
                            timeout=30, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     except subprocess.TimeoutExpired:
         return f"`python -m {mod} serve --help` timed out"
@@ -576,7 +583,12 @@ def write_outputs(out: Path, rows: list[dict], meta: dict, systems: list[str]) -
     if meta.get("haproxy_version"):
         lines.append(f"- HAProxy: `{meta['haproxy_binary']}` ({meta['haproxy_version']}); config and Lua rendered "
                      "by Ray 2.60's own `HAProxyApi._generate_config_file_internal` (scripts/haproxy_ray.py), "
-                     "`nbthread 1`, every other setting Ray's default.")
+                     "`nbthread 1`, every other setting Ray's default (rendered files: `haproxy/` next to this report).")
+    if any(r["system"].startswith("gateway") for r in rows):
+        lines.append("- gateway: run with its defaults (`forward body` off, as Ray's default "
+                     "`RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=0`; JSON access log on, as HAProxy logs every "
+                     f"request too); the 2-worker point is pinned to cores {meta['gw2_cpus']}, so it shares the load "
+                     "generator's core: a scaling sanity check, not a clean measurement.")
     for k, v in meta.get("notes", {}).items():
         lines.append(f"- {k}: {v}")
     md = "\n".join(lines) + "\n"
@@ -605,7 +617,8 @@ def plot(out: Path, rows: list[dict]) -> None:
             pts = sorted((r for r in rows if r["workload"] == w and r["system"] == s), key=lambda r: r["concurrency"])
             if not pts:
                 continue
-            ax.plot([p["rps"] for p in pts], [p["p50_ms"] for p in pts], marker="o", label=SYSTEM_LABEL[s])
+            ax.plot([p["rps"] for p in pts], [p["p50_ms"] for p in pts], marker="o", label=SYSTEM_LABEL[s],
+                    color=COLORS[s])
             for p in pts:
                 ax.annotate(f"c{p['concurrency']}", (p["rps"], p["p50_ms"]), fontsize=7, alpha=0.7)
         ax.axhline(SLA_MS[w], color="red", ls="--", lw=1, label=f"SLA {SLA_MS[w]:.0f} ms")
@@ -629,7 +642,7 @@ def plot(out: Path, rows: list[dict]) -> None:
             for c in concs:
                 r = next((r for r in rows if r["workload"] == w and r["system"] == s and r["concurrency"] == c), None)
                 vals.append(r["cpu_us_per_req"] if r and r["cpu_us_per_req"] is not None else 0)
-            ax.bar([j + i * width for j in range(len(concs))], vals, width, label=SYSTEM_LABEL[s])
+            ax.bar([j + i * width for j in range(len(concs))], vals, width, label=SYSTEM_LABEL[s], color=COLORS[s])
         ax.set_xticks([j + width * (len(proxies) - 1) / 2 for j in range(len(concs))], [f"c={c}" for c in concs])
         ax.set_ylabel("proxy CPU per request (us)")
         ax.set_title(w)
@@ -665,6 +678,10 @@ def parse_args(argv=None):
     ap.add_argument("--router-module", default="replicas.router")
     ap.add_argument("--gateway-module", default="gateway")
     ap.add_argument("--pythonpath", action="append", default=[], help="extra PYTHONPATH entry for children")
+    ap.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for `gateway serve` (repeatable), e.g. --gateway-arg=--no-access-log")
+    ap.add_argument("--haproxy-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="Ray knob for the HAProxy render (repeatable), e.g. RAY_SERVE_HAPROXY_NBTHREAD=2")
     a = ap.parse_args(argv)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     dflt = {
@@ -722,7 +739,7 @@ def main(argv=None) -> int:
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError):
         pass
@@ -735,7 +752,8 @@ def main(argv=None) -> int:
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "cpus": ncpu, "mode": a.mode,
             "proxy_cpu": a.proxy_cpu, "load_cpu": a.load_cpu, "gw2_cpus": a.gw2_cpus,
             "slices": a.slices, "duration_s": a.duration, "warmup_s": a.warmup, "replicas": a.replicas,
-            "systems": a.systems, "skipped": {}, "notes": {}, "argv": sys.argv}
+            "systems": a.systems, "skipped": {}, "notes": {}, "argv": sys.argv,
+            "gateway_args": a.gateway_arg, "haproxy_env": a.haproxy_env}
     why = upstream_modules_ok(a)
     if why:
         print(f"cannot run: {why} (the mock engine/router modules are required)", file=sys.stderr)
@@ -751,7 +769,7 @@ def main(argv=None) -> int:
         try:
             meta["haproxy_binary"] = haproxy_ray.haproxy_binary()
             meta["haproxy_version"] = subprocess.run([meta["haproxy_binary"], "-v"], capture_output=True,
-                                                     text=True).stdout.splitlines()[0]
+                                                     text=True, check=False).stdout.splitlines()[0]
         except (FileNotFoundError, OSError, IndexError) as e:
             print(f"haproxy: SKIPPED - {e}", flush=True)
             meta["skipped"]["haproxy"] = str(e)
@@ -767,7 +785,14 @@ def main(argv=None) -> int:
             if s == "direct":
                 targets[s] = {"addrs": [(h, p) for _, h, p in reps], "pid": None}
             elif s == "haproxy":
-                c = stack.haproxy("", router, reps)
+                try:
+                    c = stack.haproxy("", router, reps)
+                except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as e:
+                    why = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+                    print(f"haproxy: SKIPPED - {why} (needs `.venv/bin/pip install 'ray[serve]==2.60.0'`)",
+                          flush=True)
+                    meta["skipped"][s] = why
+                    continue
                 targets[s] = {"addrs": [("127.0.0.1", c.port)], "pid": c.pid, "router_pid": stack.router_pid}
             elif s in ("gateway", "gateway2"):
                 w = 1 if s == "gateway" else 2
@@ -782,8 +807,13 @@ def main(argv=None) -> int:
         uvloop.install()
         # sanity: one request of each kind through every system before measuring
         for s, t in list(targets.items()):
-            st = asyncio.run(run_phase(t["addrs"], True, 5, 1, 0.0, 0.3, None))
-            st2 = asyncio.run(run_phase(t["addrs"], False, 5, 1, 0.0, 0.3, None))
+            deadline = perf() + 8.0  # give health checks time to mark replicas up before giving up
+            while True:
+                st = asyncio.run(run_phase(t["addrs"], True, 5, 1, 0.0, 0.3, None))
+                st2 = asyncio.run(run_phase(t["addrs"], False, 5, 1, 0.0, 0.3, None))
+                if (st.completed and st2.completed and not st.errors and not st2.errors) or perf() > deadline:
+                    break
+                time.sleep(0.5)
             if st.completed == 0 or st2.completed == 0:
                 msg = f"sanity requests failed: {(st.error_samples + st2.error_samples)[:3]}"
                 print(f"{s}: SKIPPED - {msg}", flush=True)

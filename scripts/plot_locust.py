@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Plot locust ``--csv`` output written by scripts/locustfile.py.
 
     .venv/bin/python scripts/plot_locust.py bench-results/locust [--out bench-results/locust/locust.png]
