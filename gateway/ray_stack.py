@@ -1,0 +1,290 @@
+"""`gateway up --ray`: a private local Ray head, the Serve app with Ray's LLMRouter, and the gateway.
+
+The recipe is ray-serve.md §d: node IP 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
+HAProxy mode with direct ingress, HAProxy files and Ray's temp dir in one private
+directory, and non-default ports everywhere, so that this stack never collides
+with another Ray on the machine.
+
+Stopping: `ray stop` is global (it kills every Ray process of every cluster on the
+host, matched by process name), so it is never used. The head runs as
+`ray start --block` in the foreground of a child process; at stop we take the
+process tree under it (GCS, raylet, workers, HAProxy), SIGTERM it and SIGKILL
+what is left after a grace period: only our own PIDs.
+
+`RayStack` is also what tests/test_ray.py and scripts/bench_ray.py use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from gateway.procs import free_port, port_open, python_module
+
+EXAMPLE = """\
+Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r} with {replicas} mock vLLM replicas,
+Ray's LLMRouter ({policy}), and the gateway discovering them from Ray at {address}.
+
+  Base URL: {base}/v1
+
+  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "mock", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='none'); \\
+print(c.chat.completions.create(model='mock', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
+
+  Gateway endpoints: {base}/-/routes  {base}/-/metrics  {base}/-/ready
+  Ray's own HAProxy ingress, for comparison: http://127.0.0.1:{http_port}/v1
+Ctrl-C stops everything (gateway, Serve, and this Ray head only).
+"""
+
+
+def _ray_bin() -> str:
+    candidate = os.path.join(os.path.dirname(sys.executable), "ray")
+    return candidate if os.path.exists(candidate) else "ray"
+
+
+def _children(pid: int) -> list[int]:
+    """Every process under `pid` (from /proc), deepest last."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # Field 4 is the parent pid; the command (field 2) may contain spaces, so split after ')'.
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class RayStack:
+    """One private Ray head on 127.0.0.1 plus the Serve app; `start()` / `deploy()` / `stop()`."""
+
+    num_cpus: int = 2
+    draining_s: float = 2.0  # RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (Ray's default 30)
+    root: str = ""
+    log_path: str = ""
+    ports: dict[str, int] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    _log: object = None
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            # Short: Ray puts unix sockets under it, and their paths are limited to 107 bytes.
+            self.root = tempfile.mkdtemp(prefix="gwray-")
+        os.makedirs(os.path.join(self.root, "hap"), exist_ok=True)
+        self.log_path = self.log_path or os.path.join(self.root, "ray-start.log")
+        if not self.ports:
+            names = ("gcs", "http", "fallback", "fallback_grpc", "hap_metrics", "hap_stats", "client",
+                     "agent_listen", "agent_grpc", "runtime_env", "metrics_export", "node_manager", "object_manager")
+            taken: set[int] = set()
+            for name in names:
+                port = free_port()
+                while port in taken:
+                    port = free_port()
+                taken.add(port)
+                self.ports[name] = port
+            # Direct-ingress replica ports: a private window (Ray allocates lowest-free first).
+            base = random.randrange(21000, 29000, 100)
+            self.ports["di_min"], self.ports["di_max"] = base, base + 99
+            self.ports["di_grpc_min"], self.ports["di_grpc_max"] = base + 10000, base + 10099
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.ports['gcs']}"
+
+    @property
+    def http_port(self) -> int:
+        """Ray's HAProxy frontend."""
+        return self.ports["http"]
+
+    def env(self) -> dict[str, str]:
+        """The environment of `ray start` and of every driver that deploys (ray-serve.md §b, §d)."""
+        hap = os.path.join(self.root, "hap")
+        p = self.ports
+        return {
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+            "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{hap}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{hap}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": hap,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{hap}/server-state",
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{hap}/metrics.sock",
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(p["hap_metrics"]),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(p["hap_stats"]),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(p["fallback"]),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(p["fallback_grpc"]),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(p["di_min"]),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(p["di_max"]),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(p["di_grpc_min"]),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(p["di_grpc_max"]),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(self.draining_s),
+        }
+
+    # -- the head
+    def start(self, deadline_s: float = 90.0) -> "RayStack":
+        p = self.ports
+        argv = [_ray_bin(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={p['gcs']}",
+                f"--num-cpus={self.num_cpus}", "--include-dashboard=false", f"--temp-dir={self.root}",
+                f"--ray-client-server-port={p['client']}", f"--dashboard-agent-listen-port={p['agent_listen']}",
+                f"--dashboard-agent-grpc-port={p['agent_grpc']}", f"--runtime-env-agent-port={p['runtime_env']}",
+                f"--metrics-export-port={p['metrics_export']}", f"--node-manager-port={p['node_manager']}",
+                f"--object-manager-port={p['object_manager']}", "--disable-usage-stats"]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, env={**os.environ, **self.env()}, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + deadline_s
+        # `ray start --block` prints this once GCS and the raylet are up.
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}; see {self.log_path}")
+            with open(self.log_path, "rb") as handle:
+                if b"will now block forever" in handle.read():
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"ray start did not come up within {deadline_s}s; see {self.log_path}")
+
+    # -- the Serve app (each call is a short-lived driver process)
+    def serve_app(self, command: str, *args: str, timeout_s: float = 180.0) -> dict:
+        argv = python_module("replicas.serve_app", command, "--address", self.address,
+                             "--http-port", str(self.http_port), *args)
+        log = os.path.join(self.root, f"serve_app-{command}.log")
+        with open(log, "ab") as handle:
+            done = subprocess.run(argv, env={**os.environ, **self.env()}, stdout=subprocess.PIPE, stderr=handle,
+                                  timeout=timeout_s, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            with open(log, "rb") as handle:
+                tail = handle.read()[-3000:].decode("utf-8", "replace")
+            raise RuntimeError(f"serve_app {command} failed ({done.returncode}):\n{tail}")
+        lines = [line for line in done.stdout.decode().splitlines() if line.startswith("{")]
+        return json.loads(lines[-1]) if lines else {}
+
+    def deploy(self, *args: str, timeout_s: float = 180.0) -> dict:
+        return self.serve_app("deploy", *args, timeout_s=timeout_s)
+
+    def shutdown_serve(self, timeout_s: float = 45.0) -> bool:
+        try:
+            self.serve_app("shutdown", timeout_s=timeout_s)
+            return True
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return False
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop this head only: SIGTERM our process tree, then SIGKILL stragglers. Never `ray stop`."""
+        if self.proc is None:
+            return
+        pids = _children(self.proc.pid)
+        for pid in [self.proc.pid, *pids]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.1)
+        # Anything started under the tree meanwhile (a worker being spawned) is caught by a second look.
+        for pid in [*pids, *_children(self.proc.pid)]:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def run_ray_up(args: argparse.Namespace) -> int:
+    """Start the head, deploy the mock app, run the gateway in this process until Ctrl-C."""
+    import asyncio
+
+    import uvloop
+
+    from gateway.config import Config
+
+    stack = RayStack()
+    print(f"gateway up --ray: starting a private Ray head in {stack.root} (ray start takes 6-12 s)...", flush=True)
+    try:
+        stack.start()
+        print(f"gateway up --ray: Ray head at {stack.address}; deploying the Serve app (about 10 s)...", flush=True)
+        deployed = stack.deploy("--policy", args.policy, "--replicas", str(args.replicas),
+                                "--ttft-ms", str(args.ttft_ms), "--itl-ms", str(args.itl_ms))
+        config = Config(host=args.host, port=args.port, ray_address=stack.address, strict_replica_id=True,
+                        forward_body=True, health_path="/-/healthz", access_log=False,
+                        log_level="warning").validate()
+        from gateway.cli import serve_async
+        from gateway.procs import port_open as _open
+
+        async def main() -> int:
+            task = asyncio.ensure_future(serve_async(config, ready_message=True))
+            host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            base = f"http://{host}:{args.port}"
+            while not task.done():
+                if await asyncio.to_thread(_open, host, args.port):
+                    print(EXAMPLE.format(root=stack.root, app=deployed.get("app", "llm"), replicas=args.replicas,
+                                         policy=args.policy, address=stack.address, base=base,
+                                         http_port=stack.http_port), flush=True)
+                    break
+                await asyncio.sleep(0.05)
+            return await task
+
+        # Ctrl-C reaches the gateway's signal handler (drain, stop discovery), then we tear Ray down.
+        signal.signal(signal.SIGINT, signal.SIG_IGN) if False else None
+        return uvloop.run(main())
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"gateway up --ray: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # Children of ours see the terminal's Ctrl-C too; stop in order regardless of their state.
+        if stack.proc is not None:
+            print("gateway up --ray: stopping Serve and the Ray head...", file=sys.stderr, flush=True)
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave Ray behind
+            try:
+                if port_open("127.0.0.1", stack.ports["gcs"]):
+                    stack.shutdown_serve(timeout_s=20.0)
+                stack.stop()
+                stack.cleanup()
+            finally:
+                signal.signal(signal.SIGINT, previous)
