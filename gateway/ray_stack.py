@@ -163,8 +163,9 @@ class RayStack:
                 f"--metrics-export-port={p['metrics_export']}", f"--node-manager-port={p['node_manager']}",
                 f"--object-manager-port={p['object_manager']}", "--disable-usage-stats"]
         self._log = open(self.log_path, "ab")
+        # Own process group (not session): a terminal Ctrl-C must not kill Ray before Serve is shut down.
         self.proc = subprocess.Popen(argv, env={**os.environ, **self.env()}, stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0)
         deadline = time.monotonic() + deadline_s
         # `ray start --block` prints this once GCS and the raylet are up.
         while time.monotonic() < deadline:
@@ -184,7 +185,7 @@ class RayStack:
         log = os.path.join(self.root, f"serve_app-{command}.log")
         with open(log, "ab") as handle:
             done = subprocess.run(argv, env={**os.environ, **self.env()}, stdout=subprocess.PIPE, stderr=handle,
-                                  timeout=timeout_s, stdin=subprocess.DEVNULL)
+                                  timeout=timeout_s, stdin=subprocess.DEVNULL, process_group=0)
         if done.returncode != 0:
             with open(log, "rb") as handle:
                 tail = handle.read()[-3000:].decode("utf-8", "replace")
@@ -270,8 +271,8 @@ def run_ray_up(args: argparse.Namespace) -> int:
                 await asyncio.sleep(0.05)
             return await task
 
-        # Ctrl-C reaches the gateway's signal handler (drain, stop discovery), then we tear Ray down.
-        signal.signal(signal.SIGINT, signal.SIG_IGN) if False else None
+        # Ctrl-C reaches the gateway's signal handler (drain, stop discovery), then we tear Ray down;
+        # the head is in its own process group, so the terminal's Ctrl-C does not hit it first.
         return uvloop.run(main())
     except (RuntimeError, TimeoutError) as exc:
         print(f"gateway up --ray: {exc}", file=sys.stderr)
