@@ -23,6 +23,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > requirements.txt \
  && python -m pip wheel --wheel-dir /wheels -r requirements.txt
 
+COPY README.md ./
 COPY gateway ./gateway
 COPY router_client ./router_client
 COPY replicas ./replicas

@@ -7,6 +7,7 @@ answer back through the same connection.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import orjson
@@ -51,6 +52,7 @@ class Admin:
         body = self.gw.targets.describe()
         body["in_flight"] = self.gw.in_flight
         body["connections"] = len(self.gw.connections)
+        body["pid"] = os.getpid()  # which worker answered, with --workers
         return Response(orjson.dumps(body), media_type="application/json")
 
     async def metrics(self, request: StarletteRequest) -> Response:

@@ -37,6 +37,8 @@ async def serve_async(config: Config, ready_message: bool = True) -> int:
     if config.ray_address:
         from gateway.ray_discovery import RayDiscovery  # only Ray users pay for importing ray
 
+        if config.health_path == "/health":  # the default: Ray replicas answer health on /-/healthz (§e)
+            config = config.with_changes(health_path="/-/healthz")
         discovery = RayDiscovery(config)
         targets = await discovery.start()
     gateway = Gateway(config, targets)

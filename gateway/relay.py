@@ -180,6 +180,8 @@ class Relay:
         client = conn.client
         if client is not None and client.current is not None:
             client.current.bytes_out += conn.bytes_in
+            if conn.reads > 2:  # a stream, not a one-read answer
+                self.metrics.stream_gap(conn.target.replica_id, conn.max_gap)
         conn.target.in_flight -= 1
         self.gw.in_flight -= 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import TYPE_CHECKING
 
 import httptools
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 # Hop-by-hop headers of the replica's response: they describe the replica's connection, not the client's.
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
 MAX_HEAD_BYTES = 64 * 1024
+_monotonic = time.monotonic
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -38,6 +40,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.reads = 0
         self.bytes_in = 0
+        # Largest gap between two reads of the current response (after its head): an inter-token stall.
+        self.last_read = 0.0
+        self.max_gap = 0.0
         # Response head being parsed.
         self._head_buffer = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -64,6 +69,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         self.reads += 1
         self.bytes_in += len(data)
+        now = _monotonic()
+        if now - self.last_read > self.max_gap:
+            self.max_gap = now - self.last_read
+        self.last_read = now
         if self.head_sent and not self._dechunk:
             try:
                 self.parser.feed_data(data)
@@ -124,6 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.client = client
         self.got_bytes = self.head_sent = self.complete = self.keep_alive = False
         self.bytes_in = 0
+        self.max_gap = 0.0
         self._head_buffer = b""
         self._headers = []
         self._reason = b""
@@ -191,6 +201,7 @@ class UpstreamConnection(asyncio.Protocol):
         end = buffer.find(b"\r\n\r\n")
         end = end + 4 if end >= 0 else buffer.find(b"\n\n") + 2
         self.head_sent = True
+        self.max_gap = 0.0
         self._head_buffer = b""
         chunked = has_length = False
         headers = []

@@ -23,8 +23,6 @@ Whoever builds the app (this driver) needs RAY_SERVE_ENABLE_HA_PROXY=1 in its
 environment, or `build_app` refuses the ingress request router.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import json
@@ -62,7 +60,9 @@ def _split_headers(block: bytes | list) -> list[tuple[bytes, bytes]]:
     for line in block.split(b"\r\n"):
         if line:
             name, _, value = line.partition(b":")
-            pairs.append((name.strip().lower(), value.strip()))
+            name = name.strip().lower()
+            if name != b"x-request-id":  # Serve's direct ingress already echoes it; once is enough
+                pairs.append((name, value.strip()))
     return pairs
 
 

@@ -600,6 +600,8 @@ def write_outputs(out: Path, rows: list[dict], meta: dict, systems: list[str]) -
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     try:
         plot(out, rows)
+    except ImportError as e:
+        print(f"plots skipped: {e} (pip install -e '.[bench]' for matplotlib)", file=sys.stderr)
     except Exception as e:  # noqa: BLE001  (plots are a convenience; the data files are the result)
         print(f"plotting failed: {e!r}", file=sys.stderr)
     return md

@@ -170,9 +170,9 @@ class VllmServer:
                 "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--enforce-eager",
                 "--enable-log-requests", *self.extra_args]
 
-    def start(self) -> "VllmServer":
+    def start(self) -> VllmServer:
         env = {**os.environ, **VLLM_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(self.cpu)}
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open for the server's lifetime, closed in stop()
         self.started_at = time.monotonic()
         # Same session and process group as the caller: see the module docstring.
         self.proc = subprocess.Popen(self.argv(), env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,

@@ -6,6 +6,7 @@ No timing assertions: numbers on a shared 2-core machine mean nothing in a test.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -40,5 +41,6 @@ def test_bench_smoke_writes_table_csv_json(tmp_path: Path) -> None:
     assert "gateway" in systems or "gateway" in data["meta"]["skipped"], data["meta"]
     if "gateway" in systems:
         assert all(r["cpu_us_per_req"] is not None for r in data["rows"] if r["system"] == "gateway")
-    assert (out / "latency_throughput.png").stat().st_size > 0
-    assert (out / "cpu_per_request.png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:  # plots need the [bench] extra; CI installs [test]
+        assert (out / "latency_throughput.png").stat().st_size > 0
+        assert (out / "cpu_per_request.png").stat().st_size > 0
