@@ -98,7 +98,8 @@ class RayDiscovery:
         try:
             return await asyncio.wait_for(future, deadline_s)
         except TimeoutError:
-            raise ConfigError(f"ray {what} at {self.address} did not finish within {deadline_s:.0f}s") from None
+            hint = " (is it a Ray GCS address?)" if what == "connect" else ""
+            raise ConfigError(f"ray {what} at {self.address} did not finish within {deadline_s:.0f}s{hint}") from None
 
     # -- lifecycle
     async def start(self) -> TargetSet:

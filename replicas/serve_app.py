@@ -3,6 +3,7 @@
     python -m replicas.serve_app deploy [--backend mock|vllm] [--policy round_robin|consistent_hash|prefix_affinity]
                                         [--replicas N] [--min-replicas 0] [--name llm] [--address 127.0.0.1:26379]
     python -m replicas.serve_app shutdown [--address ...]
+    python -m replicas.serve_app status|kill REPLICA_ID [--address ...]   (helpers for tests and humans)
 
 Shape (ray-serve.md §a): the server deployment is the app's ingress and serves
 OpenAI-compatible HTTP on each replica's direct-ingress port; Ray's own
@@ -327,9 +328,30 @@ def shutdown(address: str) -> None:
     serve.shutdown()
 
 
+def status(address: str, name: str = APP_NAME) -> dict:
+    """Replica states per deployment and the published targets: what tests and humans check."""
+    connect(address)
+    app = serve.status().applications.get(name)
+    deployments = {} if app is None else {
+        key: {str(getattr(state, "value", state)): count for state, count in value.replica_states.items()}
+        for key, value in app.deployments.items()}
+    groups = [tg for tg in target_groups(name) if tg.protocol.value == "HTTP"]
+    return {"app": name, "status": None if app is None else str(getattr(app.status, "value", app.status)),
+            "deployments": deployments,
+            "targets": [t.name for tg in groups for t in tg.targets],
+            "routers": [f"{t.ip}:{t.port}" for tg in groups for t in tg.ingress_request_router_targets]}
+
+
+def kill_replica(address: str, replica_id: str) -> None:
+    """ray.kill the replica's actor (its name is the replica id), as a crash would."""
+    ray = connect(address)
+    ray.kill(ray.get_actor(replica_id, namespace="serve"), no_restart=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m replicas.serve_app", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["deploy", "shutdown"])
+    parser.add_argument("command", choices=["deploy", "shutdown", "status", "kill"])
+    parser.add_argument("replica_id", nargs="?", help="kill: the replica (actor) to kill")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "127.0.0.1:6379"), help="Ray GCS address")
     parser.add_argument("--backend", default="mock", choices=["mock", "vllm"])
     parser.add_argument("--policy", default="round_robin", choices=list(POLICIES))
@@ -344,6 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--itl-ms", type=float, default=0.0, help="mock: delay between tokens")
     parser.add_argument("--downscale-to-zero-s", type=float, default=30.0, help="idle time before 1 -> 0 replicas")
     args = parser.parse_args(argv)
+    if args.command == "status":
+        print(json.dumps(status(args.address, args.name)))
+        return 0
+    if args.command == "kill":
+        if not args.replica_id:
+            parser.error("kill needs a replica id (SERVE_REPLICA::app#Deployment#suffix)")
+        kill_replica(args.address, args.replica_id)
+        print(json.dumps({"killed": args.replica_id}))
+        return 0
     if args.command == "shutdown":
         shutdown(args.address)
         print(json.dumps({"shutdown": True}))

@@ -176,16 +176,28 @@ def test_client_disconnect_mid_stream_aborts_in_vllm(rig: Rig) -> None:
     _assert_aborted(rig, request_id, before)
 
 
-def test_client_disconnect_before_a_unary_reply_aborts_in_vllm(rig: Rig) -> None:
+# A client that gives up on a non-streaming request closes its socket normally (FIN): an SDK timeout,
+# a killed curl. vLLM aborts on that EOF (the `direct` case, the control). The gateway keeps a
+# half-closed client connection open while a request is in flight (ClientConnection.eof_received
+# returns True), so it notices only when it writes the finished reply: the engine runs the request
+# to max_tokens. Only an RST (SO_LINGER 0) aborts today.
+GATEWAY_FIN_XFAIL = pytest.mark.xfail(
+    strict=True, reason="gateway ignores a client FIN while the request is in flight (eof_received -> True); "
+                        "drop this mark once EOF during a request aborts the replica connection")
+
+
+@pytest.mark.parametrize("via", ["direct", pytest.param("gateway", marks=GATEWAY_FIN_XFAIL)])
+def test_client_disconnect_before_a_unary_reply_aborts_in_vllm(rig: Rig, via: str) -> None:
     _idle(rig)
     before = rig.generated()
-    request_id = f"e2e-unary-{uuid.uuid4().hex[:12]}"
+    port = rig.gateway.port if via == "gateway" else rig.servers[0].port
+    request_id = f"e2e-unary-{via}-{uuid.uuid4().hex[:12]}"
     body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": LONG}).encode()
-    with socket.create_connection(("127.0.0.1", rig.gateway.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
                      + f"X-Request-Id: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         wait_until(lambda: rig.running() == 1, deadline_s=20, interval_s=0.02, what="the request running in vLLM")
-    # the socket is closed here, long before the reply could be complete
+    # closed (FIN) here, long before the reply could be complete
     _assert_aborted(rig, f"chatcmpl-{request_id}", before)
 
 

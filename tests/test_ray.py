@@ -1,0 +1,289 @@
+"""The gateway in front of a real local Ray Serve app with Ray's own LLMRouter.
+
+One private Ray head (gateway.ray_stack.RayStack: own temp dir, own ports, stopped
+by its own PIDs) and one Serve app for the whole module; the tests run in file
+order because the last ones redeploy, kill and scale to zero.
+
+    .venv/bin/pytest -m ray tests/test_ray.py -v
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+pytest.importorskip("ray", reason="needs the [ray] extra: ray[serve]==2.60.0")
+pytest.importorskip("pyarrow", reason="Ray's LLMRouter import needs pyarrow")
+
+from gateway.procs import Child, free_port, python_module  # noqa: E402
+from gateway.ray_stack import RayStack  # noqa: E402
+from tests.conftest import CHAT, LOG_DIR, wait_until  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+URL = "/v1/chat/completions"
+
+
+@dataclass
+class RayGateway:
+    port: int
+    child: Child
+    log_path: str
+    started_s: float
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def routes(self) -> dict:
+        return httpx.get(f"{self.url}/-/routes", timeout=5).json()
+
+    def replica_ids(self) -> set[str]:
+        return {t["replica_id"] for t in self.routes()["targets"]}
+
+    def router_decisions(self) -> float:
+        for line in httpx.get(f"{self.url}/-/metrics", timeout=5).text.splitlines():
+            if line.startswith("gateway_router_latency_seconds_count"):
+                return float(line.split()[-1])
+        return 0.0
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+
+def start_gateway(stack: RayStack, name: str) -> RayGateway:
+    port = free_port()
+    log_path = f"{LOG_DIR}/ray-{name}-gateway-{port}.log"
+    if os.path.exists(log_path):
+        os.unlink(log_path)
+    argv = python_module("gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
+                         "--ray-address", stack.address, "--log-level", "info")
+    started = time.monotonic()
+    # The stack's env: forward body on, as Ray's HAProxy is configured here.
+    child = Child(argv, port=port, env=stack.env(), log_path=log_path).start(deadline_s=60)
+    return RayGateway(port, child, log_path, time.monotonic() - started)
+
+
+@dataclass
+class Cluster:
+    stack: RayStack
+    deployed: dict
+    gateway: RayGateway
+    figures: dict
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    stack = RayStack(draining_s=2.0)
+    figures: dict = {}
+    gateway = None
+    try:
+        t0 = time.monotonic()
+        stack.start()
+        figures["ray_start_s"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        deployed = stack.deploy("--policy", "consistent_hash", "--replicas", "2")
+        figures["deploy_s"] = round(time.monotonic() - t0, 1)
+        gateway = start_gateway(stack, "main")
+        figures["gateway_ready_s"] = round(gateway.started_s, 2)
+        yield Cluster(stack, deployed, gateway, figures)
+    finally:
+        print("\nray test figures:", json.dumps(figures))
+        if gateway is not None:
+            gateway.child.stop()
+        stack.shutdown_serve(timeout_s=30)
+        stack.stop()
+        stack.cleanup()
+
+
+def chat(client: httpx.Client, base: str, headers: dict | None = None, stream: bool = False,
+         timeout: float = 10.0) -> httpx.Response:
+    return client.post(base + URL, json={**CHAT, "stream": stream}, headers=headers or {}, timeout=timeout)
+
+
+class Load:
+    """Steady sequential traffic in a thread: (time, status, replica) per request."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.results: list[tuple[float, int, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client() as client:
+            while not self._stop.is_set():
+                try:
+                    response = chat(client, self.base, stream=True)
+                    self.results.append((time.monotonic(), response.status_code,
+                                         response.headers.get("x-replica-id", "")))
+                except httpx.HTTPError as exc:
+                    self.results.append((time.monotonic(), 0, type(exc).__name__))
+                time.sleep(0.01)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+def process_titles(stack: RayStack, prefix: str) -> list[str]:
+    """Ray sets worker process titles (`ray::ServeReplica:<app>:<deployment>`): count replicas from /proc."""
+    from gateway.ray_stack import _children
+
+    found = []
+    for pid in _children(stack.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                title = handle.read().split(b"\0")[0].decode("utf-8", "replace")
+        except OSError:
+            continue
+        if title.startswith(prefix):
+            found.append(title)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_gateway_discovers_app(cluster: Cluster) -> None:
+    routes = cluster.gateway.routes()
+    expected = {line.split()[1] for line in cluster.deployed["targets"]}
+    assert {t["replica_id"] for t in routes["targets"]} == expected
+    assert {t["address"] for t in routes["targets"]} == {line.split()[0] for line in cluster.deployed["targets"]}
+    assert routes["routers"] == [line.split()[0] for line in cluster.deployed["routers"]]
+    assert routes["fallback"] is not None and routes["fallback"]["replica_id"].startswith("SERVE_PROXY_ACTOR-fallback")
+    # The health checks went to /-/healthz and passed.
+    assert all(t["healthy"] for t in routes["targets"])
+    assert "ray discovery: app 'llm'" in cluster.gateway.log()
+
+
+def test_openai_sdk_through_ray_router(cluster: Cluster) -> None:
+    from openai import OpenAI
+
+    gw = cluster.gateway
+    before = gw.router_decisions()
+    client = OpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0, timeout=30)
+    stream = client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=5, stream=True)
+    deltas = [chunk.choices[0].delta.content for chunk in stream if chunk.choices]
+    assert "".join(d for d in deltas if d) == " the quick brown fox jumps"
+    raw = client.chat.completions.with_raw_response.create(model="mock", messages=CHAT["messages"], max_tokens=3)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == " the quick brown"
+    assert raw.headers["x-replica-id"] in gw.replica_ids()
+    # Both POSTs were decided by Ray's LLMRouter (/internal/route), not by a local pick.
+    assert gw.router_decisions() >= before + 2
+
+
+def test_session_stickiness_consistent_hash(cluster: Cluster) -> None:
+    gw = cluster.gateway
+    pinned: dict[str, str] = {}
+    with httpx.Client() as client:
+        for n in range(16):
+            session = f"sess-{n}"
+            seen = collections.Counter()
+            for header in ("x-session-id", "x_session_id"):
+                for _ in range(3):
+                    response = chat(client, gw.url, {header: session})
+                    assert response.status_code == 200, response.text
+                    seen[response.headers["x-replica-id"]] += 1
+            assert len(seen) == 1, f"{session} was served by {dict(seen)}"
+            pinned[session] = next(iter(seen))
+    # The ring spreads sessions over both replicas.
+    assert set(pinned.values()) == gw.replica_ids()
+
+
+def test_redeploy_traffic_follows(cluster: Cluster) -> None:
+    gw, stack = cluster.gateway, cluster.stack
+    old = gw.routes()["targets"]
+    old_ids = {t["replica_id"] for t in old}
+    with Load(gw.url) as load:
+        t0 = time.monotonic()
+        deployed = stack.deploy("--policy", "consistent_hash", "--replicas", "2", "--tag", "v2")
+        deployed_at = time.monotonic()
+        new_ids = {line.split()[1] for line in deployed["targets"]}
+        assert not new_ids & old_ids
+        wait_until(lambda: gw.replica_ids() == new_ids, 20, 0.05, "the gateway to follow the redeploy")
+        followed_at = time.monotonic()
+        # New traffic lands on the new replicas only.
+        wait_until(lambda: load.results and load.results[-1][2] in new_ids, 10, 0.05, "traffic on new replicas")
+        mark = time.monotonic()
+        wait_until(lambda: sum(1 for r in load.results if r[0] > mark) >= 20, 20, 0.05, "20 requests after the move")
+    after = [r for r in load.results if r[0] > mark]
+    assert all(status == 200 and replica in new_ids for _, status, replica in after), after
+    during = [r for r in load.results if t0 <= r[0] <= mark]
+    failures = collections.Counter(status for _, status, _ in during if status != 200)
+    cluster.figures["redeploy"] = {"deploy_s": round(deployed_at - t0, 1),
+                                   "follow_after_deploy_returned_s": round(followed_at - deployed_at, 2),
+                                   "requests_during": len(during), "failures_during": dict(failures)}
+    new_ports = {t["address"] for t in gw.routes()["targets"]}
+    assert not new_ports & {t["address"] for t in old}, "Ray moves ports on a redeploy"
+    # The gateway process never restarted.
+    assert gw.child.alive()
+    # Most requests during the roll succeed (the old replicas drain, the router moves).
+    assert len(failures) == 0 or sum(failures.values()) <= max(3, len(during) // 10), failures
+
+
+def test_killed_replica_stops_receiving(cluster: Cluster) -> None:
+    gw, stack = cluster.gateway, cluster.stack
+    ids = sorted(gw.replica_ids())
+    victim = ids[0]
+    with Load(gw.url) as load:
+        wait_until(lambda: len(load.results) >= 5, 10, 0.05, "load to start")
+        stack.serve_app("kill", victim, timeout_s=60)
+        killed_at = time.monotonic()
+        wait_until(lambda: victim not in gw.replica_ids(), 30, 0.1, "Ray to withdraw the killed replica")
+        withdrawn_at = time.monotonic()
+        wait_until(lambda: sum(1 for r in load.results if r[0] > withdrawn_at) >= 20, 20, 0.05, "more traffic")
+    after_kill = [r for r in load.results if r[0] > killed_at + 0.5]
+    assert all(status == 200 for _, status, _ in after_kill), collections.Counter(s for _, s, _ in after_kill)
+    assert not [r for r in after_kill if r[2] == victim]
+    cluster.figures["kill"] = {"withdrawn_after_s": round(withdrawn_at - killed_at, 1),
+                               "requests_after_kill": len(after_kill)}
+    # Ray replaces it; the gateway picks the newcomer up.
+    wait_until(lambda: len(gw.replica_ids()) == 2, 40, 0.2, "the replacement replica")
+
+
+def test_scale_to_zero_idle_then_wake(cluster: Cluster) -> None:
+    stack = cluster.stack
+    cluster.gateway.child.stop()  # leave only the fresh gateway below
+    stack.deploy("--policy", "consistent_hash", "--replicas", "2", "--min-replicas", "0", "--tag", "zero",
+                 "--downscale-to-zero-s", "600")
+    wait_until(lambda: not process_titles(stack, "ray::ServeReplica:llm:MockLLMServer"), 30, 0.2,
+               "the old replicas to stop")
+    gw = start_gateway(stack, "zero")
+    routes = gw.routes()
+    assert routes["targets"] == [] and routes["routers"] == [] and routes["fallback"] is not None
+    # Left idle (health checks running, no traffic): no replica starts.
+    window_end = time.monotonic() + 20
+    while time.monotonic() < window_end:
+        assert not process_titles(stack, "ray::ServeReplica:llm:MockLLMServer"), "a replica started while idle"
+        assert gw.routes()["targets"] == []
+        time.sleep(0.5)
+    status = stack.serve_app("status")
+    assert status["deployments"]["MockLLMServer"].get("RUNNING", 0) == 0, status
+    # The first real request goes to the fallback Serve proxy, wakes the app, and succeeds.
+    t0 = time.monotonic()
+    with httpx.Client() as client:
+        response = chat(client, gw.url, stream=True, timeout=90)
+    woke_s = time.monotonic() - t0
+    assert response.status_code == 200, response.text
+    assert response.text.rstrip().endswith("data: [DONE]")
+    cluster.figures["scale_from_zero_first_request_s"] = round(woke_s, 1)
+    wait_until(lambda: gw.routes()["targets"], 30, 0.2, "the woken replica to be published")
+    # Later requests go direct through the router again.
+    with httpx.Client() as client:
+        response = chat(client, gw.url)
+    assert response.status_code == 200
+    assert response.headers["x-replica-id"] in gw.replica_ids()
+    gw.child.stop()
