@@ -207,8 +207,8 @@ class RayStack:
         """Stop this head only: SIGTERM our process tree, then SIGKILL stragglers. Never `ray stop`."""
         if self.proc is None:
             return
-        pids = _children(self.proc.pid)
-        for pid in [self.proc.pid, *pids]:
+        pids = _children(self.proc.pid)  # GCS, raylet, agents, workers, HAProxy
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -223,11 +223,9 @@ class RayStack:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        # `ray start --block` ignores SIGTERM; with its children gone it has nothing left to clean up.
+        self.proc.kill()
+        self.proc.wait()
         self.proc = None
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]

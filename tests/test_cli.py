@@ -90,3 +90,34 @@ def test_gateway_up_runs_the_local_stack_and_stops_cleanly() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_config_file_sets_options_and_env_and_flags_win(stack, tmp_path) -> None:
+    replica = stack.replica("a")
+    router = stack.router([replica])
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[gateway]\nreplicas = ["a={replica.url}"]\nrouters = ["{router.url}"]\n'
+                      f'forward_body = true\nrouter_timeout_s = 3\n')
+    gateway = stack.gateway([], [], "--config", str(config))
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT).status_code == 200
+    assert "Hello there" in router.stats()["last_body"]  # forward_body came from the file
+    assert "forward body on" in gateway.log()
+
+
+def test_config_file_errors_are_clear(tmp_path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gateway]\nno_such_option = 1\n")
+    result = run_gateway("serve", "--config", str(bad))
+    assert result.returncode == 2 and "unknown option 'no_such_option'" in result.stderr
+    bad.write_text("[gateway\n")
+    result = run_gateway("serve", "--config", str(bad))
+    assert result.returncode == 2 and "bad.toml" in result.stderr and "Traceback" not in result.stderr
+    result = run_gateway("serve", "--config", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2 and "missing.toml" in result.stderr
+
+
+def test_example_config_file_is_valid() -> None:
+    from gateway.config import load_file
+
+    values = load_file("gateway.toml.example")
+    assert values["workers"] == 2 and len(values["replicas"]) == 2
