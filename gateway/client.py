@@ -254,27 +254,19 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     # -- called by the relay and by UpstreamConnection
-    def upstream_head(self, conn: "UpstreamConnection", status: int, phrase: bytes,
-                      headers: list[tuple[bytes, bytes]], body_start: bytes, must_close: bool) -> None:
+    def upstream_head(self, conn: "UpstreamConnection", status: int, head: bytes, has_request_id: bool,
+                      body_start: bytes, must_close: bool) -> None:
+        """Pass the replica's response head on, spliced: `head` ends with its last header's CRLF."""
         request = self.current
         assert request is not None
         request.status = status
         request.first_byte_s = time.monotonic() - request.started
         keep = request.keep_alive and not must_close and not self.gw.draining and request.version != "1.0"
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, phrase or _phrase(status))]
-        has_id = False
-        for name, value in headers:
-            if not has_id and name.lower() == b"x-request-id":
-                has_id = True
-            out.append(b"%s: %s\r\n" % (name, value))
-        if not has_id:
-            out.append(b"x-request-id: %s\r\n" % request.request_id)
+        extra = b"" if has_request_id else b"x-request-id: %s\r\n" % request.request_id
         if not keep:
             request.keep_alive = False
-            out.append(b"connection: close\r\n")
-        out.append(b"\r\n")
-        out.append(body_start)
-        self.transport.write(b"".join(out))
+            extra += b"connection: close\r\n"
+        self.transport.write(b"%s%s\r\n%s" % (head, extra, body_start))
 
     def upstream_complete(self, conn: "UpstreamConnection") -> None:
         self.upstream = None

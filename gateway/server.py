@@ -133,6 +133,7 @@ class Gateway:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
+            self.access_log.flush()
             self.router.expire(now)
             for conn in list(self.connections):
                 conn.check_timeouts(now)

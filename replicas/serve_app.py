@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="mock: delay before the first token")
     parser.add_argument("--itl-ms", type=float, default=0.0, help="mock: delay between tokens")
     parser.add_argument("--downscale-to-zero-s", type=float, default=30.0, help="idle time before 1 -> 0 replicas")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.command == "status":
         print(json.dumps(status(args.address, args.name)))
         return 0

@@ -111,6 +111,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def busy_seconds() -> float:
+    """CPU time all cores spent busy (user+nice+system+irq+softirq+steal), from /proc/stat."""
+    with open("/proc/stat", "rb") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK_TCK
+
+
+def foreign_probe() -> tuple[float, float]:
+    """(all busy CPU, CPU of this process tree): their difference is load from processes not ours."""
+    return busy_seconds(), cpu_seconds(proc_tree(os.getpid()))
+
+
 def rss_bytes(pids: list[int]) -> dict[int, int]:
     out = {}
     for p in pids:
@@ -212,6 +224,7 @@ class PhaseStats:
     window_s: float = 0.0
     cpu_s: float = 0.0
     router_cpu_s: float = 0.0
+    foreign_cpu_s: float = 0.0
     rss: int = 0
 
 
@@ -273,6 +286,7 @@ async def run_phase(addrs: list[tuple[str, int]], stream: bool, max_tokens: int,
     start = perf()
     tasks = [asyncio.create_task(user(i)) for i in range(users)]
     await asyncio.sleep(max(0.0, start + warmup - perf()))
+    fb0, fo0 = foreign_probe()
     cpu0 = cpu_seconds(pids)
     rcpu0 = cpu_seconds(rpids)
     window[0] = perf()
@@ -281,7 +295,9 @@ async def run_phase(addrs: list[tuple[str, int]], stream: bool, max_tokens: int,
     window[1] = perf()
     cpu1 = cpu_seconds(pids)
     rcpu1 = cpu_seconds(rpids)
+    fb1, fo1 = foreign_probe()
     stop_at[0] = window[1]
+    st.foreign_cpu_s = max(0.0, (fb1 - fb0) - (fo1 - fo0))
     st.router_cpu_s = rcpu1 - rcpu0
     st.window_s = window[1] - window[0]
     st.cpu_s = cpu1 - cpu0
@@ -323,6 +339,7 @@ def summarize(system: str, workload: str, conc: int, parts: list[PhaseStats], ha
                                   if (has_proxy and done) else None),
         "proxy_rss_mib": round(max(p.rss for p in parts) / 2**20, 1) if has_proxy else None,
         "events_per_stream": round(sum(ev) / len(ev), 1) if ev else None,
+        "other_cpu_cores": round(sum(p.foreign_cpu_s for p in parts) / win, 2) if win else None,
         "bytes_per_resp": round(sum(p.body_bytes for p in parts) / done) if done else None,
         "completed": done, "errors": sum(p.errors for p in parts),
         "error_samples": [e for p in parts for e in p.error_samples][:5],
@@ -480,6 +497,9 @@ def upstream_modules_ok(args) -> str | None:
 # --------------------------------------------------------------------------- reporting
 
 STANDING_NOTES = [
+    "`other load (cores)`: CPU the machine spent outside this benchmark's processes during the window "
+    "(all-core busy time from /proc/stat minus this process tree's utime+stime, so it includes some of our own "
+    "softirq time). Well above ~0.2 means other jobs were competing and the row is noisy.",
     "Requests/s is closed-loop throughput of the whole rig. The load generator, the router and the replicas "
     "share one core; when `proxy CPU util` is well below 1.0 the proxy was not the bottleneck, that core was.",
     "`router CPU us/req` is the router process's CPU per request: Ray's Lua opens a new TCP connection to the "
@@ -491,7 +511,7 @@ STANDING_NOTES = [
 ]
 
 COLS = ["workload", "concurrency", "system", "rps", "p50_ms", "p90_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms",
-        "cpu_us_per_req", "proxy_cpu_util", "router_cpu_us_per_req", "proxy_rss_mib", "events_per_stream", "bytes_per_resp", "completed", "errors"]
+        "cpu_us_per_req", "proxy_cpu_util", "router_cpu_us_per_req", "proxy_rss_mib", "events_per_stream", "bytes_per_resp", "completed", "errors", "other_cpu_cores"]
 
 
 def fmt(v) -> str:
@@ -553,13 +573,15 @@ def write_outputs(out: Path, rows: list[dict], meta: dict, systems: list[str]) -
     lines = ["# gateway benchmark", "",
              f"{meta['started']} · {meta['host']} · {meta['cpus']} CPUs · mode {meta['mode']} · "
              f"proxies on core {meta['proxy_cpu']}, load generator + upstreams on core {meta['load_cpu']} · "
-             f"{meta['slices']} x {meta['duration_s']} s per system per point (+{meta['warmup_s']} s warm-up)", ""]
+             f"{meta['slices']} x {meta['duration_s']} s per system per point (+{meta['warmup_s']} s warm-up) · "
+             f"load average at start {' '.join(meta.get('loadavg_start', []))}, "
+             f"at end {' '.join(meta.get('loadavg_end', []))}", ""]
     for s, why in meta.get("skipped", {}).items():
         lines.append(f"**{SYSTEM_LABEL.get(s, s)} skipped:** {why}")
     if meta.get("skipped"):
         lines.append("")
     hdr = ["workload", "c", "system", "req/s", "p50 ms", "p90 ms", "p99 ms", "TTFB p50 ms", "TTFB p99 ms",
-           "proxy CPU us/req", "proxy CPU util", "router CPU us/req", "proxy RSS MiB", "events/stream", "body B/resp", "ok", "errors"]
+           "proxy CPU us/req", "proxy CPU util", "router CPU us/req", "proxy RSS MiB", "events/stream", "body B/resp", "ok", "errors", "other load (cores)"]
     lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r[c]) if c != "system" else SYSTEM_LABEL.get(r[c], r[c]) for c in COLS) + " |")
@@ -729,7 +751,8 @@ async def sweep(a, targets: dict[str, dict]) -> list[dict]:
             rows.append(r)
             print(f"  {w:9s} c={c:<4d} {SYSTEM_LABEL[s]:12s} {r['rps']:9.1f} req/s  p50 {fmt(r['p50_ms']):>7s} ms"
                   f"  p99 {fmt(r['p99_ms']):>7s} ms  ttfb50 {fmt(r['ttfb_p50_ms']):>6s}"
-                  f"  cpu/req {fmt(r['cpu_us_per_req']):>6s} us  err {r['errors']}", flush=True)
+                  f"  cpu/req {fmt(r['cpu_us_per_req']):>6s} us  err {r['errors']}  other load {r['other_cpu_cores']}",
+                  flush=True)
             if r["errors"]:
                 print(f"    errors: {r['error_samples']}", flush=True)
     return rows
@@ -755,7 +778,8 @@ def main(argv=None) -> int:
             "proxy_cpu": a.proxy_cpu, "load_cpu": a.load_cpu, "gw2_cpus": a.gw2_cpus,
             "slices": a.slices, "duration_s": a.duration, "warmup_s": a.warmup, "replicas": a.replicas,
             "systems": a.systems, "skipped": {}, "notes": {}, "argv": sys.argv,
-            "gateway_args": a.gateway_arg, "haproxy_env": a.haproxy_env}
+            "gateway_args": a.gateway_arg, "haproxy_env": a.haproxy_env,
+            "loadavg_start": open("/proc/loadavg").read().split()[:3]}
     why = upstream_modules_ok(a)
     if why:
         print(f"cannot run: {why} (the mock engine/router modules are required)", file=sys.stderr)
@@ -844,6 +868,7 @@ def main(argv=None) -> int:
                     print(f"  {SYSTEM_LABEL[s]}: {m}", flush=True)
     finally:
         stack.stop()
+    meta["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     md = write_outputs(out, rows, meta, a.systems)
     print()
     print(md)

@@ -240,16 +240,22 @@ def test_killed_replica_stops_receiving(cluster: Cluster) -> None:
     victim = ids[0]
     with Load(gw.url) as load:
         wait_until(lambda: len(load.results) >= 5, 10, 0.05, "load to start")
-        stack.serve_app("kill", victim, timeout_s=60)
+        kill_started = time.monotonic()
+        stack.serve_app("kill", victim, timeout_s=60)  # a driver process: ray.kill(actor, no_restart=True)
         killed_at = time.monotonic()
         wait_until(lambda: victim not in gw.replica_ids(), 30, 0.1, "Ray to withdraw the killed replica")
         withdrawn_at = time.monotonic()
-        wait_until(lambda: sum(1 for r in load.results if r[0] > withdrawn_at) >= 20, 20, 0.05, "more traffic")
-    after_kill = [r for r in load.results if r[0] > killed_at + 0.5]
-    assert all(status == 200 for _, status, _ in after_kill), collections.Counter(s for _, s, _ in after_kill)
-    assert not [r for r in after_kill if r[2] == victim]
-    cluster.figures["kill"] = {"withdrawn_after_s": round(withdrawn_at - killed_at, 1),
-                               "requests_after_kill": len(after_kill)}
+        wait_until(lambda: sum(1 for r in load.results if r[0] > withdrawn_at + 1) >= 50, 30, 0.05, "more traffic")
+    since_kill = [r for r in load.results if r[0] > kill_started]
+    # Every request succeeds: a refused connect marks the replica down and the request is redispatched.
+    assert all(status == 200 for _, status, _ in since_kill), collections.Counter(s for _, s, _ in since_kill)
+    later = [r for r in load.results if r[0] > withdrawn_at]
+    assert not [r for r in later if r[2] == victim]
+    cluster.figures["kill"] = {"kill_call_s": round(killed_at - kill_started, 1),
+                               "withdrawn_after_kill_call_s": round(withdrawn_at - killed_at, 1),
+                               "requests_since_kill": len(since_kill),
+                               "served_by_victim_after_kill_call": sum(1 for r in load.results
+                                                                       if r[0] > killed_at and r[2] == victim)}
     # Ray replaces it; the gateway picks the newcomer up.
     wait_until(lambda: len(gw.replica_ids()) == 2, 40, 0.2, "the replacement replica")
 

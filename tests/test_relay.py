@@ -39,7 +39,9 @@ def test_client_disconnect_aborts_the_replica_request(stack) -> None:
     body = dict(CHAT, stream=True, max_tokens=1000)
     with httpx.Client(timeout=10) as client:
         with client.stream("POST", f"{gateway.url}/v1/chat/completions", json=body) as response:
-            for line in response.iter_lines():
+            # Keep a reference to the iterator: a closed generator makes httpx close the connection early.
+            lines = response.iter_lines()
+            for line in lines:
                 if line.startswith("data: ") and '"content":" ' in line:
                     break
             assert replica.stats()["in_flight"] == 1
