@@ -63,6 +63,7 @@ class ClientConnection(asyncio.Protocol):
         self.first_byte_deadline = 0.0
         self.idle_reads = -1
         self.idle_since = 0.0
+        self._session_key_len = len(gateway.session_header_key)
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -143,7 +144,10 @@ class ClientConnection(asyncio.Protocol):
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.config.max_header_bytes:
+            self._reject = Reason.HEADERS_TOO_LARGE
+            raise RequestRejected(Reason.HEADERS_TOO_LARGE)
         lower = name.lower()
         if lower in _DROP:
             if lower == b"x-request-id":
@@ -153,18 +157,17 @@ class ClientConnection(asyncio.Protocol):
             elif lower == b"content-length" and value.isdigit():
                 self._content_length = int(value)
             return
-        if lower.startswith(_ROUTER_OWNED_PREFIX):
+        if lower[:15] == _ROUTER_OWNED_PREFIX:
             return
         if lower == b"content-type":
             self._content_type = value
         elif lower == b"host":
             self._has_host = True
-        elif self._session is None and lower.replace(b"_", b"-") == self.gw.session_header_key:
+        elif len(lower) == self._session_key_len and self._session is None \
+                and lower.replace(b"_", b"-") == self.gw.session_header_key:
             # Ray matches the session header case-insensitively with '-' and '_' alike; first match wins.
             self._session = value
-        if b"\r" in value or b"\n" in value:
-            self._reject = Reason.BAD_REQUEST
-            raise RequestRejected(Reason.BAD_REQUEST)
+        # (llhttp has already refused CR, LF and NUL in names and values: no header injection here.)
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:

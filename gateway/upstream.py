@@ -64,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._dechunk = False  # HTTP/1.0 client: it cannot read chunked framing
         self._close_delimited = False
         self._early_body: list[bytes] = []
+        self._parser_dechunks = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -116,13 +117,6 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._head_parsed = True
 
-    def on_body(self, body: bytes) -> None:
-        if self._dechunk:
-            if not self.head_sent:
-                self._early_body.append(body)
-            elif self.client is not None:
-                self.client.transport.write(body)
-
     def on_message_complete(self) -> None:
         self.complete = True
         # Only reliable inside this callback (relay-performance.md, httptools gotchas).
@@ -146,6 +140,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._dechunk = dechunk
         self._close_delimited = False
         self._early_body = []
+        if dechunk != self._parser_dechunks:
+            # Only HTTP/1.0 clients need the payload without chunk framing, so only they pay for an
+            # on_body callback per chunk (httptools calls every callback its protocol object defines).
+            self.parser = httptools.HttpResponseParser(_Dechunker(self) if dechunk else self)
+            self._parser_dechunks = dechunk
         self.transport.write(request)
 
     def release(self) -> None:
@@ -231,6 +230,26 @@ class UpstreamConnection(asyncio.Protocol):
             self.keep_alive = False
         if self.complete:
             client.upstream_complete(self)
+
+
+class _Dechunker:
+    """Parser callbacks for an HTTP/1.0 client: the payload is written without its chunk framing."""
+
+    def __init__(self, conn: UpstreamConnection):
+        self.conn = conn
+
+    def on_headers_complete(self) -> None:
+        self.conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        conn = self.conn
+        if not conn.head_sent:
+            conn._early_body.append(body)
+        elif conn.client is not None:
+            conn.client.transport.write(body)
+
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()
 
 
 async def open_upstream(target: "Target") -> UpstreamConnection:

@@ -47,7 +47,7 @@ class BufferedHTTPConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._exchange: Exchange | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._first_bytes = b""
         self._body: list[bytes] = []
         self._size = 0
         self._got_bytes = False
@@ -66,7 +66,9 @@ class BufferedHTTPConnection(asyncio.Protocol):
             # A server must not speak while no request is outstanding: the connection is unusable.
             self.close()
             return
-        self._got_bytes = True
+        if not self._got_bytes:
+            self._first_bytes = data  # holds the head, read back only for a non-200 (content-type)
+            self._got_bytes = True
         self._size += len(data)
         try:
             if self._size > self.max_response_bytes:
@@ -80,17 +82,16 @@ class BufferedHTTPConnection(asyncio.Protocol):
         self._closed = True
         self._fail(ConnectionLost(self._got_bytes))
 
-    # -- httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
+    # -- httptools callbacks (no on_header: a decision needs none, so none is paid for per request)
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         # should_keep_alive() is only right inside this callback (relay-performance.md, gotchas).
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        response = Response(self._parser.get_status_code(), self._headers, body, self._parser.should_keep_alive())
+        status = self._parser.get_status_code()
+        headers = [] if status == 200 else _head_headers(self._first_bytes)
+        response = Response(status, headers, body, self._parser.should_keep_alive())
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
             exchange.on_response(self, response)
@@ -104,7 +105,6 @@ class BufferedHTTPConnection(asyncio.Protocol):
     def request(self, data: bytes, exchange: Exchange) -> None:
         assert self.transport is not None and self._exchange is None
         self._exchange = exchange
-        self._headers = []
         self._body = []
         self._size = 0
         self._got_bytes = False
@@ -124,6 +124,11 @@ class BufferedHTTPConnection(asyncio.Protocol):
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
             exchange.on_error(self, exc)
+
+
+def _head_headers(data: bytes) -> list[tuple[bytes, bytes]]:
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+    return [(name.strip(), value.strip()) for name, _, value in (line.partition(b":") for line in head)]
 
 
 async def open_connection(host: str, port: int, max_response_bytes: int) -> BufferedHTTPConnection:
