@@ -106,6 +106,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("health_timeout_s", ("GATEWAY_HEALTH_TIMEOUT_S",), float, 2.0, "timeout of one health check"),
     Option("drain_timeout_s", ("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "GATEWAY_DRAIN_TIMEOUT_S"), float, 30.0,
            "on SIGTERM, how long streams in flight may run before the gateway exits anyway"),
+    Option("coalesce_ms", ("GATEWAY_COALESCE_MS",), float, 1.0,
+           "when a replica's chunks arrive back to back, read them in batches at most this far apart (fewer syscalls per chunk); tokens spaced wider are relayed at once; 0 = off"),
     Option("access_log", ("GATEWAY_ACCESS_LOG",), _bool, True, "one JSON line per request on stdout (written off the event loop)"),
     Option("log_level", ("GATEWAY_LOG_LEVEL",), str, "info", "debug, info, warning or error"),
 )
@@ -179,6 +181,7 @@ class Config:
     health_rise: int = 2
     health_timeout_s: float = 2.0
     drain_timeout_s: float = 30.0
+    coalesce_ms: float = 1.0
     access_log: bool = True
     log_level: str = "info"
 

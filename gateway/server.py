@@ -72,7 +72,8 @@ class Gateway:
             fallback.pool = self._new_pool(fallback)
 
     def _new_pool(self, target: Target) -> KeepAlivePool[UpstreamConnection]:
-        return KeepAlivePool(lambda: open_upstream(target), self.config.upstream_idle_s)
+        coalesce_s = self.config.coalesce_ms / 1000
+        return KeepAlivePool(lambda: open_upstream(target, coalesce_s), self.config.upstream_idle_s)
 
     # -- connections and requests (called by ClientConnection)
     def admit_connection(self, conn: ClientConnection) -> bool:

@@ -41,8 +41,12 @@ _monotonic = time.monotonic
 
 
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, target: "Target"):
+    def __init__(self, target: "Target", coalesce_s: float = 0.0):
         self.target = target
+        self.coalesce_s = coalesce_s
+        self._coalescing = False
+        self._held_by_client = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.transport: asyncio.Transport | None = None
         self.client: "ClientConnection | None" = None
         self.parser = httptools.HttpResponseParser(self)
@@ -69,6 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -83,8 +88,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reads += 1
         self.bytes_in += len(data)
         now = _monotonic()
-        if now - self.last_read > self.max_gap:
-            self.max_gap = now - self.last_read
+        gap = now - self.last_read
+        if gap > self.max_gap:
+            self.max_gap = gap
         self.last_read = now
         if self.head_sent and not self._dechunk:
             try:
@@ -95,8 +101,24 @@ class UpstreamConnection(asyncio.Protocol):
             client.transport.write(data)
             if self.complete:
                 client.upstream_complete(self)
+            elif gap < self.coalesce_s:
+                self._coalesce()
             return
         self._slow_path(data)
+
+    def _coalesce(self) -> None:
+        """Chunks are arriving back to back: let the next ones pile up in the socket for one window,
+        then read them in one go. One read+write per burst instead of per chunk is most of the
+        per-chunk cost (relay-performance.md); a chunk waits at most one window, and only in a
+        burst: tokens spaced wider than the window are relayed the moment they arrive."""
+        self._coalescing = True
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        self._loop.call_later(self.coalesce_s, self._end_coalescing)  # type: ignore[union-attr]
+
+    def _end_coalescing(self) -> None:
+        self._coalescing = False
+        if not self._held_by_client and not self.closed:
+            self.transport.resume_reading()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -140,6 +162,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._dechunk = dechunk
         self._close_delimited = False
         self._early_body = []
+        if self._held_by_client:
+            self.resume_reading()  # the previous client stopped reading just as its response ended
         if dechunk != self._parser_dechunks:
             # Only HTTP/1.0 clients need the payload without chunk framing, so only they pay for an
             # on_body callback per chunk (httptools calls every callback its protocol object defines).
@@ -152,11 +176,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.client = None
 
     def pause_reading(self) -> None:
+        """The client is not keeping up (backpressure)."""
+        self._held_by_client = True
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        self._held_by_client = False
+        if self.transport is not None and not self.closed and not self._coalescing:
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -252,7 +279,8 @@ class _Dechunker:
         self.conn.on_message_complete()
 
 
-async def open_upstream(target: "Target") -> UpstreamConnection:
+async def open_upstream(target: "Target", coalesce_s: float = 0.0) -> UpstreamConnection:
     loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_connection(lambda: UpstreamConnection(target), target.host, target.port)
+    _, protocol = await loop.create_connection(lambda: UpstreamConnection(target, coalesce_s), target.host,
+                                               target.port)
     return protocol

@@ -252,7 +252,12 @@ def build_vllm_app(policy: str = "round_robin", replicas: int = 1, min_replicas:
     before `ray.serve.llm` is first imported. Not run on the CPU development box."""
     os.environ.setdefault("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING", "1")
     from ray.llm._internal.serve import constants as llm_constants
-    from ray.serve.llm import LLMConfig, build_openai_app
+
+    try:
+        from ray.serve.llm import LLMConfig, build_openai_app
+    except ImportError as exc:
+        raise RuntimeError(f"--backend vllm needs vLLM on the driver and every node: pip install 'ray[llm]==2.60.0' "
+                           f"({exc})") from None
 
     if not llm_constants.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING:
         raise RuntimeError("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 must be set before ray.serve.llm is imported")
@@ -379,8 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         shutdown(args.address)
         print(json.dumps({"shutdown": True}))
         return 0
-    result = deploy(args.address, args.backend, args.policy, args.replicas, args.min_replicas, args.name,
-                    args.http_port, args.tag, args.ttft_ms, args.itl_ms, args.model, args.downscale_to_zero_s)
+    try:
+        result = deploy(args.address, args.backend, args.policy, args.replicas, args.min_replicas, args.name,
+                        args.http_port, args.tag, args.ttft_ms, args.itl_ms, args.model, args.downscale_to_zero_s)
+    except (RuntimeError, TimeoutError, ValueError) as exc:
+        print(f"serve_app: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result), flush=True)
     return 0
 

@@ -71,12 +71,16 @@ VLLM_CLI_SHIM = (
 )
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def missing() -> str | None:
-    """Why the real-vLLM rig can't run here, or None."""
+    """Why the real-vLLM rig can't run here, or None. VLLM_VENV / TINY_LLAMA may point outside the repo."""
     if not VLLM_PYTHON.exists():
-        return f"{VLLM_PYTHON.relative_to(ROOT)} is missing: run `bash scripts/vllm_setup.sh` (about 2.5 min, 2.5 GB)"
+        return f"{_shown(VLLM_PYTHON)} is missing: run `bash scripts/vllm_setup.sh` (about 2.5 min, 2.5 GB)"
     if not (MODEL_DIR / "config.json").exists():
-        return f"{MODEL_DIR.relative_to(ROOT)} is missing: run `bash scripts/vllm_setup.sh`"
+        return f"{_shown(MODEL_DIR)} is missing: run `bash scripts/vllm_setup.sh`"
     return None
 
 
