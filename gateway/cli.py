@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(serve)
     up = sub.add_parser("up", help="run the embedded local stack: mock vLLM replicas, the router and the gateway")
     up.add_argument("--replicas", type=int, default=2, help="number of mock vLLM replicas (default 2)")
-    up.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    up.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8000")),
+                    help="gateway port (default 8000, env GATEWAY_PORT)")
     up.add_argument("--host", default=os.environ.get("GATEWAY_HOST", "127.0.0.1"), help="gateway address")
     up.add_argument("--policy", default="round_robin", choices=["round_robin", "consistent_hash", "prefix_affinity"],
                     help="router policy (default round_robin)")

@@ -102,8 +102,10 @@ class ClientConnection(asyncio.Protocol):
             self._reject_now(reason, None if self._reject else f"malformed HTTP request: {exc}")
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still be reading the answer to its last request.
-        return self.current is not None or bool(self.pending)
+        # A client FIN mid-request means it gave up (an SDK timeout, a killed curl): close, so that
+        # connection_lost aborts the replica request at once, like HAProxy's `option abortonclose`
+        # (set by Ray) and uvicorn. Keeping the half-open socket would let the engine generate on.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -177,16 +177,8 @@ def test_client_disconnect_mid_stream_aborts_in_vllm(rig: Rig) -> None:
 
 
 # A client that gives up on a non-streaming request closes its socket normally (FIN): an SDK timeout,
-# a killed curl. vLLM aborts on that EOF (the `direct` case, the control). The gateway keeps a
-# half-closed client connection open while a request is in flight (ClientConnection.eof_received
-# returns True), so it notices only when it writes the finished reply: the engine runs the request
-# to max_tokens. Only an RST (SO_LINGER 0) aborts today.
-GATEWAY_FIN_XFAIL = pytest.mark.xfail(
-    strict=True, reason="gateway ignores a client FIN while the request is in flight (eof_received -> True); "
-                        "drop this mark once EOF during a request aborts the replica connection")
-
-
-@pytest.mark.parametrize("via", ["direct", pytest.param("gateway", marks=GATEWAY_FIN_XFAIL)])
+# a killed curl. vLLM aborts on that EOF (the `direct` case, the control); so must the gateway.
+@pytest.mark.parametrize("via", ["direct", "gateway"])
 def test_client_disconnect_before_a_unary_reply_aborts_in_vllm(rig: Rig, via: str) -> None:
     _idle(rig)
     before = rig.generated()

@@ -133,3 +133,16 @@ def test_in_flight_limits_answer_with_retry_after(stack) -> None:
             assert response.json()["error"]["code"] == "overloaded"
         wait_until(lambda: gateway.routes()["in_flight"] == 0, what="slot freed")
         assert httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+
+
+def test_client_fin_on_a_unary_request_aborts_it_at_the_replica(stack) -> None:
+    """A client that gives up (FIN, e.g. an SDK timeout) must not leave the engine generating."""
+    replica = stack.replica("a")
+    gateway = stack.gateway([stack.router([replica])], [replica])
+    body = b'{"model":"mock","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"ttft_ms":20000}'
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(lambda: replica.stats()["in_flight"] == 1, what="request reached the replica")
+        sock.shutdown(socket.SHUT_WR)
+        wait_until(lambda: replica.stats()["aborted"] == 1, deadline_s=5, what="the replica aborts it")
