@@ -10,7 +10,12 @@ import os
 import signal
 import sys
 
+from typing import TYPE_CHECKING
+
 from gateway.config import Config, ConfigError, add_arguments, resolve
+
+if TYPE_CHECKING:
+    from gateway.targets import TargetSet
 
 log = logging.getLogger("gateway")
 
@@ -21,10 +26,12 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check is noise
 
 
-def startup_line(config: Config, port: int, targets: int) -> str:
-    routers = ",".join(config.routers) or "none (least-loaded for every request)"
-    source = f"ray {config.ray_address}" + (f" app {config.app}" if config.app else "") if config.ray_address \
-        else f"{targets} static replicas"
+def startup_line(config: Config, port: int, targets: "TargetSet") -> str:
+    routers = ",".join(f"{host}:{port}" for host, port in targets.routers) or "none (least-loaded for every request)"
+    source = f"{len(targets)} static replicas"
+    if config.ray_address:
+        source = f"{len(targets)} from ray {config.ray_address}" + (f" app {config.app}" if config.app else "") \
+            + (" (scaled to zero: fallback proxy)" if not len(targets) and targets.fallback else "")
     return (f"gateway: listening on http://{config.host}:{port} | mode {config.mode} | routers {routers} | "
             f"targets {source} | workers {config.workers} | forward body {'on' if config.forward_body else 'off'}")
 
@@ -51,7 +58,7 @@ async def serve_async(config: Config, ready_message: bool = True) -> int:
             raise ConfigError(f"port {config.port} on {config.host} is already in use") from None
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
     if ready_message:
-        print(startup_line(config, gateway.port, len(gateway.targets)), flush=True)
+        print(startup_line(config, gateway.port, gateway.targets), flush=True)
     await gateway.run_until_signalled()
     if discovery is not None:
         await discovery.stop()

@@ -41,15 +41,6 @@ FIRST_UPDATE_DEADLINE_S = 5.0
 WATCHDOG_INTERVAL_S = 1.0
 
 
-class RayTargetSet(TargetSet):
-    """Always truthy: an app scaled to zero has no targets yet must still be this set, not be
-    replaced by a static one (`Gateway(config, targets)` tests `targets or ...`, and an empty
-    TargetSet is falsy through __len__)."""
-
-    def __bool__(self) -> bool:
-        return True
-
-
 def _split_address(address: str) -> tuple[str, int]:
     if address.startswith("ray://"):
         raise ConfigError(f"ray address {address!r}: Ray Client (ray://) is not supported; give the GCS "
@@ -66,7 +57,7 @@ class RayDiscovery:
         self.config = config
         self.address = config.ray_address
         self.app: str | None = config.app or None
-        self.targets = RayTargetSet(strict_replica_id=True)  # Ray reuses ports: accept a decision by replica id only
+        self.targets = TargetSet(strict_replica_id=True)  # Ray reuses ports: accept a decision by replica id only
         self.updates = 0
         self.started_s = 0.0  # how long start() took, for the logs and the tests
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -191,6 +182,9 @@ class RayDiscovery:
         ray = self._ray
         if ray.is_initialized():
             return
+        # We connect from a helper thread on purpose (the gateway owns SIGTERM): drop Ray's warning about it.
+        logging.getLogger("ray._private.worker").addFilter(
+            lambda record: not str(record.msg).startswith("SIGTERM handler is not set"))
         ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
         self._we_initialized = True
 

@@ -154,7 +154,7 @@ class RayStack:
         }
 
     # -- the head
-    def start(self, deadline_s: float = 90.0) -> "RayStack":
+    def start(self, deadline_s: float = 90.0) -> RayStack:
         p = self.ports
         argv = [_ray_bin(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={p['gcs']}",
                 f"--num-cpus={self.num_cpus}", "--include-dashboard=false", f"--temp-dir={self.root}",

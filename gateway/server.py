@@ -31,7 +31,7 @@ SWEEP_INTERVAL_S = 0.1
 class Gateway:
     def __init__(self, config: Config, targets: TargetSet | None = None):
         self.config = config
-        self.targets = targets or TargetSet(config.replica_specs, config.router_addresses,
+        self.targets = targets if targets is not None else TargetSet(config.replica_specs, config.router_addresses,
                                               strict_replica_id=config.strict_replica_id)
         self.metrics = Metrics()
         self.router = RouterClient(

@@ -32,8 +32,8 @@ import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gateway.procs import Child, free_port, python_module  # noqa: E402
-from gateway.ray_stack import RayStack  # noqa: E402
+from gateway.procs import Child, free_port, python_module
+from gateway.ray_stack import RayStack
 
 PATHS = ("direct", "haproxy", "gateway")
 # Not a path to the model: LLMRouter's POST /internal/route alone, to show how much of "added" is the router.

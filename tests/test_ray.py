@@ -23,9 +23,9 @@ import pytest
 pytest.importorskip("ray", reason="needs the [ray] extra: ray[serve]==2.60.0")
 pytest.importorskip("pyarrow", reason="Ray's LLMRouter import needs pyarrow")
 
-from gateway.procs import Child, free_port, python_module  # noqa: E402
-from gateway.ray_stack import RayStack  # noqa: E402
-from tests.conftest import CHAT, LOG_DIR, wait_until  # noqa: E402
+from gateway.procs import Child, free_port, python_module
+from gateway.ray_stack import RayStack
+from tests.conftest import CHAT, LOG_DIR, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -130,7 +130,7 @@ class Load:
                     self.results.append((time.monotonic(), 0, type(exc).__name__))
                 time.sleep(0.01)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self._thread.start()
         return self
 
