@@ -9,9 +9,7 @@ import sys
 from gateway.config import ConfigError, Config
 from gateway.procs import Child, free_port, python_module
 
-EXAMPLE = """\
-Local stack is up: {replicas} mock vLLM replicas, router ({policy}), gateway.
-
+USAGE = """\
   Base URL: {base}/v1
 
   curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -21,8 +19,9 @@ Local stack is up: {replicas} mock vLLM replicas, router ({policy}), gateway.
 print(c.chat.completions.create(model='mock', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
 
   Gateway endpoints: {base}/-/routes  {base}/-/metrics  {base}/-/ready
-Ctrl-C stops everything.
 """
+EXAMPLE = "Local stack is up: {replicas} mock vLLM replicas, router ({policy}), gateway.\n\n" + USAGE + \
+    "Ctrl-C stops everything.\n"
 
 
 def run_up(args: argparse.Namespace) -> int:

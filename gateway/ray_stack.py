@@ -28,24 +28,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from gateway.local_stack import USAGE
 from gateway.procs import free_port, port_open, python_module
 
-EXAMPLE = """\
-Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r} with {replicas} mock vLLM replicas,
-Ray's LLMRouter ({policy}), and the gateway discovering them from Ray at {address}.
-
-  Base URL: {base}/v1
-
-  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "mock", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
-
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='none'); \\
-print(c.chat.completions.create(model='mock', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
-
-  Gateway endpoints: {base}/-/routes  {base}/-/metrics  {base}/-/ready
-  Ray's own HAProxy ingress, for comparison: http://127.0.0.1:{http_port}/v1
-Ctrl-C stops everything (gateway, Serve, and this Ray head only).
-"""
+EXAMPLE = ("Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r} with {replicas} mock vLLM "
+           "replicas,\nRay's LLMRouter ({policy}), and the gateway discovering them from Ray at {address}.\n\n"
+           + USAGE + "  Ray's own HAProxy ingress, for comparison: http://127.0.0.1:{http_port}/v1\n"
+           "Ctrl-C stops everything (gateway, Serve, and this Ray head only).\n")
 
 
 def _ray_bin() -> str:

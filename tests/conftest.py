@@ -28,6 +28,14 @@ def wait_until(check: Callable[[], object], deadline_s: float = 10.0, interval_s
     raise AssertionError(f"timed out after {deadline_s}s waiting for {what or check}; last value {last!r}")
 
 
+def read_until_close(sock) -> bytes:
+    """Everything a raw socket receives until the peer closes it."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 @dataclass
 class Replica:
     replica_id: str

@@ -9,7 +9,7 @@ import time
 import httpx
 
 from gateway.procs import port_open
-from tests.conftest import CHAT, wait_until
+from tests.conftest import CHAT, read_until_close, wait_until
 
 STREAM = b'{"model":"mock","messages":[{"role":"user","content":"hi"}],"max_tokens":%d,"stream":true}'
 
@@ -22,13 +22,6 @@ def open_stream(port: int, tokens: int, then: bytes = b"") -> socket.socket:
     return sock
 
 
-def read_all(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
-
-
 def test_sigterm_drains_streams_in_flight_then_exits_0(stack) -> None:
     replica = stack.replica("a", "--itl-ms", "20")
     gateway = stack.gateway([stack.router([replica])], [replica])
@@ -38,7 +31,7 @@ def test_sigterm_drains_streams_in_flight_then_exits_0(stack) -> None:
     assert first.startswith(b"HTTP/1.1 200")
     gateway.child.signal(signal.SIGTERM)
     wait_until(lambda: not port_open("127.0.0.1", gateway.port), deadline_s=5, what="listener closed at once")
-    rest = first + read_all(sock)
+    rest = first + read_until_close(sock)
     sock.close()
     stream, _, probe = rest.partition(b"data: [DONE]\n\n\r\n0\r\n\r\n")
     assert stream.count(b"data: {") == 50 + 1  # role chunk + 50 tokens: nothing lost

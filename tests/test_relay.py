@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import CHAT, wait_until
+from tests.conftest import CHAT, read_until_close, wait_until
 
 
 def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True, timeout: float = 5.0) -> bytes:
@@ -133,9 +133,7 @@ def test_expect_100_continue(basic) -> None:
                      b"expect: 100-continue\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body))
         assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         sock.sendall(body)
-        rest = b""
-        while chunk := sock.recv(65536):
-            rest += chunk
+        rest = read_until_close(sock)
     assert rest.startswith(b"HTTP/1.1 200 OK")
 
 

@@ -8,16 +8,9 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import CHAT, wait_until
+from tests.conftest import CHAT, read_until_close, wait_until
 
 pytestmark = pytest.mark.faults
-
-
-def read_all(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
 
 
 def test_disconnect_reaches_the_engine_within_100ms(stack) -> None:
@@ -46,7 +39,7 @@ def test_slowloris_gets_408(stack) -> None:
         for _ in range(3):  # one header line at a time, never finishing
             time.sleep(0.1)
             sock.sendall(b"x-slow: 1\r\n")
-        answer = read_all(sock)
+        answer = read_until_close(sock)
     assert answer.startswith(b"HTTP/1.1 408")
     assert time.monotonic() - started < 3
     assert httpx.get(f"{gateway.url}/v1/models").status_code == 200
@@ -57,14 +50,14 @@ def test_idle_connection_is_closed_after_client_timeout(stack) -> None:
     gateway = stack.gateway([], [replica], "--client-timeout-s", "0.3")
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
-        data = read_all(sock)  # returns once the gateway closes the idle keep-alive connection
+        data = read_until_close(sock)  # returns once the gateway closes the idle keep-alive connection
     assert data.startswith(b"HTTP/1.1 200")
 
 
 def test_non_utf8_header_bytes_are_relayed_untouched(basic) -> None:
     with socket.create_connection(("127.0.0.1", basic.gateway.port), timeout=5) as sock:
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-bytes: caf\xe9 \xff\xfe\r\nconnection: close\r\n\r\n")
-        assert read_all(sock).startswith(b"HTTP/1.1 200")
+        assert read_until_close(sock).startswith(b"HTTP/1.1 200")
     assert httpx.get(f"{basic.gateway.url}/v1/models").status_code == 200
 
 
@@ -77,7 +70,7 @@ def test_path_tricks_stay_on_the_replica(basic, request_line: bytes) -> None:
     """Whatever the path says, the request goes to a known replica (which answers 404), never elsewhere."""
     with socket.create_connection(("127.0.0.1", basic.gateway.port), timeout=5) as sock:
         sock.sendall(request_line + b"\r\nhost: evil.example.com\r\nconnection: close\r\n\r\n")
-        answer = read_all(sock)
+        answer = read_until_close(sock)
     assert answer.startswith(b"HTTP/1.1 404")
     assert b"x-replica-id: r" in answer
 
@@ -87,7 +80,7 @@ def test_absolute_and_authority_targets_are_refused(basic, target: bytes) -> Non
     method = b"CONNECT" if b"/" not in target and target != b"*" else b"OPTIONS" if target == b"*" else b"GET"
     with socket.create_connection(("127.0.0.1", basic.gateway.port), timeout=5) as sock:
         sock.sendall(method + b" " + target + b" HTTP/1.1\r\nhost: x\r\n\r\n")
-        answer = read_all(sock)
+        answer = read_until_close(sock)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
 
 
@@ -97,7 +90,7 @@ def test_chunked_request_body_is_reframed(basic) -> None:
     with socket.create_connection(("127.0.0.1", basic.gateway.port), timeout=5) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n" + chunked)
-        answer = read_all(sock)
+        answer = read_until_close(sock)
     assert answer.startswith(b"HTTP/1.1 200")
 
 
@@ -107,7 +100,7 @@ def test_too_many_connections_get_503(stack) -> None:
     held = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(2)]
     try:
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as extra:
-            answer = read_all(extra)
+            answer = read_until_close(extra)
         assert answer.startswith(b"HTTP/1.1 503")
         assert b"retry-after: 1" in answer.lower() and b"x-serve-reason: overloaded" in answer
     finally:
