@@ -7,6 +7,7 @@ answer back through the same connection.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ from starlette.routing import Route
 
 from gateway.errors import Reason, error_response
 from gateway.request import Request
+
+log = logging.getLogger("gateway.admin")
 
 if TYPE_CHECKING:
     from gateway.client import ClientConnection
@@ -98,7 +101,10 @@ class Admin:
             elif message["type"] == "http.response.body":
                 body.append(message.get("body", b""))
 
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        except Exception:  # Starlette has already produced its 500; it re-raises for the server to log
+            log.exception("gateway endpoint %s failed", scope["path"])
         if not client.closed and client.current is request:
             for name, value in headers:
                 if name == b"x-serve-reason":

@@ -129,21 +129,26 @@ class Gateway:
         return self._server.sockets[0].getsockname()[1]
 
     async def _sweep(self) -> None:
-        """Timeouts at 250 ms granularity: one timer for all connections, instead of timers per request."""
+        """Timeouts at 100 ms granularity: one timer for all connections, instead of timers per request."""
         tick = 0
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
-            now = time.monotonic()
-            self.access_log.flush()
-            self.router.expire(now)
-            for conn in list(self.connections):
-                conn.check_timeouts(now)
             tick += 1
-            if tick % 4 == 0:
-                self.router.expire_idle()
-                for target in self.targets.targets:
-                    if target.pool is not None:
-                        target.pool.expire()  # type: ignore[attr-defined]
+            try:
+                self._sweep_once(time.monotonic(), expire_pools=tick % 4 == 0)
+            except Exception:  # the sweeper must outlive any bug, or no timeout would ever fire again
+                log.exception("sweep failed")
+
+    def _sweep_once(self, now: float, expire_pools: bool) -> None:
+        self.access_log.flush()
+        self.router.expire(now)
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        if expire_pools:
+            self.router.expire_idle()
+            for target in self.targets.targets:
+                if target.pool is not None:
+                    target.pool.expire()  # type: ignore[attr-defined]
 
     async def drain(self) -> None:
         """Stop accepting, report unready, let streams in flight finish (up to the drain timeout)."""
