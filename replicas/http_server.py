@@ -386,7 +386,8 @@ class _Connection(asyncio.Protocol):
                     log.exception("handler failed on %s %s", request.method, request.path)
                     self._finish_broken(responder)
                 else:
-                    if not responder.finished:
+                    if not responder.finished and not responder.disconnected:
+                        # (a client that went away mid-response is normal: the handler stops early on purpose)
                         log.error("handler returned without finishing %s %s", request.method, request.path)
                         self._finish_broken(responder)
                 if self.closed or not responder.keep_alive or not self._queue:
