@@ -108,6 +108,8 @@ OPTIONS: tuple[Option, ...] = (
            "on SIGTERM, how long streams in flight may run before the gateway exits anyway"),
     Option("coalesce_ms", ("GATEWAY_COALESCE_MS",), float, 1.0,
            "when a replica's chunks arrive back to back, read them in batches at most this far apart (fewer syscalls per chunk); tokens spaced wider are relayed at once; 0 = off"),
+    Option("coalesce_min_streams", ("GATEWAY_COALESCE_MIN_STREAMS",), int, 4,
+           "coalesce only while at least this many requests are in flight: when idle, every chunk goes out at once"),
     Option("access_log", ("GATEWAY_ACCESS_LOG",), _bool, True, "one JSON line per request on stdout (written off the event loop)"),
     Option("log_level", ("GATEWAY_LOG_LEVEL",), str, "info", "debug, info, warning or error"),
 )
@@ -182,6 +184,7 @@ class Config:
     health_timeout_s: float = 2.0
     drain_timeout_s: float = 30.0
     coalesce_ms: float = 1.0
+    coalesce_min_streams: int = 4
     access_log: bool = True
     log_level: str = "info"
 

@@ -73,7 +73,8 @@ class Gateway:
 
     def _new_pool(self, target: Target) -> KeepAlivePool[UpstreamConnection]:
         coalesce_s = self.config.coalesce_ms / 1000
-        return KeepAlivePool(lambda: open_upstream(target, coalesce_s), self.config.upstream_idle_s)
+        min_streams = self.config.coalesce_min_streams
+        return KeepAlivePool(lambda: open_upstream(target, coalesce_s, min_streams), self.config.upstream_idle_s)
 
     # -- connections and requests (called by ClientConnection)
     def admit_connection(self, conn: ClientConnection) -> bool:

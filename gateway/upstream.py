@@ -41,9 +41,11 @@ _monotonic = time.monotonic
 
 
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, target: "Target", coalesce_s: float = 0.0):
+    def __init__(self, target: "Target", coalesce_s: float = 0.0, coalesce_min_streams: int = 0):
         self.target = target
         self.coalesce_s = coalesce_s
+        # Below this many requests in flight CPU is plentiful: relay every chunk at once (lowest latency).
+        self.coalesce_min_streams = coalesce_min_streams
         self._coalescing = False
         self._held_by_client = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,7 +103,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.transport.write(data)
             if self.complete:
                 client.upstream_complete(self)
-            elif gap < self.coalesce_s:
+            elif gap < self.coalesce_s and client.gw.in_flight >= self.coalesce_min_streams:
                 self._coalesce()
             return
         self._slow_path(data)
@@ -279,8 +281,9 @@ class _Dechunker:
         self.conn.on_message_complete()
 
 
-async def open_upstream(target: "Target", coalesce_s: float = 0.0) -> UpstreamConnection:
+async def open_upstream(target: "Target", coalesce_s: float = 0.0, coalesce_min_streams: int = 0
+                        ) -> UpstreamConnection:
     loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_connection(lambda: UpstreamConnection(target, coalesce_s), target.host,
-                                               target.port)
+    _, protocol = await loop.create_connection(lambda: UpstreamConnection(target, coalesce_s, coalesce_min_streams),
+                                               target.host, target.port)
     return protocol
