@@ -121,3 +121,12 @@ def test_example_config_file_is_valid() -> None:
 
     values = load_file("gateway.toml.example")
     assert values["workers"] == 2 and len(values["replicas"]) == 2
+
+
+def test_readme_documents_every_option() -> None:
+    from gateway.config import OPTIONS
+
+    with open("README.md", encoding="utf-8") as handle:
+        readme = handle.read()
+    missing = [option.cli_flag for option in OPTIONS if f"`{option.cli_flag}`" not in readme]
+    assert not missing, f"README configuration table lacks {missing}"
