@@ -37,8 +37,9 @@ def read_until_close(sock) -> bytes:
 
 
 @dataclass
-class Replica:
-    replica_id: str
+class Server:
+    """A process of ours listening on 127.0.0.1:port."""
+
     port: int
     child: Child
 
@@ -46,38 +47,33 @@ class Replica:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def get_json(self, path: str) -> dict:
+        return httpx.get(f"{self.url}{path}", timeout=5).json()
+
+
+@dataclass
+class Replica(Server):
+    replica_id: str = ""
+
     def stats(self) -> dict:
-        return httpx.get(f"{self.url}/mock/stats", timeout=5).json()
+        return self.get_json("/mock/stats")
 
     def reset(self) -> None:
         httpx.post(f"{self.url}/mock/reset", timeout=5)
 
 
 @dataclass
-class Router:
-    port: int
-    child: Child
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
+class Router(Server):
     def stats(self) -> dict:
-        return httpx.get(f"{self.url}/-/stats", timeout=5).json()
+        return self.get_json("/-/stats")
 
 
 @dataclass
-class Gateway:
-    port: int
-    child: Child
-    log_path: str
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class Gateway(Server):
+    log_path: str = ""
 
     def routes(self) -> dict:
-        return httpx.get(f"{self.url}/-/routes", timeout=5).json()
+        return self.get_json("/-/routes")
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/-/metrics", timeout=5).text
@@ -104,7 +100,7 @@ class Stack:
         argv = python_module("replicas.mock_engine", "--host", "127.0.0.1", "--port", str(port),
                              "--replica-id", replica_id, *args)
         child = self._start(Child(argv, port=port, log_path=f"{LOG_DIR}/{self.name}-{replica_id}.log"))
-        return Replica(replica_id, port, child)
+        return Replica(port, child, replica_id)
 
     def router(self, replicas: list[Replica], *args: str, port: int | None = None) -> Router:
         port = port or free_port()

@@ -25,7 +25,7 @@ pytest.importorskip("pyarrow", reason="Ray's LLMRouter import needs pyarrow")
 
 from gateway.procs import Child, free_port, python_module
 from gateway.ray_stack import RayStack
-from tests.conftest import CHAT, LOG_DIR, wait_until
+from tests.conftest import CHAT, LOG_DIR, Gateway, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -33,31 +33,17 @@ URL = "/v1/chat/completions"
 
 
 @dataclass
-class RayGateway:
-    port: int
-    child: Child
-    log_path: str
-    started_s: float
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def routes(self) -> dict:
-        return httpx.get(f"{self.url}/-/routes", timeout=5).json()
+class RayGateway(Gateway):
+    started_s: float = 0.0
 
     def replica_ids(self) -> set[str]:
         return {t["replica_id"] for t in self.routes()["targets"]}
 
     def router_decisions(self) -> float:
-        for line in httpx.get(f"{self.url}/-/metrics", timeout=5).text.splitlines():
+        for line in self.metrics().splitlines():
             if line.startswith("gateway_router_latency_seconds_count"):
                 return float(line.split()[-1])
         return 0.0
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
 
 
 def start_gateway(stack: RayStack, name: str) -> RayGateway:
