@@ -10,6 +10,7 @@ coroutine or future: one read and one write per chunk, like HAProxy.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 
 # Hop-by-hop headers of the replica's response: they describe the replica's connection, not the client's.
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
-_HOP_BY_HOP_MARKERS = tuple(b"\n" + name + b":" for name in _HOP_BY_HOP)
+# One C-level search over the lowered head instead of a Python loop over the names.
+_HOP_BY_HOP_LINE = re.compile(rb"\n(?:" + b"|".join(sorted(_HOP_BY_HOP)) + rb"):")
 
 
 def _strip_headers(head: bytes, drop_framing: bool) -> bytes:
@@ -246,7 +248,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = not (chunked or b"\ncontent-length:" in lower or bodiless)
         if not chunked:
             self._dechunk = False  # the payload bytes are already what an HTTP/1.0 client reads
-        if self._dechunk or any(name in lower for name in _HOP_BY_HOP_MARKERS):
+        if self._dechunk or _HOP_BY_HOP_LINE.search(lower):
             head = _strip_headers(head, drop_framing=self._dechunk)
         if head.startswith(b"HTTP/1.0 "):
             head = b"HTTP/1.1 " + head[9:]  # we speak 1.1 to the client; framing is handled above
