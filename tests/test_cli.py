@@ -12,7 +12,7 @@ import httpx
 import openai
 
 from gateway.procs import free_port, port_open
-from tests.conftest import CHAT, wait_until
+from tests.conftest import CHAT
 
 
 def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True, timeo
         while read_until_close:
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not chunk:
                 break
