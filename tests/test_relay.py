@@ -203,3 +203,11 @@ def test_unstarted_replica_does_not_make_the_gateway_unready(stack) -> None:
     # Startup sent no request to the router (nothing that could wake a deployment scaled to zero).
     assert router.stats()["requests"] == 0
     assert replica.stats()["requests"] == 0
+
+
+def test_head_request_gets_the_head_only(basic) -> None:
+    with httpx.Client() as client:
+        response = client.head(f"{basic.gateway.url}/v1/models")
+        assert response.status_code in (200, 405)  # whatever the replica says about HEAD, relayed as is
+        assert response.content == b""
+        assert client.get(f"{basic.gateway.url}/v1/models").json()["object"] == "list"  # same connection
