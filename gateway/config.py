@@ -36,6 +36,20 @@ def _bool(text: str | bool) -> bool:
     raise ConfigError(f"expected a boolean (1/0, true/false), got {text!r}")
 
 
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _seconds(text: str | float) -> float:
+    """Seconds, also in HAProxy's time format ("250ms", "5s", "1m"), since Ray's HAProxy env vars carry units."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    value = str(text).strip().lower()
+    for unit in ("us", "ms", "s", "m", "h", "d"):
+        if value.endswith(unit) and value[: -len(unit)].replace(".", "", 1).isdigit():
+            return float(value[: -len(unit)]) * _TIME_UNITS[unit]
+    return float(value)
+
+
 def _list(text: str | Sequence[str]) -> list[str]:
     if isinstance(text, str):
         return [item.strip() for item in text.split(",") if item.strip()]
@@ -73,23 +87,23 @@ OPTIONS: tuple[Option, ...] = (
            "send the request body to the router (needed by prefix-aware policies and LoRA)"),
     Option("router_body_cap", ("RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE", "GATEWAY_ROUTER_BODY_CAP"), int, 8 * MiB,
            "most body bytes sent to the router; a longer body is cut and marked X-Body-Truncated: sent/total"),
-    Option("router_timeout_s", ("RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S", "GATEWAY_ROUTER_TIMEOUT_S"), float, 5.0,
+    Option("router_timeout_s", ("RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S", "GATEWAY_ROUTER_TIMEOUT_S"), _seconds, 5.0,
            "deadline for one routing decision (connect + send + answer); past it: 504 router_timeout"),
     Option("session_header", ("RAY_SERVE_SESSION_ID_HEADER_KEY", "GATEWAY_SESSION_HEADER"), str, "x-session-id",
            "session header forwarded to the router for stickiness ('-' and '_' spellings both accepted)"),
-    Option("router_idle_s", ("GATEWAY_ROUTER_IDLE_S",), float, 4.0,
+    Option("router_idle_s", ("GATEWAY_ROUTER_IDLE_S",), _seconds, 4.0,
            "close pooled router connections idle this long (below the router's keep-alive timeout, uvicorn's is 5 s)"),
-    Option("upstream_idle_s", ("GATEWAY_UPSTREAM_IDLE_S",), float, 4.0,
+    Option("upstream_idle_s", ("GATEWAY_UPSTREAM_IDLE_S",), _seconds, 4.0,
            "close pooled replica connections idle this long (below vLLM's 5 s keep-alive timeout)"),
-    Option("connect_timeout_s", ("RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S", "GATEWAY_CONNECT_TIMEOUT_S"), float, 5.0,
+    Option("connect_timeout_s", ("RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S", "GATEWAY_CONNECT_TIMEOUT_S"), _seconds, 5.0,
            "TCP connect timeout to a replica"),
-    Option("first_byte_timeout_s", ("GATEWAY_FIRST_BYTE_TIMEOUT_S",), float, 600.0,
+    Option("first_byte_timeout_s", ("GATEWAY_FIRST_BYTE_TIMEOUT_S",), _seconds, 600.0,
            "longest wait for a replica's response head (a long queue before the first token is normal for LLMs); 0 = none"),
-    Option("idle_timeout_s", ("GATEWAY_IDLE_TIMEOUT_S",), float, 600.0,
+    Option("idle_timeout_s", ("GATEWAY_IDLE_TIMEOUT_S",), _seconds, 600.0,
            "longest silence inside a response stream before the gateway gives up on the replica; 0 = none"),
-    Option("client_timeout_s", ("GATEWAY_CLIENT_TIMEOUT_S",), float, 90.0,
+    Option("client_timeout_s", ("GATEWAY_CLIENT_TIMEOUT_S",), _seconds, 90.0,
            "close client keep-alive connections idle this long (Ray's keep_alive_timeout_s)"),
-    Option("header_timeout_s", ("GATEWAY_HEADER_TIMEOUT_S",), float, 10.0,
+    Option("header_timeout_s", ("GATEWAY_HEADER_TIMEOUT_S",), _seconds, 10.0,
            "a client must send a whole request head (and body) within this time (slowloris guard): 408"),
     Option("max_header_bytes", ("GATEWAY_MAX_HEADER_BYTES",), int, 64 * 1024, "largest request head accepted: 431"),
     Option("max_body_bytes", ("GATEWAY_MAX_BODY_BYTES",), int, 64 * MiB, "largest request body accepted: 413, before anything is forwarded"),
@@ -99,13 +113,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_in_flight_per_replica", ("GATEWAY_MAX_IN_FLIGHT_PER_REPLICA",), int, 0,
            "requests in flight to one replica; past it: 429 + Retry-After; 0 = no limit"),
     Option("health_path", ("GATEWAY_HEALTH_PATH",), str, "/health", "replica health-check path (Ray replicas: /-/healthz)"),
-    Option("health_interval_s", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER", "GATEWAY_HEALTH_INTERVAL_S"), float, 5.0, "health-check interval of a stable replica"),
-    Option("health_fast_interval_s", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_FASTINTER", "GATEWAY_HEALTH_FAST_INTERVAL_S"), float, 0.25,
+    Option("health_interval_s", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER", "GATEWAY_HEALTH_INTERVAL_S"), _seconds, 5.0, "health-check interval of a stable replica"),
+    Option("health_fast_interval_s", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_FASTINTER", "GATEWAY_HEALTH_FAST_INTERVAL_S"), _seconds, 0.25,
            "health-check interval while a replica is down or changing state"),
     Option("health_fall", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_FALL", "GATEWAY_HEALTH_FALL"), int, 2, "failed checks that mark a replica down"),
     Option("health_rise", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_RISE", "GATEWAY_HEALTH_RISE"), int, 2, "passed checks that mark a replica up"),
-    Option("health_timeout_s", ("GATEWAY_HEALTH_TIMEOUT_S",), float, 2.0, "timeout of one health check"),
-    Option("drain_timeout_s", ("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "GATEWAY_DRAIN_TIMEOUT_S"), float, 30.0,
+    Option("health_timeout_s", ("GATEWAY_HEALTH_TIMEOUT_S",), _seconds, 2.0, "timeout of one health check"),
+    Option("drain_timeout_s", ("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "GATEWAY_DRAIN_TIMEOUT_S"), _seconds, 30.0,
            "on SIGTERM, how long streams in flight may run before the gateway exits anyway"),
     Option("coalesce_ms", ("GATEWAY_COALESCE_MS",), float, 1.0,
            "when a replica's chunks arrive back to back, read them in batches at most this far apart (fewer syscalls per chunk); tokens spaced wider are relayed at once; 0 = off"),
@@ -249,7 +263,8 @@ def _coerce(option: Option, raw: Any, source: str) -> Any:
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {raw!r} is not a valid {option.kind.__name__.lstrip('_')}") from None
+        kind = {"_seconds": "duration (5, 5s, 250ms)", "_list": "list"}.get(option.kind.__name__, option.kind.__name__)
+        raise ConfigError(f"{source}: {raw!r} is not a valid {kind}") from None
 
 
 def load_file(path: str) -> dict[str, Any]:

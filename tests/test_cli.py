@@ -130,3 +130,13 @@ def test_readme_documents_every_option() -> None:
         readme = handle.read()
     missing = [option.cli_flag for option in OPTIONS if f"`{option.cli_flag}`" not in readme]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_ray_haproxy_env_durations_carry_over() -> None:
+    """Ray's HAProxy env vars use HAProxy time units ("5s", "250ms"); the gateway reads them as they are."""
+    from gateway.config import resolve
+
+    config = resolve(None, {"GATEWAY_REPLICAS": "http://127.0.0.1:1", "RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER": "5s",
+                            "RAY_SERVE_HAPROXY_HEALTH_CHECK_FASTINTER": "250ms",
+                            "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S": "3"})
+    assert (config.health_interval_s, config.health_fast_interval_s, config.router_timeout_s) == (5.0, 0.25, 3.0)
