@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.config import Config, ConfigError, add_arguments, resolve
@@ -35,7 +36,9 @@ def startup_line(config: Config, port: int, targets: "TargetSet") -> str:
             f"targets {source} | workers {config.workers} | forward body {'on' if config.forward_body else 'off'}")
 
 
-async def serve_async(config: Config, ready_message: bool = True) -> int:
+async def serve_async(config: Config, ready_message: bool = True,
+                      on_ready: Callable[[], None] | None = None) -> int:
+    """Run one gateway until SIGTERM/SIGINT; `on_ready` runs once it is listening."""
     from gateway.server import Gateway
 
     targets = None
@@ -58,6 +61,8 @@ async def serve_async(config: Config, ready_message: bool = True) -> int:
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
     if ready_message:
         print(startup_line(config, gateway.port, gateway.targets), flush=True)
+    if on_ready is not None:
+        on_ready()
     await gateway.run_until_signalled()
     if discovery is not None:
         await discovery.stop()

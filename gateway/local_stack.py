@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from gateway.config import ConfigError, Config
+import uvloop
+
+from gateway.config import Config
+from gateway.cli import serve_async
 from gateway.procs import Child, free_port, python_module
 
 USAGE = """\
@@ -47,26 +49,9 @@ def run_up(args: argparse.Namespace) -> int:
         config = Config(host=args.host, port=args.port, routers=[f"http://127.0.0.1:{router_port}"],
                         replicas=replicas, forward_body=args.policy == "prefix_affinity", access_log=False,
                         log_level="warning").validate()
-        from gateway.cli import serve_async
-        import uvloop
-
-        async def main() -> int:
-            task = asyncio.ensure_future(serve_async(config, ready_message=True))
-            await asyncio.sleep(0)
-            host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-            base = f"http://{host}:{args.port}"
-            while not task.done():
-                from gateway.procs import port_open
-
-                if await asyncio.to_thread(port_open, host, args.port):
-                    print(EXAMPLE.format(replicas=args.replicas, policy=args.policy, base=base), flush=True)
-                    break
-                await asyncio.sleep(0.05)
-            return await task
-
-        return uvloop.run(main())
-    except ConfigError:
-        raise
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        usage = EXAMPLE.format(replicas=args.replicas, policy=args.policy, base=f"http://{host}:{args.port}")
+        return uvloop.run(serve_async(config, on_ready=lambda: print(usage, flush=True)))
     except (RuntimeError, TimeoutError) as exc:
         print(f"gateway up: {exc}", file=sys.stderr)
         return 1

@@ -243,20 +243,14 @@ def run_ray_up(args: argparse.Namespace) -> int:
                         forward_body=True, health_path="/-/healthz", access_log=False,
                         log_level="warning").validate()
         from gateway.cli import serve_async
-        from gateway.procs import port_open as _open
+
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        usage = EXAMPLE.format(root=stack.root, app=deployed.get("app", "llm"), replicas=args.replicas,
+                               policy=args.policy, address=stack.address, base=f"http://{host}:{args.port}",
+                               http_port=stack.http_port)
 
         async def main() -> int:
-            task = asyncio.ensure_future(serve_async(config, ready_message=True))
-            host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-            base = f"http://{host}:{args.port}"
-            while not task.done():
-                if await asyncio.to_thread(_open, host, args.port):
-                    print(EXAMPLE.format(root=stack.root, app=deployed.get("app", "llm"), replicas=args.replicas,
-                                         policy=args.policy, address=stack.address, base=base,
-                                         http_port=stack.http_port), flush=True)
-                    break
-                await asyncio.sleep(0.05)
-            return await task
+            return await serve_async(config, on_ready=lambda: print(usage, flush=True))
 
         # Ctrl-C reaches the gateway's signal handler (drain, stop discovery), then we tear Ray down;
         # the head is in its own process group, so the terminal's Ctrl-C does not hit it first.
