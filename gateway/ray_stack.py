@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.local_stack import USAGE
-from gateway.procs import free_port, port_open, python_module
+from gateway.procs import descendants, free_port, port_open, python_module
 
 EXAMPLE = ("Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r} with {replicas} mock vLLM "
            "replicas,\nRay's LLMRouter ({policy}), and the gateway discovering them from Ray at {address}.\n\n"
@@ -40,28 +40,6 @@ EXAMPLE = ("Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r
 def _ray_bin() -> str:
     candidate = os.path.join(os.path.dirname(sys.executable), "ray")
     return candidate if os.path.exists(candidate) else "ray"
-
-
-def _children(pid: int) -> list[int]:
-    """Every process under `pid` (from /proc), deepest last."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # Field 4 is the parent pid; the command (field 2) may contain spaces, so split after ')'.
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -196,7 +174,7 @@ class RayStack:
         """Stop this head only: SIGTERM our process tree, then SIGKILL stragglers. Never `ray stop`."""
         if self.proc is None:
             return
-        pids = _children(self.proc.pid)  # GCS, raylet, agents, workers, HAProxy
+        pids = descendants(self.proc.pid)  # GCS, raylet, agents, workers, HAProxy
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -206,7 +184,7 @@ class RayStack:
         while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
             time.sleep(0.1)
         # Anything started under the tree meanwhile (a worker being spawned) is caught by a second look.
-        for pid in [*pids, *_children(self.proc.pid)]:
+        for pid in [*pids, *descendants(self.proc.pid)]:
             if _alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -226,7 +204,6 @@ class RayStack:
 
 def run_ray_up(args: argparse.Namespace) -> int:
     """Start the head, deploy the mock app, run the gateway in this process until Ctrl-C."""
-    import asyncio
 
     import uvloop
 

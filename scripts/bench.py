@@ -53,7 +53,7 @@ import httptools  # noqa: E402
 import uvloop  # noqa: E402
 
 import haproxy_ray  # noqa: E402
-from gateway.procs import Child, free_port  # noqa: E402
+from gateway.procs import Child, descendants, free_port  # noqa: E402
 
 perf = time.perf_counter
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -79,23 +79,7 @@ SYSTEM_LABEL = {
 
 def proc_tree(root: int) -> list[int]:
     """root and all its descendants (workers forked by a master)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                s = f.read()
-        except OSError:
-            continue
-        ppid = int(s[s.rindex(b")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, ()))
-    return out
+    return [root, *descendants(root)]
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -127,10 +127,10 @@ class Load:
 
 def process_titles(stack: RayStack, prefix: str) -> list[str]:
     """Ray sets worker process titles (`ray::ServeReplica:<app>:<deployment>`): count replicas from /proc."""
-    from gateway.ray_stack import _children
+    from gateway.procs import descendants
 
     found = []
-    for pid in _children(stack.proc.pid):
+    for pid in descendants(stack.proc.pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as handle:
                 title = handle.read().split(b"\0")[0].decode("utf-8", "replace")
