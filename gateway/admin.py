@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.applications import Starlette
@@ -86,14 +87,14 @@ class Admin:
         headers: list[tuple[bytes, bytes]] = []
         body: list[bytes] = []
 
-        async def receive() -> dict:
+        async def receive() -> dict[str, Any]:
             nonlocal sent_body
             if not sent_body:
                 sent_body = True
                 return {"type": "http.request", "body": request.body, "more_body": False}
             return {"type": "http.disconnect"}
 
-        async def send(message: dict) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             nonlocal status, headers
             if message["type"] == "http.response.start":
                 status = message["status"]

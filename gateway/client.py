@@ -246,7 +246,7 @@ class ClientConnection(asyncio.Protocol):
         response = error_response(reason, message, status=status, retry_after_s=retry_after_s)
         if self.current is not None:
             self.current.reason = reason.value
-        self.respond(response.status_code, response.raw_headers, response.body, close=close)
+        self.respond(response.status_code, response.raw_headers, bytes(response.body), close=close)
 
     def _reject_now(self, reason: Reason, message: str | None) -> None:
         """A request we will not read any further: answer it and close the connection."""
@@ -278,7 +278,7 @@ class ClientConnection(asyncio.Protocol):
         self.gw.relay.exchange_ended(conn)
         conn.release()
         if conn.keep_alive and not conn.closed:
-            conn.target.pool.put(conn)  # type: ignore[union-attr]
+            conn.target.pool.put(conn)
         else:
             conn.close()
         self.finish(close=not (self.current is not None and self.current.keep_alive))

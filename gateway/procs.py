@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import IO
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,13 +62,12 @@ class Child:
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     def start(self, deadline_s: float = 20.0) -> "Child":
-        out = subprocess.DEVNULL
+        out: int | IO[bytes] = subprocess.DEVNULL
         if self.log_path:
-            self._log = open(self.log_path, "ab")
-            out = self._log
+            self._log = out = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         if self.port is not None:
             try:
@@ -86,7 +86,7 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def signal(self, sig: int) -> None:
-        if self.alive():
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 10.0) -> int | None:
@@ -105,7 +105,7 @@ class Child:
         return self.proc.returncode
 
     def kill(self) -> None:
-        if self.alive():
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
 

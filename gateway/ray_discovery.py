@@ -167,7 +167,7 @@ class RayDiscovery:
         for _family, _kind, _proto, _, sockaddr in infos:
             try:
                 async with asyncio.timeout(3.0):
-                    _, writer = await asyncio.open_connection(sockaddr[0], sockaddr[1])
+                    _, writer = await asyncio.open_connection(str(sockaddr[0]), int(sockaddr[1]))
                 writer.close()
                 return
             except TimeoutError:

@@ -131,7 +131,7 @@ class Relay:
             self.fail(client, request, GatewayError(Reason.OVERLOADED, f"replica {target.replica_id} is at its limit",
                                                     status=429))
             return
-        conn = target.pool.take_idle()  # type: ignore[union-attr]
+        conn = target.pool.take_idle()
         if conn is None:
             self.gw.loop.create_task(self.connect_fresh(client, request, target, extra_headers))
             return
@@ -144,14 +144,14 @@ class Relay:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
-                conn = await pool.connect()  # type: ignore[union-attr]
+                conn = await pool.connect()
         except (OSError, TimeoutError) as exc:
             self.connect_failed(client, request, target, exc)
             return
         self.metrics.connect_time(time.monotonic() - started)
         conn.reused = False
         if client.closed or client.current is not request:
-            pool.put(conn)  # type: ignore[union-attr]
+            pool.put(conn)
             return
         self.start_exchange(client, request, target, conn, extra_headers)
 

@@ -66,7 +66,7 @@ class Gateway:
         for target in removed:
             # Idle connections go now; streams in flight on a removed replica finish on their own connection.
             if target.pool is not None:
-                target.pool.close()  # type: ignore[attr-defined]
+                target.pool.close()
         fallback = self.targets.fallback
         if fallback is not None and fallback.pool is None:
             fallback.pool = self._new_pool(fallback)
@@ -100,7 +100,7 @@ class Gateway:
         metrics.in_flight.set(self.in_flight)
         metrics.connections.set(len(self.connections))
         for target in self.targets.targets:
-            metrics.pool_idle.labels(target.replica_id).set(getattr(target.pool, "idle_count", 0))
+            metrics.pool_idle.labels(target.replica_id).set(target.pool.idle_count if target.pool is not None else 0)
             metrics.replica_up.labels(target.replica_id).set(1 if target.healthy else 0)
         for (host, port), pool in self.router.pools().items():
             metrics.pool_idle.labels(f"router:{host}:{port}").set(pool.idle_count)
@@ -149,7 +149,7 @@ class Gateway:
             self.router.expire_idle()
             for target in self.targets.targets:
                 if target.pool is not None:
-                    target.pool.expire()  # type: ignore[attr-defined]
+                    target.pool.expire()
 
     async def drain(self) -> None:
         """Stop accepting, report unready, let streams in flight finish (up to the drain timeout)."""
@@ -178,7 +178,7 @@ class Gateway:
         self.router.close()
         for target in self.targets.targets:
             if target.pool is not None:
-                target.pool.close()  # type: ignore[attr-defined]
+                target.pool.close()
         if self._server is not None:
             self._server.close()
         self.access_log.close()

@@ -12,8 +12,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.config import ReplicaSpec
+
+if TYPE_CHECKING:
+    from gateway.upstream import UpstreamConnection
+    from router_client.pool import KeepAlivePool
 
 
 @dataclass(eq=False)
@@ -25,7 +30,7 @@ class Target:
     in_flight: int = 0
     removed: bool = False
     # Filled by the relay: the keep-alive pool of connections to this replica.
-    pool: object | None = field(default=None, repr=False)
+    pool: "KeepAlivePool[UpstreamConnection]" = field(default=None, repr=False)  # type: ignore[arg-type]
 
     @property
     def address(self) -> str:
@@ -37,7 +42,7 @@ class Target:
             "address": self.address,
             "healthy": self.healthy,
             "in_flight": self.in_flight,
-            "idle_connections": getattr(self.pool, "idle_count", 0),
+            "idle_connections": self.pool.idle_count if self.pool is not None else 0,
         }
 
 
