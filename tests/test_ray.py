@@ -233,8 +233,11 @@ def test_killed_replica_stops_receiving(cluster: Cluster) -> None:
         withdrawn_at = time.monotonic()
         wait_until(lambda: sum(1 for r in load.results if r[0] > withdrawn_at + 1) >= 50, 30, 0.05, "more traffic")
     since_kill = [r for r in load.results if r[0] > kill_started]
-    # Every request succeeds: a refused connect marks the replica down and the request is redispatched.
-    assert all(status == 200 for _, status, _ in since_kill), collections.Counter(s for _, s, _ in since_kill)
+    # Every request succeeds (a refused connect marks the replica down and the request is redispatched), except
+    # the one stream that may be in flight on the victim when it dies: the load is sequential, so at most one,
+    # and it ends as a cut stream (a transport error at the client), never as a clean but wrong answer.
+    failed = [r for r in since_kill if r[1] != 200]
+    assert len(failed) <= 1 and all(status == 0 for _, status, _ in failed), failed
     later = [r for r in load.results if r[0] > withdrawn_at]
     assert not [r for r in later if r[2] == victim]
     cluster.figures["kill"] = {"kill_call_s": round(killed_at - kill_started, 1),
