@@ -110,8 +110,10 @@ class Load:
             while not self._stop.is_set():
                 try:
                     response = chat(client, self.base, stream=True)
+                    # The replica that answered; for the gateway's own errors, the failure reason instead.
                     self.results.append((time.monotonic(), response.status_code,
-                                         response.headers.get("x-replica-id", "")))
+                                         response.headers.get("x-replica-id")
+                                         or response.headers.get("x-serve-reason", "")))
                 except httpx.HTTPError as exc:
                     self.results.append((time.monotonic(), 0, type(exc).__name__))
                 time.sleep(0.01)
@@ -234,10 +236,12 @@ def test_killed_replica_stops_receiving(cluster: Cluster) -> None:
         wait_until(lambda: sum(1 for r in load.results if r[0] > withdrawn_at + 1) >= 50, 30, 0.05, "more traffic")
     since_kill = [r for r in load.results if r[0] > kill_started]
     # Every request succeeds (a refused connect marks the replica down and the request is redispatched), except
-    # the one stream that may be in flight on the victim when it dies: the load is sequential, so at most one,
-    # and it ends as a cut stream (a transport error at the client), never as a clean but wrong answer.
+    # at most one in the moment of the kill (the load is sequential): the stream in flight on the victim, cut
+    # (a transport error at the client), or a named 503 while Ray's router still settles (its own 503, or a
+    # decision for the dying replica). Never a clean but wrong answer.
     failed = [r for r in since_kill if r[1] != 200]
-    assert len(failed) <= 1 and all(status == 0 for _, status, _ in failed), failed
+    window_failures = {"RemoteProtocolError", "ReadError", "router_non_200", "replica_unavailable"}
+    assert len(failed) <= 1 and all(reason in window_failures for _, _, reason in failed), failed
     later = [r for r in load.results if r[0] > withdrawn_at]
     assert not [r for r in later if r[2] == victim]
     cluster.figures["kill"] = {"kill_call_s": round(killed_at - kill_started, 1),
