@@ -5,8 +5,9 @@ Differences from Ray's Lua, on purpose:
 - the timeout is one deadline for the whole decision, failover included;
 - a reused connection that turns out stale before any response byte is resent once
   on a fresh connection, which is safe because nothing was answered yet.
-Like the Lua: routers are tried round-robin, a connect failure moves to the next
-router, a non-200 is not retried.
+Like the Lua: routers are tried round-robin and a connect failure moves to the next
+router. Unlike it, a 5xx also moves to the next router when there is one (nothing was
+sent to a replica yet); a 4xx is final, and so is the last router's answer.
 
 A decision is a RouteCall state machine driven by I/O callbacks, with no task or
 coroutine unless a new connection must be opened: on the common path (a pooled
@@ -218,6 +219,11 @@ class RouteCall:
         else:
             conn.close()
         if response.status != 200:
+            if response.status >= 500 and self.attempt + 1 < len(self.routers):
+                # A 5xx means "this router cannot decide now" (Ray: no replica in its view yet): nothing was sent
+                # to a replica, so another router may answer. A 4xx is about the request and is final.
+                self.router_failed(RuntimeError(f"answered {response.status}"))
+                return
             self.finish(None, RouterError(ROUTER_NON_200, f"router answered {response.status}", status=response.status,
                                           body=response.body, content_type=response.header(b"content-type")))
             return

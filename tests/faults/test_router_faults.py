@@ -42,3 +42,14 @@ def test_router_restart_on_the_same_port_is_transparent(stack) -> None:
         stack.router(replicas, port=port)
         statuses = [client.post(f"{gateway.url}/v1/chat/completions", json=CHAT).status_code for _ in range(5)]
     assert statuses == [200] * 5
+
+
+def test_a_router_answering_5xx_fails_over_to_the_next_one(stack) -> None:
+    replicas = [stack.replica("a")]
+    failing = stack.router(replicas, "--fault", "status-503")
+    healthy = stack.router(replicas)
+    gateway = stack.gateway([failing, healthy], replicas)
+    statuses = [httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, timeout=10).status_code
+                for _ in range(10)]
+    assert statuses == [200] * 10
+    assert failing.stats()["requests"] >= 1 and healthy.stats()["requests"] == 10
