@@ -146,10 +146,7 @@ class ClientConnection(asyncio.Protocol):
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self.config.max_header_bytes:
-            self._reject = Reason.HEADERS_TOO_LARGE
-            raise RequestRejected(Reason.HEADERS_TOO_LARGE)
+        self._count_head(len(name) + len(value) + 4)
         lower = name.lower()
         if lower in _DROP:
             if lower == b"x-request-id":

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO
 
 
@@ -136,6 +136,33 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def terminate_pids(pids: Iterable[int], grace_s: float,
+                   latecomers: Callable[[], Iterable[int]] = lambda: ()) -> None:
+    """SIGTERM each process, wait up to `grace_s` for all to exit, then SIGKILL what is left (and `latecomers()`:
+    processes that appeared meanwhile, e.g. a worker being spawned under a tree we are stopping)."""
+    pids = [pid for pid in pids if pid_alive(pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    for pid in [*pids, *latecomers()]:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def python_module(module: str, *args: str) -> list[str]:

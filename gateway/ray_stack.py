@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.local_stack import USAGE
-from gateway.procs import descendants, free_port, port_open, python_module
+from gateway.procs import descendants, free_port, port_open, python_module, terminate_pids
 
 EXAMPLE = ("Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r} with {replicas} mock vLLM "
            "replicas,\nRay's LLMRouter ({policy}), and the gateway discovering them from Ray at {address}.\n\n"
@@ -40,15 +40,6 @@ EXAMPLE = ("Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r
 def _ray_bin() -> str:
     candidate = os.path.join(os.path.dirname(sys.executable), "ray")
     return candidate if os.path.exists(candidate) else "ray"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            state = handle.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
-    except OSError:
-        return False
 
 
 @dataclass
@@ -174,22 +165,9 @@ class RayStack:
         """Stop this head only: SIGTERM our process tree, then SIGKILL stragglers. Never `ray stop`."""
         if self.proc is None:
             return
-        pids = descendants(self.proc.pid)  # GCS, raylet, agents, workers, HAProxy
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-            time.sleep(0.1)
-        # Anything started under the tree meanwhile (a worker being spawned) is caught by a second look.
-        for pid in [*pids, *descendants(self.proc.pid)]:
-            if _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        # GCS, raylet, agents, workers, HAProxy; anything spawned meanwhile is caught by a second look.
+        head = self.proc.pid
+        terminate_pids(descendants(head), grace_s, latecomers=lambda: descendants(head))
         # `ray start --block` ignores SIGTERM; with its children gone it has nothing left to clean up.
         self.proc.kill()
         self.proc.wait()

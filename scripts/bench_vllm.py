@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gateway.procs import descendants  # noqa: E402
+from gateway.procs import descendants, terminate_pids  # noqa: E402
 
 VLLM_VENV = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm")
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
@@ -119,24 +119,6 @@ def wait_gateway_healthy(gateway_url: str, deadline_s: float = 30.0) -> dict:
     raise TimeoutError(f"gateway {gateway_url}: targets not all healthy after {deadline_s}s: {body}")
 
 
-# ---- process tree helpers (vLLM's EngineCore and Worker outlive a SIGKILL-ed API server) ----
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of a process, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            text = handle.read()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return fields[0], int(fields[1])
-
-
-def _running(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
-
-
 @dataclass
 class VllmServer:
     """One real vLLM OpenAI server, started in this process's session (no setsid)."""
@@ -212,21 +194,7 @@ class VllmServer:
                 kids = sorted(set(kids) | set(descendants(self.proc.pid)))
                 self.proc.kill()
                 self.proc.wait()
-        leftovers = [pid for pid in kids if _running(pid)]
-        for pid in leftovers:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        end = time.monotonic() + 10
-        while leftovers and time.monotonic() < end:
-            time.sleep(0.2)
-            leftovers = [pid for pid in leftovers if _running(pid)]
-        for pid in leftovers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        terminate_pids(kids, grace_s=10)
         if self._log is not None:
             self._log.close()
             self._log = None
