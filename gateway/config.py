@@ -12,10 +12,9 @@ import argparse
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
 MiB = 1024 * 1024

@@ -9,12 +9,10 @@ gateway pools its own connections.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 
+from gateway.controlplane import health
 from replicas.routing import Replica
-
-log = logging.getLogger("replicas.health")
 
 
 class _Probe:
@@ -68,32 +66,21 @@ class _Probe:
 
 
 class HealthChecker:
+    """The gateway's own checking loop (fall 1, rise 1) with keep-alive probes."""
+
     def __init__(self, replicas: Sequence[Replica], interval_s: float) -> None:
         self.interval_s = interval_s
-        self._probes = [_Probe(r) for r in replicas]
-        self._task: asyncio.Task[None] | None = None
+        self._probes = {id(r): _Probe(r) for r in replicas}
+        timeout = min(max(interval_s, 0.5), 5.0)
+        self._checker: health.HealthChecker[Replica] = health.HealthChecker(
+            lambda: replicas, lambda replica: self._probes[id(replica)].check(timeout),
+            fall=1, rise=1, interval_s=interval_s, fast_interval_s=interval_s, name=lambda r: f"replica {r.id}")
 
     def start(self) -> None:
         if self._probes and self.interval_s > 0:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._checker.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        for probe in self._probes:
+        await self._checker.stop()
+        for probe in self._probes.values():
             probe.close()
-
-    async def _run(self) -> None:
-        timeout = min(max(self.interval_s, 0.5), 5.0)
-        while True:
-            results = await asyncio.gather(*(p.check(timeout) for p in self._probes))
-            for probe, ok in zip(self._probes, results):
-                replica = probe.replica
-                if ok != replica.healthy:
-                    log.warning("replica %s is now %s", replica.id, "healthy" if ok else "UNHEALTHY")
-                    replica.healthy = ok
-            await asyncio.sleep(self.interval_s)

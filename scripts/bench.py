@@ -53,7 +53,7 @@ import httptools  # noqa: E402
 import uvloop  # noqa: E402
 
 import haproxy_ray  # noqa: E402
-from gateway.procs import Child, descendants, free_port  # noqa: E402
+from gateway.stacks.procs import Child, descendants, free_port  # noqa: E402
 
 perf = time.perf_counter
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -378,7 +378,7 @@ async def hold_streams(addr: tuple[str, int], n: int, root_pid: int, settle_s: f
 # --------------------------------------------------------------------------- processes
 
 class Stack:
-    """Upstreams + proxies of one run. Every process is a gateway.procs.Child of this process."""
+    """Upstreams + proxies of one run. Every process is a gateway.stacks.procs.Child of this process."""
 
     def __init__(self, args, log_dir: Path) -> None:
         self.a = args

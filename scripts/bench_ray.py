@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_ray.py [--requests 200] [--concurrency 1 8] [--max-tokens 16]
 
-One private Ray head (gateway.ray_stack.RayStack), the mock Serve app with Ray's
+One private Ray head (gateway.stacks.ray.RayStack), the mock Serve app with Ray's
 real LLMRouter (round robin, 2 replicas), Ray's own HAProxy frontend
 (RAY_SERVE_ENABLE_HA_PROXY=1, FORWARD_BODY=1) and the gateway discovering the same app.
 The same streaming chat request goes to:
@@ -32,8 +32,8 @@ import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gateway.procs import Child, free_port, python_module
-from gateway.ray_stack import RayStack
+from gateway.stacks.procs import Child, free_port, python_module
+from gateway.stacks.ray import RayStack
 
 PATHS = ("direct", "haproxy", "gateway")
 # Not a path to the model: LLMRouter's POST /internal/route alone, to show how much of "added" is the router.

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gateway.procs import descendants, terminate_pids  # noqa: E402
+from gateway.stacks.procs import descendants, terminate_pids  # noqa: E402
 
 VLLM_VENV = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm")
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
@@ -202,7 +202,7 @@ class VllmServer:
 
 def start_vllm_pair(log_dir: str, name: str = "vllm", deadline_s: float = STARTUP_DEADLINE_S) -> list[VllmServer]:
     """Two servers started together, Workers on CPU 0 and CPU 1; both healthy or both stopped."""
-    from gateway.procs import free_port
+    from gateway.stacks.procs import free_port
 
     servers = []
     try:
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_vllm: {reason}", file=sys.stderr)
         return 2
 
-    from gateway.procs import Child, free_port, python_module
+    from gateway.stacks.procs import Child, free_port, python_module
 
     os.makedirs(args.out, exist_ok=True)
     children: list[Child] = []

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from gateway.procs import Child, free_port, python_module
+from gateway.stacks.procs import Child, free_port, python_module
 
 LOG_DIR = os.environ.get("GATEWAY_TEST_LOGS", "/tmp/gateway-test-logs")
 os.makedirs(LOG_DIR, exist_ok=True)

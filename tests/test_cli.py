@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 
-from gateway.procs import free_port, port_open
+from gateway.stacks.procs import free_port, port_open
 from tests.conftest import CHAT
 
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.procs import free_port
+from gateway.stacks.procs import free_port
 from tests.conftest import CHAT, wait_until
 
 

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from gateway.procs import port_open
+from gateway.stacks.procs import port_open
 from tests.conftest import CHAT, read_until_close, wait_until
 
 STREAM = b'{"model":"mock","messages":[{"role":"user","content":"hi"}],"max_tokens":%d,"stream":true}'

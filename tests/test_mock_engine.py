@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.procs import Child, free_port, python_module
+from gateway.stacks.procs import Child, free_port, python_module
 
 HOST = "127.0.0.1"
 

@@ -1,6 +1,6 @@
 """The gateway in front of a real local Ray Serve app with Ray's own LLMRouter.
 
-One private Ray head (gateway.ray_stack.RayStack: own temp dir, own ports, stopped
+One private Ray head (gateway.stacks.ray.RayStack: own temp dir, own ports, stopped
 by its own PIDs) and one Serve app for the whole module; the tests run in file
 order because the last ones redeploy, kill and scale to zero.
 
@@ -23,8 +23,8 @@ import pytest
 pytest.importorskip("ray", reason="needs the [ray] extra: ray[serve]==2.60.0")
 pytest.importorskip("pyarrow", reason="Ray's LLMRouter import needs pyarrow")
 
-from gateway.procs import Child, free_port, python_module
-from gateway.ray_stack import RayStack
+from gateway.stacks.procs import Child, free_port, python_module
+from gateway.stacks.ray import RayStack
 from tests.conftest import CHAT, LOG_DIR, Gateway, wait_until
 
 pytestmark = pytest.mark.ray
@@ -129,7 +129,7 @@ class Load:
 
 def process_titles(stack: RayStack, prefix: str) -> list[str]:
     """Ray sets worker process titles (`ray::ServeReplica:<app>:<deployment>`): count replicas from /proc."""
-    from gateway.procs import descendants
+    from gateway.stacks.procs import descendants
 
     found = []
     for pid in descendants(stack.proc.pid):

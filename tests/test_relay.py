@@ -190,7 +190,7 @@ def test_gateway_endpoints(basic) -> None:
 
 
 def test_unstarted_replica_does_not_make_the_gateway_unready(stack) -> None:
-    from gateway.procs import free_port
+    from gateway.stacks.procs import free_port
 
     replica = stack.replica("a")
     router = stack.router([replica])

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gateway.procs import Child, free_port, python_module
+from gateway.stacks.procs import Child, free_port, python_module
 from replicas.routing import ConsistentHash, LoadTracker, PrefixAffinity, Replica
 
 HOST = "127.0.0.1"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.procs import free_port
+from gateway.stacks.procs import free_port
 from router_client import Decision, RouterClient, RouterError
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,24 +18,32 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from gateway.errors import Reason, error_response
-from gateway.request import Request
+from gateway.config import Config
+from gateway.controlplane.targets import TargetSet
+from gateway.dataplane.reasons import Reason, error_response
+from gateway.dataplane.request import Request
+from gateway.dataplane.state import ServerState
+from gateway.observability.metrics import Metrics
 
 log = logging.getLogger("gateway.admin")
 
 if TYPE_CHECKING:
-    from gateway.client import ClientConnection
-    from gateway.server import Gateway
+    from gateway.dataplane.relay import Client
 
 
 class Admin:
-    def __init__(self, gateway: "Gateway"):
-        self.gw = gateway
+    def __init__(self, config: Config, state: ServerState, targets: TargetSet, metrics: Metrics,
+                 refresh_gauges: Callable[[Metrics], None]):
+        self.config = config
+        self.state = state
+        self.targets = targets
+        self.metrics = metrics
+        self.refresh_gauges = refresh_gauges
         self.app = Starlette(routes=[
             Route("/-/healthz", self.healthz),
             Route("/-/ready", self.ready),
             Route("/-/routes", self.routes),
-            Route("/-/metrics", self.metrics),
+            Route("/-/metrics", self.prometheus),
         ])
         self.app.add_exception_handler(404, self.not_found)
 
@@ -44,28 +52,28 @@ class Admin:
         return PlainTextResponse("success")
 
     async def ready(self, request: StarletteRequest) -> Response:
-        if self.gw.draining:
+        if self.state.draining:
             return error_response(Reason.DRAINING)
-        if not self.gw.serving:
+        if not self.state.serving:
             return error_response(Reason.NO_REPLICAS, "the gateway has not started serving yet")
         # An unstarted or broken replica does not make the gateway unready: it answers for them with an error.
-        return JSONResponse({"status": "ready", "mode": self.gw.config.mode,
-                             "targets": len(self.gw.targets), "healthy": len(self.gw.targets.healthy())})
+        return JSONResponse({"status": "ready", "mode": self.config.mode,
+                             "targets": len(self.targets), "healthy": len(self.targets.healthy())})
 
     async def routes(self, request: StarletteRequest) -> Response:
-        body = self.gw.targets.describe()
-        body["in_flight"] = self.gw.in_flight
-        body["connections"] = len(self.gw.connections)
+        body = self.targets.describe()
+        body["in_flight"] = self.state.in_flight
+        body["connections"] = len(self.state.connections)
         body["pid"] = os.getpid()  # which worker answered, with --workers
         return Response(orjson.dumps(body), media_type="application/json")
 
-    async def metrics(self, request: StarletteRequest) -> Response:
-        return Response(self.gw.metrics.render(self.gw.refresh_gauges), media_type=self.gw.metrics.content_type)
+    async def prometheus(self, request: StarletteRequest) -> Response:
+        return Response(self.metrics.render(self.refresh_gauges), media_type=self.metrics.content_type)
 
     async def not_found(self, request: StarletteRequest, exc: Exception) -> Response:
         return error_response(Reason.NOT_FOUND, f"no gateway endpoint {request.url.path}")
 
-    async def serve(self, client: "ClientConnection", request: Request) -> None:
+    async def serve(self, client: "Client", request: Request) -> None:
         path, _, query = request.url.partition(b"?")
         scope = {
             "type": "http",

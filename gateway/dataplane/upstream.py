@@ -13,13 +13,28 @@ import asyncio
 import re
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 
-if TYPE_CHECKING:
-    from gateway.client import ClientConnection
-    from gateway.targets import Target
+from gateway.controlplane.targets import Target
+from gateway.dataplane.request import Request
+from gateway.dataplane.state import ServerState
+
+
+class Downstream(Protocol):
+    """Where a replica's response goes: what this layer needs of the client connection."""
+    transport: asyncio.Transport
+    state: ServerState
+    current: Request | None
+
+    def upstream_head(self, conn: "UpstreamConnection", status: int, head: bytes, has_request_id: bool,
+                      body_start: bytes, must_close: bool) -> None: ...
+
+    def upstream_complete(self, conn: "UpstreamConnection") -> None: ...
+
+    def upstream_failed(self, conn: "UpstreamConnection", why: str) -> None: ...
+
 
 # Hop-by-hop headers of the replica's response: they describe the replica's connection, not the client's.
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
@@ -38,12 +53,14 @@ def _strip_headers(head: bytes, drop_framing: bool) -> bytes:
         kept.append(line)
     kept.append(b"")
     return b"\r\n".join(kept)
+
+
 MAX_HEAD_BYTES = 64 * 1024
 _monotonic = time.monotonic
 
 
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, target: "Target", coalesce_s: float = 0.0, coalesce_min_streams: int = 0):
+    def __init__(self, target: Target, coalesce_s: float = 0.0, coalesce_min_streams: int = 0):
         self.target = target
         self.coalesce_s = coalesce_s
         # Below this many requests in flight CPU is plentiful: relay every chunk at once (lowest latency).
@@ -52,7 +69,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._held_by_client = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.transport: asyncio.Transport | None = None
-        self.client: "ClientConnection | None" = None
+        self.client: Downstream | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reused = False
@@ -105,7 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.transport.write(data)
             if self.complete:
                 client.upstream_complete(self)
-            elif gap < self.coalesce_s and client.gw.in_flight >= self.coalesce_min_streams:
+            elif gap < self.coalesce_s and client.state.in_flight >= self.coalesce_min_streams:
                 self._coalesce()
             return
         self._slow_path(data)
@@ -154,7 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
         return not self.closed and self.client is None and self.transport is not None \
             and not self.transport.is_closing()
 
-    def send(self, client: "ClientConnection", request: bytes, *, head_request: bool, dechunk: bool) -> None:
+    def send(self, client: Downstream, request: bytes, *, head_request: bool, dechunk: bool) -> None:
         assert self.transport is not None
         self.client = client
         self.got_bytes = self.head_sent = self.complete = self.keep_alive = False
@@ -283,7 +300,7 @@ class _Dechunker:
         self.conn.on_message_complete()
 
 
-async def open_upstream(target: "Target", coalesce_s: float = 0.0, coalesce_min_streams: int = 0
+async def open_upstream(target: Target, coalesce_s: float = 0.0, coalesce_min_streams: int = 0
                         ) -> UpstreamConnection:
     loop = asyncio.get_running_loop()
     _, protocol = await loop.create_connection(lambda: UpstreamConnection(target, coalesce_s, coalesce_min_streams),

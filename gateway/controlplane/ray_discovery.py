@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Config, ConfigError, ReplicaSpec
-from gateway.targets import Target, TargetSet
+from gateway.controlplane.targets import Target, TargetSet
 
 log = logging.getLogger("gateway.ray")
 

@@ -8,29 +8,15 @@ import sys
 import uvloop
 
 from gateway.config import Config
-from gateway.cli import serve_async
-from gateway.procs import Child, free_port, python_module
+from gateway.process.serve import serve_async
+from gateway.stacks.procs import Child, free_port, python_module
+from gateway.stacks.usage import USAGE
 
-USAGE = """\
-  Base URL: {base}/v1
-
-  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "mock", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
-
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='none'); \\
-print(c.chat.completions.create(model='mock', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
-
-  Gateway endpoints: {base}/-/routes  {base}/-/metrics  {base}/-/ready
-"""
 EXAMPLE = "Local stack is up: {replicas} mock vLLM replicas, router ({policy}), gateway.\n\n" + USAGE + \
     "Ctrl-C stops everything.\n"
 
 
 def run_up(args: argparse.Namespace) -> int:
-    if args.ray:
-        from gateway.ray_stack import run_ray_up  # needs the [ray] extra
-
-        return run_ray_up(args)
     children: list[Child] = []
     try:
         replicas = []

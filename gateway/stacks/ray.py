@@ -28,8 +28,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from gateway.local_stack import USAGE
-from gateway.procs import descendants, free_port, port_open, python_module, terminate_pids
+from gateway.stacks.procs import (
+    descendants,
+    free_port,
+    port_open,
+    python_module,
+    terminate_pids,
+)
+from gateway.stacks.usage import USAGE
 
 EXAMPLE = ("Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r} with {replicas} mock vLLM "
            "replicas,\nRay's LLMRouter ({policy}), and the gateway discovering them from Ray at {address}.\n\n"
@@ -197,7 +203,7 @@ def run_ray_up(args: argparse.Namespace) -> int:
         config = Config(host=args.host, port=args.port, ray_address=stack.address, strict_replica_id=True,
                         forward_body=True, health_path="/-/healthz", access_log=False,
                         log_level="warning").validate()
-        from gateway.cli import serve_async
+        from gateway.process.serve import serve_async
 
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         usage = EXAMPLE.format(root=stack.root, app=deployed.get("app", "llm"), replicas=args.replicas,

@@ -12,13 +12,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from gateway.config import ReplicaSpec
-
-if TYPE_CHECKING:
-    from gateway.upstream import UpstreamConnection
-    from router_client.pool import KeepAlivePool
+from router_client.pool import KeepAlivePool
 
 
 @dataclass(eq=False)
@@ -29,8 +26,9 @@ class Target:
     healthy: bool = True
     in_flight: int = 0
     removed: bool = False
-    # Filled by the relay: the keep-alive pool of connections to this replica.
-    pool: "KeepAlivePool[UpstreamConnection]" = field(default=None, repr=False)  # type: ignore[arg-type]
+    # Filled by the server: the keep-alive pool of the data plane's connections to this replica
+    # (typed loosely: the control plane does not know the data plane's connection class).
+    pool: KeepAlivePool[Any] = field(default=None, repr=False)  # type: ignore[arg-type]
 
     @property
     def address(self) -> str:

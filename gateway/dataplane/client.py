@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from gateway.errors import Reason, error_response
-from gateway.request import Request
+from gateway.dataplane.reasons import Reason, error_response
+from gateway.dataplane.request import Request
 
 if TYPE_CHECKING:
-    from gateway.server import Gateway
-    from gateway.upstream import UpstreamConnection
+    from gateway.config import Config
+    from gateway.dataplane.relay import Relay
+    from gateway.dataplane.state import ServerState
+    from gateway.dataplane.upstream import UpstreamConnection
 
 # Request headers never forwarded as they are: hop-by-hop and framing headers (we re-frame the body
 # with our own Content-Length), and the names Ray's HAProxy reserves for the router (ray-serve.md §b).
@@ -46,9 +48,10 @@ class RequestRejected(Exception):
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, gateway: "Gateway"):
-        self.gw = gateway
-        self.config = gateway.config
+    def __init__(self, config: "Config", state: "ServerState", relay: "Relay"):
+        self.config = config
+        self.state = state
+        self.relay = relay
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
@@ -63,7 +66,7 @@ class ClientConnection(asyncio.Protocol):
         self.first_byte_deadline = 0.0
         self.idle_reads = -1
         self.idle_since = 0.0
-        self._session_key_len = len(gateway.session_header_key)
+        self._session_key_len = len(state.session_header_key)
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -87,7 +90,7 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        if not self.gw.admit_connection(self):
+        if not self.state.admit(self):
             self.respond_error(Reason.OVERLOADED, "too many connections", retry_after_s=1, close=True)
 
     def data_received(self, data: bytes) -> None:
@@ -109,11 +112,11 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.gw.connection_closed(self)
+        self.state.closed(self)
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             # The client is gone: drop the replica connection at once so the engine aborts generation.
-            self.gw.relay.exchange_ended(upstream)
+            self.relay.exchange_ended(upstream)
             upstream.abort()
         request = self.current
         if request is not None:
@@ -122,7 +125,7 @@ class ClientConnection(asyncio.Protocol):
             if not request.status:
                 request.status = 499
             self.current = None
-            self.gw.request_finished(request)
+            self.state.request_finished(request)
         self.pending.clear()
 
     def pause_writing(self) -> None:
@@ -163,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
         elif lower == b"host":
             self._has_host = True
         elif len(lower) == self._session_key_len and self._session is None \
-                and lower.replace(b"_", b"-") == self.gw.session_header_key:
+                and lower.replace(b"_", b"-") == self.state.session_header_key:
             # Ray matches the session header case-insensitively with '-' and '_' alike; first match wins.
             self._session = value
         # (llhttp has already refused CR, LF and NUL in names and values: no header injection here.)
@@ -201,7 +204,7 @@ class ClientConnection(asyncio.Protocol):
         if self.current is None:
             self.deadline = None
             self.current = request
-            self.gw.relay.dispatch(self, request)
+            self.relay.dispatch(self, request)
         else:
             # Pipelined: answer in order; stop reading until the queue drains (bounded memory).
             self.pending.append(request)
@@ -220,7 +223,7 @@ class ClientConnection(asyncio.Protocol):
         request = self.current
         if self.closed:
             return
-        keep = not close and request is not None and request.keep_alive and not self.gw.draining
+        keep = not close and request is not None and request.keep_alive and not self.state.draining
         out = [b"HTTP/1.1 %d %s\r\n" % (status, _phrase(status))]
         for name, value in headers:
             if name.lower() not in (b"content-length", b"connection"):
@@ -263,7 +266,7 @@ class ClientConnection(asyncio.Protocol):
         assert request is not None
         request.status = status
         request.first_byte_s = time.monotonic() - request.started
-        keep = request.keep_alive and not must_close and not self.gw.draining and request.version != "1.0"
+        keep = request.keep_alive and not must_close and not self.state.draining and request.version != "1.0"
         extra = b"" if has_request_id else b"x-request-id: %s\r\n" % request.request_id
         if not keep:
             request.keep_alive = False
@@ -272,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_complete(self, conn: "UpstreamConnection") -> None:
         self.upstream = None
-        self.gw.relay.exchange_ended(conn)
+        self.relay.exchange_ended(conn)
         conn.release()
         if conn.keep_alive and not conn.closed:
             conn.target.pool.put(conn)
@@ -283,36 +286,36 @@ class ClientConnection(asyncio.Protocol):
     def upstream_failed(self, conn: "UpstreamConnection", why: str) -> None:
         """The replica connection broke or spoke garbage before the response ended."""
         self.upstream = None
-        self.gw.relay.exchange_ended(conn)
+        self.relay.exchange_ended(conn)
         head_sent = conn.head_sent
         conn.abort()
         request = self.current
         if request is None or self.closed:
             return
         if not head_sent:
-            self.gw.relay.upstream_failed_before_head(self, request, conn, why)
+            self.relay.upstream_failed_before_head(self, request, conn, why)
             return
         # Bytes already reached the client: nothing can be retried. Closing without the final chunk
         # makes the client see a broken stream, never a clean (and wrong) end.
         request.reason = Reason.UPSTREAM_MALFORMED.value if why == "malformed" else Reason.UPSTREAM_DIED.value
         request.keep_alive = False
-        self.gw.metrics.upstream_died(conn.target.replica_id)
+        self.state.metrics.upstream_died(conn.target.replica_id)
         self.finish(close=True)
 
     def finish(self, *, close: bool) -> None:
         """The current request is answered: log it, then serve the next one or close."""
         request, self.current = self.current, None
         if request is not None:
-            self.gw.request_finished(request)
+            self.state.request_finished(request)
         if self.closed:
             return
-        if close or self.gw.draining and not self.pending:
+        if close or self.state.draining and not self.pending:
             self.transport.close()
             self.closed = True
             return
         if self.pending:
             self.current = self.pending.popleft()
-            self.gw.relay.dispatch(self, self.current)
+            self.relay.dispatch(self, self.current)
             return
         self.deadline = time.monotonic() + self.config.client_timeout_s
         if self.reading_paused:
@@ -335,7 +338,7 @@ class ClientConnection(asyncio.Protocol):
         if not upstream.head_sent:
             if self.first_byte_deadline and now > self.first_byte_deadline:
                 self.upstream = None
-                self.gw.relay.exchange_ended(upstream)
+                self.relay.exchange_ended(upstream)
                 upstream.abort()
                 self.respond_error(Reason.UPSTREAM_TIMEOUT, "the replica sent no response head in time", close=True)
             return
@@ -348,7 +351,7 @@ class ClientConnection(asyncio.Protocol):
                 if self.current is not None:
                     self.current.reason = Reason.UPSTREAM_TIMEOUT.value
                 self.upstream = None
-                self.gw.relay.exchange_ended(upstream)
+                self.relay.exchange_ended(upstream)
                 upstream.abort()
                 self.finish(close=True)
 

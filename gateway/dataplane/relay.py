@@ -11,17 +11,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Protocol
 
-from gateway.errors import GatewayError, Reason
-from gateway.request import Request
-from gateway.targets import Target
-from gateway.upstream import UpstreamConnection
+from gateway.controlplane.targets import Target
+from gateway.dataplane.reasons import GatewayError, Reason
+from gateway.dataplane.request import Request
+from gateway.dataplane.upstream import Downstream, UpstreamConnection
 from router_client import Decision, RouterError
 
 if TYPE_CHECKING:
-    from gateway.client import ClientConnection
-    from gateway.server import Gateway
+    from gateway.config import Config
+    from gateway.controlplane.targets import TargetSet
+    from gateway.dataplane.state import ServerState
+    from router_client import RouterClient
+
+
+class Client(Downstream, Protocol):
+    """What the relay uses of the client connection that handed it a request."""
+    closed: bool
+    upstream: UpstreamConnection | None
+    writing_paused: bool
+    idle_reads: int
+    first_byte_deadline: float
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *,
+                close: bool = False) -> None: ...
+
+    def respond_error(self, reason: Reason, message: str | None = None, *, status: int | None = None,
+                      retry_after_s: int | None = None, close: bool = False) -> None: ...
+
+
+# The gateway's own /-/ endpoints: given a parsed request, answer it through the connection.
+InternalEndpoints = Callable[[Client, Request], Coroutine[None, None, None]]
 
 log = logging.getLogger("gateway.relay")
 
@@ -29,24 +51,28 @@ _ROUTER_REASONS = {reason.value: reason for reason in Reason}
 
 
 class Relay:
-    def __init__(self, gateway: "Gateway"):
-        self.gw = gateway
-        self.config = gateway.config
-        self.targets = gateway.targets
-        self.router = gateway.router
-        self.metrics = gateway.metrics
+    def __init__(self, config: "Config", state: "ServerState", targets: "TargetSet", router: "RouterClient",
+                 internal: InternalEndpoints, mark_down: Callable[[Target], None]):
+        self.config = config
+        self.state = state
+        self.targets = targets
+        self.router = router
+        self.metrics = state.metrics
+        self.internal = internal
+        # Passive health: traffic that finds a replica unreachable tells the health checker.
+        self.mark_down = mark_down
 
-    def dispatch(self, client: "ClientConnection", request: Request) -> None:
+    def dispatch(self, client: "Client", request: Request) -> None:
         if request.url.startswith(b"/-/"):
-            self.gw.loop.create_task(self.gw.admin.serve(client, request))
+            self.state.loop.create_task(self.internal(client, request))
             return
         limit = self.config.max_in_flight
-        if limit and self.gw.in_flight >= limit:
+        if limit and self.state.in_flight >= limit:
             client.respond_error(Reason.OVERLOADED, "too many requests in flight", retry_after_s=1)
             return
         self.route(client, request, None)
 
-    def route(self, client: "ClientConnection", request: Request, failed: Target | None) -> None:
+    def route(self, client: "Client", request: Request, failed: Target | None) -> None:
         """Pick the replica: the router decides POSTs; everything else goes least-loaded."""
         targets = self.targets
         if not targets.targets and targets.fallback is not None:
@@ -65,7 +91,7 @@ class Relay:
             return
         self.connect_to(client, request, target, None)
 
-    def on_decision(self, client: "ClientConnection", request: Request, failed: Target | None, started: float,
+    def on_decision(self, client: "Client", request: Request, failed: Target | None, started: float,
                     decision: Decision | None, error: RouterError | None) -> None:
         request.router_s = time.monotonic() - started
         if client.closed or client.current is not request:
@@ -111,7 +137,7 @@ class Relay:
                 return other
         return target
 
-    def fail(self, client: "ClientConnection", request: Request, exc: GatewayError) -> None:
+    def fail(self, client: "Client", request: Request, exc: GatewayError) -> None:
         if client.closed or client.current is not request:
             return
         if exc.body is not None:
@@ -124,7 +150,7 @@ class Relay:
         retry_after = 1 if exc.reason in (Reason.OVERLOADED, Reason.NO_REPLICAS) else None
         client.respond_error(exc.reason, exc.message, status=exc.status, retry_after_s=retry_after)
 
-    def connect_to(self, client: "ClientConnection", request: Request, target: Target,
+    def connect_to(self, client: "Client", request: Request, target: Target,
                    extra_headers: dict[str, str] | None) -> None:
         per_replica = self.config.max_in_flight_per_replica
         if per_replica and target.in_flight >= per_replica:
@@ -133,12 +159,12 @@ class Relay:
             return
         conn = target.pool.take_idle()
         if conn is None:
-            self.gw.loop.create_task(self.connect_fresh(client, request, target, extra_headers))
+            self.state.loop.create_task(self.connect_fresh(client, request, target, extra_headers))
             return
         conn.reused = True
         self.start_exchange(client, request, target, conn, extra_headers)
 
-    async def connect_fresh(self, client: "ClientConnection", request: Request, target: Target,
+    async def connect_fresh(self, client: "Client", request: Request, target: Target,
                             extra_headers: dict[str, str] | None) -> None:
         pool = target.pool
         started = time.monotonic()
@@ -155,7 +181,7 @@ class Relay:
             return
         self.start_exchange(client, request, target, conn, extra_headers)
 
-    def start_exchange(self, client: "ClientConnection", request: Request, target: Target,
+    def start_exchange(self, client: "Client", request: Request, target: Target,
                        conn: UpstreamConnection, extra_headers: dict[str, str] | None) -> None:
         head = request.upstream_head
         if not head:
@@ -165,7 +191,7 @@ class Relay:
             head = head + b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
                                    for k, v in extra_headers.items())
         target.in_flight += 1
-        self.gw.in_flight += 1
+        self.state.in_flight += 1
         request.replica_id = target.replica_id
         client.upstream = conn
         client.idle_reads = -1
@@ -183,15 +209,15 @@ class Relay:
             if conn.reads > 2:  # a stream, not a one-read answer
                 self.metrics.stream_gap(conn.target.replica_id, conn.max_gap)
         conn.target.in_flight -= 1
-        self.gw.in_flight -= 1
+        self.state.in_flight -= 1
 
-    def connect_failed(self, client: "ClientConnection", request: Request, target: Target, exc: BaseException) -> None:
+    def connect_failed(self, client: "Client", request: Request, target: Target, exc: BaseException) -> None:
         log.warning("connect to replica %s (%s) failed: %r", target.replica_id, target.address, exc)
         # Like HAProxy's `observe layer4`: a refused connect marks the replica down until health checks pass.
-        self.gw.health.mark_down(target)
+        self.mark_down(target)
         self.retry_or_fail(client, request, target, Reason.REPLICA_UNAVAILABLE)
 
-    def upstream_failed_before_head(self, client: "ClientConnection", request: Request, conn: UpstreamConnection,
+    def upstream_failed_before_head(self, client: "Client", request: Request, conn: UpstreamConnection,
                                     why: str) -> None:
         target = conn.target
         if why == "malformed":
@@ -200,11 +226,11 @@ class Relay:
         if conn.reused and not conn.got_bytes:
             # A stale keep-alive connection, closed by the replica as we reused it: resend on a fresh one.
             self.metrics.retry("stale_connection")
-            self.gw.loop.create_task(self.connect_fresh(client, request, target, request.extra_headers))
+            self.state.loop.create_task(self.connect_fresh(client, request, target, request.extra_headers))
             return
         self.retry_or_fail(client, request, target, Reason.REPLICA_UNAVAILABLE)
 
-    def retry_or_fail(self, client: "ClientConnection", request: Request, target: Target, reason: Reason) -> None:
+    def retry_or_fail(self, client: "Client", request: Request, target: Target, reason: Reason) -> None:
         if client.closed or client.current is not request:
             return
         if request.retries < 1:

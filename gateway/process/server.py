@@ -9,16 +9,17 @@ import signal
 import socket
 import time
 
-from gateway.access_log import AccessLog
-from gateway.admin import Admin
-from gateway.client import ClientConnection
+from gateway.admin.endpoints import Admin
 from gateway.config import Config
-from gateway.health import HealthChecker
-from gateway.metrics import Metrics
-from gateway.relay import Relay
-from gateway.request import Request
-from gateway.targets import Target, TargetSet
-from gateway.upstream import UpstreamConnection, open_upstream
+from gateway.controlplane.health import replica_health
+from gateway.controlplane.targets import Target, TargetSet
+from gateway.dataplane.client import ClientConnection
+from gateway.dataplane.relay import Relay
+from gateway.dataplane.request import Request
+from gateway.dataplane.state import ServerState
+from gateway.dataplane.upstream import UpstreamConnection, open_upstream
+from gateway.observability.access_log import AccessLog
+from gateway.observability.metrics import Metrics
 from router_client import RouterClient
 from router_client.pool import KeepAlivePool
 
@@ -42,19 +43,13 @@ class Gateway:
             body_cap=config.router_body_cap,
             session_header=config.session_header,
         )
-        self.session_header_key = config.session_header.lower().replace("_", "-").encode("latin-1")
-        self.relay = Relay(self)
-        self.admin = Admin(self)
-        self.health = HealthChecker(config, self.targets)
+        self.state = ServerState(self.metrics, config.max_connections, config.session_header, self.request_finished)
+        self.health = replica_health(config, self.targets)
+        self.admin = Admin(config, self.state, self.targets, self.metrics, self.refresh_gauges)
+        self.relay = Relay(config, self.state, self.targets, self.router, self.admin.serve, self.health.mark_down)
         self.access_log = AccessLog(config.access_log)
-        self.connections: set[ClientConnection] = set()
-        self.in_flight = 0
-        self.draining = False
-        self.serving = False
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
-        self._stopped = asyncio.Event()
         self._truncations_seen = 0
         self.targets.listeners.append(self._targets_changed)
         self._targets_changed(self.targets.targets, [])
@@ -76,18 +71,7 @@ class Gateway:
         min_streams = self.config.coalesce_min_streams
         return KeepAlivePool(lambda: open_upstream(target, coalesce_s, min_streams), self.config.upstream_idle_s)
 
-    # -- connections and requests (called by ClientConnection)
-    def admit_connection(self, conn: ClientConnection) -> bool:
-        if len(self.connections) >= self.config.max_connections:
-            return False
-        self.connections.add(conn)
-        return True
-
-    def connection_closed(self, conn: ClientConnection) -> None:
-        self.connections.discard(conn)
-        if self.draining and not self.connections:
-            self._stopped.set()
-
+    # -- requests (called through the server state)
     def request_finished(self, request: Request) -> None:
         route = "admin" if request.url.startswith(b"/-/") else "proxy"
         self.metrics.request(route, request.status, request.reason)
@@ -97,8 +81,8 @@ class Gateway:
             self.access_log.write(request.log_record())
 
     def refresh_gauges(self, metrics: Metrics) -> None:
-        metrics.in_flight.set(self.in_flight)
-        metrics.connections.set(len(self.connections))
+        metrics.in_flight.set(self.state.in_flight)
+        metrics.connections.set(len(self.state.connections))
         for target in self.targets.targets:
             metrics.pool_idle.labels(target.replica_id).set(target.pool.idle_count if target.pool is not None else 0)
             metrics.replica_up.labels(target.replica_id).set(1 if target.healthy else 0)
@@ -111,18 +95,22 @@ class Gateway:
 
     # -- lifecycle
     async def start(self, sock: socket.socket | None = None) -> None:
-        # Cached: asyncio.get_running_loop() costs a getpid() syscall per call.
-        self.loop = loop = asyncio.get_running_loop()
+        self.state.loop = loop = asyncio.get_running_loop()
+        config, state, relay = self.config, self.state, self.relay
+
+        def protocol() -> ClientConnection:
+            return ClientConnection(config, state, relay)
+
         if sock is not None:
-            self._server = await loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
+            self._server = await loop.create_server(protocol, sock=sock, backlog=4096)
         else:
             self._server = await loop.create_server(
-                lambda: ClientConnection(self), self.config.host, self.config.port, backlog=4096,
+                protocol, self.config.host, self.config.port, backlog=4096,
                 reuse_port=self.config.workers > 1 or None,
             )
         self.health.start()
         self._sweeper = loop.create_task(self._sweep())
-        self.serving = True
+        self.state.serving = True
 
     @property
     def port(self) -> int:
@@ -143,7 +131,7 @@ class Gateway:
     def _sweep_once(self, now: float, expire_pools: bool) -> None:
         self.access_log.flush()
         self.router.expire(now)
-        for conn in list(self.connections):
+        for conn in list(self.state.connections):
             conn.check_timeouts(now)
         if expire_pools:
             self.router.expire_idle()
@@ -153,25 +141,26 @@ class Gateway:
 
     async def drain(self) -> None:
         """Stop accepting, report unready, let streams in flight finish (up to the drain timeout)."""
-        if self.draining:
+        state = self.state
+        if state.draining:
             return
-        self.draining = True
-        log.info("draining: %d connections, %d requests in flight", len(self.connections), self.in_flight)
+        state.draining = True
+        log.info("draining: %d connections, %d requests in flight", len(state.connections), state.in_flight)
         if self._server is not None:
             self._server.close()
-        for conn in list(self.connections):
+        for conn in list(state.connections):
             if conn.current is None and not conn.pending:
                 conn.transport.close()  # idle keep-alive: nothing is lost by closing it now
-        if self.connections:
+        if state.connections:
             try:
-                await asyncio.wait_for(self._stopped.wait(), self.config.drain_timeout_s)
+                await asyncio.wait_for(state.all_closed.wait(), self.config.drain_timeout_s)
             except TimeoutError:
-                log.warning("drain timeout: closing %d connections with requests in flight", len(self.connections))
-                for conn in list(self.connections):
+                log.warning("drain timeout: closing %d connections with requests in flight", len(state.connections))
+                for conn in list(state.connections):
                     conn.transport.abort()
 
     async def close(self) -> None:
-        self.serving = False
+        self.state.serving = False
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.health.stop()

@@ -1,0 +1,52 @@
+"""What the connections of one server share: counters, the drain flag, and the hooks the process wires in.
+
+Like uvicorn's `ServerState`: the protocols get the config and this, never the server
+object, so the data plane imports nothing above it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway.dataplane.request import Request
+from gateway.observability.metrics import Metrics
+
+
+class Connection(Protocol):
+    """What the server does with an open client connection: time it out, or close it on drain."""
+    transport: asyncio.Transport
+    current: Request | None
+    pending: deque[Request]
+
+    def check_timeouts(self, now: float) -> None: ...
+
+
+class ServerState:
+    def __init__(self, metrics: Metrics, max_connections: int, session_header: str,
+                 request_finished: Callable[[Request], None]):
+        self.metrics = metrics
+        self.max_connections = max_connections
+        # Ray matches the session header case-insensitively with '-' and '_' alike (ray-serve.md §b).
+        self.session_header_key = session_header.lower().replace("_", "-").encode("latin-1")
+        self.request_finished = request_finished
+        self.connections: set[Connection] = set()
+        self.in_flight = 0
+        self.draining = False
+        self.serving = False
+        # Cached by the server at start: asyncio.get_running_loop() costs a getpid() syscall per call.
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.all_closed = asyncio.Event()
+
+    def admit(self, conn: Connection) -> bool:
+        if len(self.connections) >= self.max_connections:
+            return False
+        self.connections.add(conn)
+        return True
+
+    def closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self.all_closed.set()

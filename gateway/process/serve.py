@@ -1,0 +1,100 @@
+"""Run the gateway: one process (`serve_async`) or N workers on one port, until SIGTERM/SIGINT.
+
+Below both the CLI and the development stacks, which all start a gateway through here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from gateway.config import Config, ConfigError
+from gateway.controlplane.targets import TargetSet
+from gateway.process.server import Gateway
+
+
+def startup_line(config: Config, port: int, targets: TargetSet) -> str:
+    routers = ",".join(f"{host}:{port}" for host, port in targets.routers) or "none (least-loaded for every request)"
+    source = f"{len(targets)} static replicas"
+    if config.ray_address:
+        source = f"{len(targets)} from ray {config.ray_address}" + (f" app {config.app}" if config.app else "") \
+            + (" (scaled to zero: fallback proxy)" if not len(targets) and targets.fallback else "")
+    return (f"gateway: listening on http://{config.host}:{port} | mode {config.mode} | routers {routers} | "
+            f"targets {source} | workers {config.workers} | forward body {'on' if config.forward_body else 'off'}")
+
+
+async def serve_async(config: Config, ready_message: bool = True,
+                      on_ready: Callable[[], None] | None = None) -> int:
+    """Run one gateway until SIGTERM/SIGINT; `on_ready` runs once it is listening."""
+    targets = None
+    discovery = None
+    if config.ray_address:
+        from gateway.controlplane.ray_discovery import (
+            RayDiscovery,  # only Ray users pay for importing ray
+        )
+
+        if config.health_path == "/health":  # the default: Ray replicas answer health on /-/healthz (§e)
+            config = config.with_changes(health_path="/-/healthz")
+        discovery = RayDiscovery(config)
+        targets = await discovery.start()
+    gateway = Gateway(config, targets)
+    try:
+        await gateway.start()
+    except OSError as exc:
+        if discovery is not None:
+            await discovery.stop()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {config.port} on {config.host} is already in use") from None
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    if ready_message:
+        print(startup_line(config, gateway.port, gateway.targets), flush=True)
+    if on_ready is not None:
+        on_ready()
+    await gateway.run_until_signalled()
+    if discovery is not None:
+        await discovery.stop()
+    return 0
+
+
+def run_serve(config: Config) -> int:
+    import uvloop
+
+    if config.workers == 1:
+        return uvloop.run(serve_async(config))
+    return _run_workers(config)
+
+
+def _run_workers(config: Config) -> int:
+    """N forked workers bind the same port with SO_REUSEPORT; the kernel spreads connections."""
+    import uvloop
+
+    children = []
+    for index in range(config.workers):
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM for all
+            try:
+                code = uvloop.run(serve_async(config, ready_message=index == 0))
+            except ConfigError as exc:
+                print(f"gateway: error: {exc}", file=sys.stderr)
+                code = 2
+            os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
