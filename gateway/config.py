@@ -124,6 +124,10 @@ OPTIONS: tuple[Option, ...] = (
            "when a replica's chunks arrive back to back, read them in batches at most this far apart (fewer syscalls per chunk); tokens spaced wider are relayed at once; 0 = off"),
     Option("coalesce_min_streams", ("GATEWAY_COALESCE_MIN_STREAMS",), int, 4,
            "coalesce only while at least this many requests are in flight: when idle, every chunk goes out at once"),
+    Option("otlp_endpoint", ("GATEWAY_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), str, "",
+           "send OpenTelemetry traces to this OTLP/HTTP collector (http://host:4318, or the full .../v1/traces URL); needs the otel extra; empty = tracing off"),
+    Option("trace_sample_ratio", ("GATEWAY_TRACE_SAMPLE_RATIO",), float, 0.01,
+           "share of requests traced when an OTLP endpoint is set (0..1); a client's sampled traceparent is always traced"),
     Option("access_log", ("GATEWAY_ACCESS_LOG",), _bool, True, "one JSON line per request on stdout (written off the event loop)"),
     Option("log_level", ("GATEWAY_LOG_LEVEL",), str, "info", "debug, info, warning or error"),
 )
@@ -199,6 +203,8 @@ class Config:
     drain_timeout_s: float = 30.0
     coalesce_ms: float = 1.0
     coalesce_min_streams: int = 4
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 0.01
     access_log: bool = True
     log_level: str = "info"
 
@@ -209,6 +215,20 @@ class Config:
     @property
     def replica_specs(self) -> list[ReplicaSpec]:
         return [parse_replica(text) for text in self.replicas]
+
+    @property
+    def otlp_traces_url(self) -> str:
+        """The collector's traces URL: a base URL gets OTLP/HTTP's /v1/traces, a full one is kept."""
+        endpoint = self.otlp_endpoint.strip()
+        if not endpoint:
+            return ""
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"otlp endpoint {endpoint!r}: give the OTLP/HTTP URL, e.g. http://127.0.0.1:4318 "
+                              "(OTLP over gRPC is not supported)")
+        if parts.path in ("", "/"):
+            return endpoint.rstrip("/") + "/v1/traces"
+        return endpoint
 
     @property
     def mode(self) -> str:
@@ -225,6 +245,9 @@ class Config:
                      "health_fast_interval_s", "health_timeout_s", "client_timeout_s", "header_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ConfigError("trace sample ratio must be between 0 and 1")
+        self.otlp_traces_url  # noqa: B018 - parse now, so a bad URL fails at startup
         if not self.health_path.startswith("/"):
             raise ConfigError("health path must start with /")
         self.router_addresses  # noqa: B018 - parse now, so a bad URL fails at startup

@@ -66,6 +66,9 @@ class Relay:
         if request.url.startswith(b"/-/"):
             self.state.loop.create_task(self.internal(client, request))
             return
+        tracer = self.state.tracer
+        if tracer is not None:
+            tracer.start(request)
         limit = self.config.max_in_flight
         if limit and self.state.in_flight >= limit:
             client.respond_error(Reason.OVERLOADED, "too many requests in flight", retry_after_s=1)

@@ -9,7 +9,7 @@ class Request:
     __slots__ = (
         "method", "url", "version", "headers", "body", "keep_alive", "request_id", "session", "content_type",
         "has_host", "started", "router_s", "first_byte_s", "status", "reason", "replica_id", "bytes_out",
-        "retries", "upstream_head", "extra_headers",
+        "retries", "upstream_head", "extra_headers", "trace",
     )
 
     def __init__(self, method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -36,6 +36,8 @@ class Request:
         self.retries = 0
         self.upstream_head = b""
         self.extra_headers: dict[str, str] | None = None
+        # Set by the tracer for a sampled request only (observability/tracing.py); None costs nothing.
+        self.trace: object | None = None
 
     @property
     def path(self) -> bytes:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from gateway.dataplane.request import Request
 from gateway.observability.metrics import Metrics
+from gateway.observability.tracing import RequestTracer
 
 
 class Connection(Protocol):
@@ -32,6 +33,8 @@ class ServerState:
         # Ray matches the session header case-insensitively with '-' and '_' alike (ray-serve.md §b).
         self.session_header_key = session_header.lower().replace("_", "-").encode("latin-1")
         self.request_finished = request_finished
+        # Set by the process when an OTLP endpoint is configured; None keeps tracing off the path.
+        self.tracer: RequestTracer | None = None
         self.connections: set[Connection] = set()
         self.in_flight = 0
         self.draining = False

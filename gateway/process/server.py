@@ -20,6 +20,7 @@ from gateway.dataplane.state import ServerState
 from gateway.dataplane.upstream import UpstreamConnection, open_upstream
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
+from gateway.observability.tracing import RequestTracer
 from router_client import RouterClient
 from router_client.pool import KeepAlivePool
 
@@ -48,6 +49,9 @@ class Gateway:
         self.admin = Admin(config, self.state, self.targets, self.metrics, self.refresh_gauges)
         self.relay = Relay(config, self.state, self.targets, self.router, self.admin.serve, self.health.mark_down)
         self.access_log = AccessLog(config.access_log)
+        self.tracer: RequestTracer | None = None
+        if config.otlp_traces_url:
+            self.tracer = self.state.tracer = RequestTracer(config.otlp_traces_url, config.trace_sample_ratio)
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
         self._truncations_seen = 0
@@ -73,6 +77,8 @@ class Gateway:
 
     # -- requests (called through the server state)
     def request_finished(self, request: Request) -> None:
+        if request.trace is not None:
+            self.tracer.finish(request)  # type: ignore[union-attr]
         route = "admin" if request.url.startswith(b"/-/") else "proxy"
         self.metrics.request(route, request.status, request.reason)
         if request.first_byte_s and request.replica_id:
@@ -171,6 +177,9 @@ class Gateway:
         if self._server is not None:
             self._server.close()
         self.access_log.close()
+        if self.tracer is not None:
+            # The SDK's flush blocks (HTTP in its thread): off the loop, and bounded.
+            await asyncio.to_thread(self.tracer.close)
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain and close. Exit status 0 on a clean drain."""
