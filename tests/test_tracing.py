@@ -1,11 +1,12 @@
 """Traces: a request followed from the client through the gateway into the replica, in OTLP spans.
 
 A collector speaking OTLP/HTTP runs in this process on 127.0.0.1 (tests/otlp_receiver.py) and
-decodes what the gateway's exporter posts. Needs the `otel` extra; skipped cleanly without it.
+decodes what the gateway's exporter posts. Needs the `otel` extra; those tests skip cleanly without it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import signal
 
@@ -13,19 +14,47 @@ import httpx
 import openai
 import pytest
 
-pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter", reason="needs the otel extra")
-pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2", reason="needs the otel extra")
+from gateway.config import ConfigError, resolve
+from gateway.stacks.procs import free_port
+from tests.conftest import CHAT, wait_until
+from tests.test_cli import run_gateway
 
-from gateway.stacks.procs import free_port  # noqa: E402
-from tests.conftest import CHAT, wait_until  # noqa: E402
-from tests.otlp_receiver import Receiver, Span  # noqa: E402
+
+def _have_otel() -> bool:
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in (
+            "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+            "opentelemetry.proto.collector.trace.v1.trace_service_pb2"))
+    except ModuleNotFoundError:
+        return False
+
+
+needs_otel = pytest.mark.skipif(not _have_otel(), reason="needs the otel extra: pip install '.[otel]'")
 
 
 @pytest.fixture
 def receiver():
+    from tests.otlp_receiver import Receiver
+
     r = Receiver().start()
     yield r
     r.stop()
+
+
+def test_tracing_options() -> None:
+    base = {"GATEWAY_REPLICAS": "http://127.0.0.1:1"}
+    assert resolve(None, base).otlp_traces_url == ""  # off by default
+    config = resolve(None, {**base, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318"})
+    assert config.otlp_traces_url == "http://collector:4318/v1/traces" and config.trace_sample_ratio == 0.01
+    config = resolve(None, {**base, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://a:4318",
+                            "GATEWAY_OTLP_ENDPOINT": "https://b/otlp/v1/traces"})
+    assert config.otlp_traces_url == "https://b/otlp/v1/traces"  # the gateway's own name wins, a path is kept
+    with pytest.raises(ConfigError):
+        resolve(None, {**base, "GATEWAY_TRACE_SAMPLE_RATIO": "2"})
+    for argv, expected in ((["--otlp-endpoint", "grpc://127.0.0.1:4317"], "OTLP/HTTP"),
+                           (["--trace-sample-ratio", "1.5"], "between 0 and 1")):
+        result = run_gateway("serve", "--replica", "http://127.0.0.1:1", *argv)
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
 
 
 def traceparent(sampled: bool = True) -> tuple[str, str, str]:
@@ -33,15 +62,16 @@ def traceparent(sampled: bool = True) -> tuple[str, str, str]:
     return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}", trace_id, span_id
 
 
-def by_name(spans: list[Span]) -> dict[str, Span]:
+def by_name(spans: list) -> dict:
     return {span.name: span for span in spans}
 
 
-def wait_for_trace(receiver: Receiver, trace_id: str, names: set[str]) -> dict[str, Span]:
+def wait_for_trace(receiver, trace_id: str, names: set[str]) -> dict:
     return wait_until(lambda: names <= set(by_name(receiver.trace(trace_id))) and by_name(receiver.trace(trace_id)),
                       deadline_s=20, what=f"spans {names} of trace {trace_id}")
 
 
+@needs_otel
 def test_client_traceparent_is_continued_and_the_replica_nests_under_the_gateway(stack, receiver) -> None:
     replicas = [stack.replica("r1"), stack.replica("r2")]
     router = stack.router(replicas)
@@ -77,6 +107,7 @@ def test_client_traceparent_is_continued_and_the_replica_nests_under_the_gateway
     assert seen["tracestate"] == "vendor=abc"
 
 
+@needs_otel
 def test_sampled_roots_failures_and_unsampled_parents(stack, receiver) -> None:
     replicas = [stack.replica("r1"), stack.replica("r2")]
     router = stack.router(replicas)
@@ -120,6 +151,7 @@ def test_sampled_roots_failures_and_unsampled_parents(stack, receiver) -> None:
     assert receiver.trace(unsampled_trace) == []
 
 
+@needs_otel
 def test_an_unreachable_collector_costs_no_request(stack) -> None:
     replicas = [stack.replica("r1")]
     router = stack.router(replicas)
@@ -145,6 +177,7 @@ def test_an_unreachable_collector_costs_no_request(stack) -> None:
     assert gateway.child.proc.wait(timeout=15) == 0
 
 
+@needs_otel
 def test_no_endpoint_exports_nothing_and_forwards_the_client_context(stack, receiver) -> None:
     replicas = [stack.replica("r1")]
     router = stack.router(replicas)

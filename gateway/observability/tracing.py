@@ -80,7 +80,7 @@ class RequestTracer:
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError as exc:
             raise ConfigError(f"--otlp-endpoint needs the OpenTelemetry packages: pip install 'gateway[otel]' "
-                              f"({exc.name} is missing)") from None
+                              f"({exc})") from None
         self._api = trace_api
         self._span = ReadableSpan
         self._context = trace_api.SpanContext
