@@ -18,9 +18,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 
 # Dependencies first, from pyproject.toml alone, so that a code change reuses this layer.
+# The otel extra is in: GATEWAY_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) turns traces on.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['otel']))" > requirements.txt \
  && python -m pip wheel --wheel-dir /wheels -r requirements.txt
 
 COPY README.md ./
@@ -29,7 +30,7 @@ COPY router_client ./router_client
 COPY replicas ./replicas
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/venv \
- && /opt/venv/bin/python -m pip install --no-index --find-links /wheels gateway \
+ && /opt/venv/bin/python -m pip install --no-index --find-links /wheels 'gateway[otel]' \
  && /opt/venv/bin/python -m pip uninstall --quiet -y pip setuptools
 
 # ---- final: the venv only; no compilers, no build tools, no wheels, no pip cache ----
