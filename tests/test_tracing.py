@@ -136,6 +136,13 @@ def test_sampled_roots_failures_and_unsampled_parents(stack, receiver) -> None:
     assert root.span_id == parent_span and root.parent_span_id == ""
     assert "router" not in spans and root.attributes["gateway.router"] == "least_loaded"  # GETs skip the router
 
+    # A malformed client context starts a new trace (W3C): the replica gets a valid one instead.
+    answer = httpx.get(f"{gateway.url}/v1/models", headers={"traceparent": "00-not-a-trace-01"}, timeout=10)
+    replica = next(r for r in replicas if r.replica_id == answer.headers["x-replica-id"])
+    version, new_trace, _, flags = replica.stats()["last_request"]["headers"]["traceparent"].split("-")
+    assert (version, flags) == ("00", "01") and len(new_trace) == 32
+    wait_for_trace(receiver, new_trace, {"GET /v1/models"})
+
     # A failure carries its reason, retries and an error status.
     failed = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, timeout=10,
                         headers={"x-mock-fault": "die-before-head"})
