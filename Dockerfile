@@ -58,8 +58,10 @@ EXPOSE 8000
 
 # /-/healthz is the gateway's own liveness (200 even when no replica is reachable).
 # No curl in slim images: python's urllib; any non-2xx or connection error exits non-zero.
+# The admin port when one is set (plain HTTP, no client certificate needed), else the public port
+# (HTTPS when GATEWAY_TLS_CERT is set; the certificate names the public host, so it is not verified here).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/-/healthz' % os.environ.get('GATEWAY_PORT', '8000'), timeout=2)" || exit 1
+    CMD python -c "import os, ssl, urllib.request; e = os.environ.get; admin = e('GATEWAY_ADMIN_PORT', '0') not in ('', '0'); tls = bool(e('GATEWAY_TLS_CERT')) and not admin; urllib.request.urlopen('%s://127.0.0.1:%s/-/healthz' % ('https' if tls else 'http', e('GATEWAY_ADMIN_PORT') if admin else e('GATEWAY_PORT', '8000')), timeout=2, context=ssl._create_unverified_context() if tls else None)" || exit 1
 
 # Exec form: the gateway is PID 1 and gets SIGTERM itself, so `docker stop` drains.
 ENTRYPOINT ["gateway"]

@@ -35,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--itl-ms", type=float, default=20.0, help="mock inter-token latency (default 20 ms)")
     up.add_argument("--ttft-ms", type=float, default=50.0, help="mock time to first token (default 50 ms)")
     up.add_argument("--ray", action="store_true", help="run the stack on a local Ray head with Ray's LLMRouter")
+    keys = sub.add_parser("keys", help="make API keys for --api-keys-file")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="print a fresh random key once (stderr; stored nowhere) and its [[keys]] "
+                                          "entry (stdout): gateway keys new NAME >> keys.toml")
+    new.add_argument("name", help="the key's name, as it appears in the access log and metrics")
     args = parser.parse_args(argv)
     try:
+        if args.command == "keys":
+            return _new_key(args.name)
         if args.command == "serve":
             config = resolve(args)
             _setup_logging(config.log_level)
@@ -56,6 +63,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 0
+
+
+def _new_key(name: str) -> int:
+    from gateway.security.keys import KeysError, check_name, new_key, toml_entry
+
+    try:
+        check_name(name, "gateway keys new")
+    except KeysError as exc:
+        raise ConfigError(str(exc)) from None
+    key = new_key()
+    # The key on stderr (the terminal), the entry on stdout: `gateway keys new NAME >> keys.toml` shows the key
+    # once and appends only its digest to the file.
+    print(f"API key for {name!r} (shown once, stored nowhere; give it to the client): {key}", file=sys.stderr)
+    print(f"# {name}: add to --api-keys-file, then SIGHUP the gateway\n{toml_entry(name, key)}", end="", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

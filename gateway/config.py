@@ -128,6 +128,20 @@ OPTIONS: tuple[Option, ...] = (
            "send OpenTelemetry traces to this OTLP/HTTP collector (http://host:4318, or the full .../v1/traces URL); needs the otel extra; empty = tracing off"),
     Option("trace_sample_ratio", ("GATEWAY_TRACE_SAMPLE_RATIO",), float, 0.01,
            "share of requests traced when an OTLP endpoint is set (0..1); a client's sampled traceparent is always traced"),
+    Option("api_key", ("GATEWAY_API_KEY",), str, "",
+           "one API key clients must send as 'Authorization: Bearer KEY' (like vLLM's --api-key); its name is 'default'"),
+    Option("api_keys_file", ("GATEWAY_API_KEYS_FILE",), str, "",
+           "TOML file of [[keys]] (name, sha256, optional rps, burst, max_in_flight, models); reloaded on SIGHUP"),
+    Option("upstream_api_key", ("GATEWAY_UPSTREAM_API_KEY",), str, "",
+           "Authorization sent to replicas (a vLLM started with --api-key); the client's own never reaches them"),
+    Option("tls_cert", ("GATEWAY_TLS_CERT",), str, "", "PEM certificate chain: the public listener speaks HTTPS (TLS 1.2+); reloaded on SIGHUP"),
+    Option("tls_key", ("GATEWAY_TLS_KEY",), str, "", "PEM private key of --tls-cert"),
+    Option("tls_client_ca", ("GATEWAY_TLS_CLIENT_CA",), str, "", "PEM CA bundle: require client certificates signed by it (mTLS)"),
+    Option("admin_port", ("GATEWAY_ADMIN_PORT",), int, 0,
+           "serve /-/routes and /-/metrics on this port only (the public port keeps /-/healthz and /-/ready); 0 = off"),
+    Option("admin_host", ("GATEWAY_ADMIN_HOST",), str, "127.0.0.1", "address of the admin listener"),
+    Option("cors_origins", ("GATEWAY_CORS_ORIGINS",), _list, [],
+           "origins browsers may call the gateway from (comma-separated, or *); the gateway answers preflights itself"),
     Option("access_log", ("GATEWAY_ACCESS_LOG",), _bool, True, "one JSON line per request on stdout (written off the event loop)"),
     Option("log_level", ("GATEWAY_LOG_LEVEL",), str, "info", "debug, info, warning or error"),
 )
@@ -205,6 +219,15 @@ class Config:
     coalesce_min_streams: int = 4
     otlp_endpoint: str = ""
     trace_sample_ratio: float = 0.01
+    api_key: str = ""
+    api_keys_file: str = ""
+    upstream_api_key: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    admin_port: int = 0
+    admin_host: str = "127.0.0.1"
+    cors_origins: list[str] = field(default_factory=list)
     access_log: bool = True
     log_level: str = "info"
 
@@ -229,6 +252,10 @@ class Config:
         if parts.path in ("", "/"):
             return endpoint.rstrip("/") + "/v1/traces"
         return endpoint
+    def front_door(self) -> bool:
+        """Whether requests pass the security checks at all: off, the data plane pays nothing for them."""
+        return bool(self.api_key or self.api_keys_file or self.upstream_api_key or self.cors_origins
+                    or self.admin_port)
 
     @property
     def mode(self) -> str:
@@ -248,6 +275,14 @@ class Config:
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ConfigError("trace sample ratio must be between 0 and 1")
         self.otlp_traces_url  # noqa: B018 - parse now, so a bad URL fails at startup
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("give both --tls-cert and --tls-key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        if not 0 <= self.admin_port < 65536:
+            raise ConfigError(f"admin port {self.admin_port} is out of range")
+        if self.admin_port and self.admin_port == self.port:
+            raise ConfigError("the admin port must differ from the public port")
         if not self.health_path.startswith("/"):
             raise ConfigError("health path must start with /")
         self.router_addresses  # noqa: B018 - parse now, so a bad URL fails at startup

@@ -119,3 +119,24 @@ class Admin:
                 if name == b"x-serve-reason":
                     request.reason = value.decode("latin-1")
             client.respond(status, headers, b"".join(body))
+
+
+class AdminListener:
+    """The dispatcher of the --admin-port listener: every /-/ endpoint, nothing relayed, no key needed.
+
+    It stands where the Relay stands for the public listener (ClientConnection calls `dispatch`);
+    it never opens a replica connection, so `exchange_ended` never has work to do.
+    """
+
+    def __init__(self, admin: Admin, state: ServerState):
+        self.admin = admin
+        self.state = state
+
+    def dispatch(self, client: "Client", request: Request) -> None:
+        if request.url.startswith(b"/-/"):
+            self.state.loop.create_task(self.admin.serve(client, request))
+            return
+        client.respond_error(Reason.NOT_FOUND, "the admin listener serves only the gateway's /-/ endpoints")
+
+    def exchange_ended(self, conn: object) -> None:
+        pass

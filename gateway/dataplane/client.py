@@ -67,6 +67,13 @@ class ClientConnection(asyncio.Protocol):
         self.idle_reads = -1
         self.idle_since = 0.0
         self._session_key_len = len(state.session_header_key)
+        # The front door (gateway/security), when configured: it also claims the Authorization (and, for
+        # CORS, Origin) headers, which then land in the drop branch below and are never forwarded.
+        self.door = door = state.door
+        self._drop = _DROP if door is None else door.drop_set(_DROP)
+        self._auth: bytes | None = None
+        self._origin: bytes | None = None
+        self._key: object = None
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -82,6 +89,7 @@ class ClientConnection(asyncio.Protocol):
         self._expect_continue = False
         self._content_length = 0
         self._reject: Reason | None = None
+        self._discard_body = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,13 +159,17 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_head(len(name) + len(value) + 4)
         lower = name.lower()
-        if lower in _DROP:
+        if lower in self._drop:
             if lower == b"x-request-id":
                 self._request_id = value
             elif lower == b"expect":
                 self._expect_continue = value.lower() == b"100-continue"
             elif lower == b"content-length" and value.isdigit():
                 self._content_length = int(value)
+            elif lower == b"authorization":
+                self._auth = value
+            elif lower == b"origin":
+                self._origin = value
             return
         if lower[:15] == _ROUTER_OWNED_PREFIX:
             return
@@ -181,6 +193,12 @@ class ClientConnection(asyncio.Protocol):
             # Refused before a single body byte is read or anything is forwarded.
             self._reject = Reason.BODY_TOO_LARGE
             raise RequestRejected(Reason.BODY_TOO_LARGE)
+        door = self.door
+        if door is not None:
+            # The key is checked as soon as the head is in: a caller without one is answered 401 once its
+            # body has gone by, and that body is dropped as it arrives, never buffered.
+            self._key = key = door.authenticate(self._auth)
+            self._discard_body = key is None and door.needs_key
         if self._expect_continue:
             self.transport.write(_CONTINUE)
 
@@ -189,7 +207,8 @@ class ClientConnection(asyncio.Protocol):
         if self._body_size > self.config.max_body_bytes:
             self._reject = Reason.BODY_TOO_LARGE
             raise RequestRejected(Reason.BODY_TOO_LARGE)
-        self._body.append(body)
+        if not self._discard_body:
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
         self.in_head = False
@@ -201,6 +220,9 @@ class ClientConnection(asyncio.Protocol):
             self._request_id or new_request_id(),
             self._session, self._content_type, self._has_host,
         )
+        if self.door is not None:
+            request.key, request.origin = self._key, self._origin
+            self._auth = self._origin = self._key = None
         if self.current is None:
             self.deadline = None
             self.current = request
@@ -230,6 +252,8 @@ class ClientConnection(asyncio.Protocol):
                 out.append(b"%s: %s\r\n" % (name, value))
         if request is not None:
             out.append(b"x-request-id: %s\r\n" % request.request_id)
+        if self.door is not None:
+            out.append(self.door.response_headers(request))
         out.append(b"content-length: %d\r\n%s\r\n" % (len(body), b"" if keep else b"connection: close\r\n"))
         if not (request is not None and request.method == b"HEAD"):
             out.append(body)
@@ -268,6 +292,8 @@ class ClientConnection(asyncio.Protocol):
         request.first_byte_s = time.monotonic() - request.started
         keep = request.keep_alive and not must_close and not self.state.draining and request.version != "1.0"
         extra = b"" if has_request_id else b"x-request-id: %s\r\n" % request.request_id
+        if self.door is not None:
+            extra += self.door.response_headers(request)
         if not keep:
             request.keep_alive = False
             extra += b"connection: close\r\n"
@@ -356,10 +382,10 @@ class ClientConnection(asyncio.Protocol):
                 self.finish(close=True)
 
 
-_PHRASES = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
-            413: b"Content Too Large", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
-            499: b"Client Closed Request", 500: b"Internal Server Error", 502: b"Bad Gateway",
-            503: b"Service Unavailable", 504: b"Gateway Timeout"}
+_PHRASES = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+            405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
+            429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 499: b"Client Closed Request",
+            500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
 
 def _phrase(status: int) -> bytes:

@@ -34,6 +34,10 @@ class Reason(str, enum.Enum):
     DRAINING = "draining"
     NOT_FOUND = "not_found"
     CLIENT_ABORT = "client_abort"
+    # The front door (gateway/security).
+    UNAUTHORIZED = "unauthorized"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    RATE_LIMITED = "rate_limited"
 
 
 # status, OpenAI error type, default message
@@ -56,7 +60,13 @@ _DETAILS: dict[Reason, tuple[int, str, str]] = {
     Reason.DRAINING: (503, "service_unavailable", "the gateway is shutting down"),
     Reason.NOT_FOUND: (404, "invalid_request_error", "not found"),
     Reason.CLIENT_ABORT: (499, "client_closed_request", "the client closed the connection"),
+    Reason.UNAUTHORIZED: (401, "invalid_request_error",
+                          "missing or invalid API key: send 'Authorization: Bearer <key>'"),
+    Reason.MODEL_NOT_ALLOWED: (403, "permission_error", "this API key may not use the requested model"),
+    Reason.RATE_LIMITED: (429, "rate_limit_error", "this API key is over its request limit"),
 }
+# The OpenAI error code where it differs from our reason name (the SDKs and clients key on OpenAI's).
+_CODES = {Reason.UNAUTHORIZED: "invalid_api_key"}
 
 
 def status_of(reason: Reason) -> int:
@@ -71,7 +81,7 @@ def error_response(reason: Reason, message: str | None = None, *, status: int | 
     if retry_after_s is not None:
         headers["retry-after"] = str(retry_after_s)
     return JSONResponse(
-        {"error": {"message": message or default_message, "type": kind, "code": reason.value}},
+        {"error": {"message": message or default_message, "type": kind, "code": _CODES.get(reason, reason.value)}},
         status_code=status or default_status,
         headers=headers,
     )

@@ -63,6 +63,9 @@ class Relay:
         self.mark_down = mark_down
 
     def dispatch(self, client: "Client", request: Request) -> None:
+        door = self.state.door
+        if door is not None and not door.admit(client, request):
+            return  # answered by the front door: no key, over a limit, a CORS preflight, an admin-only path
         if request.url.startswith(b"/-/"):
             self.state.loop.create_task(self.internal(client, request))
             return

@@ -9,7 +9,7 @@ class Request:
     __slots__ = (
         "method", "url", "version", "headers", "body", "keep_alive", "request_id", "session", "content_type",
         "has_host", "started", "router_s", "first_byte_s", "status", "reason", "replica_id", "bytes_out",
-        "retries", "upstream_head", "extra_headers", "trace",
+        "retries", "upstream_head", "extra_headers", "trace", "origin", "key", "key_counted",
     )
 
     def __init__(self, method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -38,6 +38,11 @@ class Request:
         self.extra_headers: dict[str, str] | None = None
         # Set by the tracer for a sampled request only (observability/tracing.py); None costs nothing.
         self.trace: object | None = None
+        # Set only when the front door is on (gateway/security): the client's Origin and the API key its
+        # Authorization matched (anything with a `name`; counted against its in-flight limit while key_counted).
+        self.origin: bytes | None = None
+        self.key = None
+        self.key_counted = False
 
     @property
     def path(self) -> bytes:
@@ -57,4 +62,5 @@ class Request:
             "router_ms": round(self.router_s * 1000, 3),
             "ttfb_ms": round(self.first_byte_s * 1000, 3) if self.first_byte_s else None,
             "total_ms": round((now - self.started) * 1000, 3),
+            "key": self.key.name if self.key is not None else None,
         }

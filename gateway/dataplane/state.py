@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.dataplane.request import Request
 from gateway.observability.metrics import Metrics
@@ -23,6 +23,20 @@ class Connection(Protocol):
     pending: deque[Request]
 
     def check_timeouts(self, now: float) -> None: ...
+
+
+class FrontDoor(Protocol):
+    """The checks every public request passes (gateway/security), handed in by the process when configured."""
+
+    needs_key: bool
+
+    def drop_set(self, base: frozenset[bytes]) -> frozenset[bytes]: ...
+
+    def authenticate(self, authorization: bytes | None) -> Any: ...
+
+    def admit(self, client: Any, request: Request) -> bool: ...
+
+    def response_headers(self, request: Request | None) -> bytes: ...
 
 
 class ServerState:
@@ -42,6 +56,8 @@ class ServerState:
         # Cached by the server at start: asyncio.get_running_loop() costs a getpid() syscall per call.
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.all_closed = asyncio.Event()
+        # None unless keys, CORS, an admin port or an upstream key is configured: then every request passes it.
+        self.door: FrontDoor | None = None
 
     def admit(self, conn: Connection) -> bool:
         if len(self.connections) >= self.max_connections:

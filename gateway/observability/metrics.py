@@ -68,8 +68,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter("gateway_requests", "Requests answered, by route kind, status and failure reason",
-                                ["route", "status", "reason"], registry=registry)
+        self.requests = Counter("gateway_requests", "Requests answered, by route kind, status, failure reason and API key name",
+                                ["route", "status", "reason", "key"], registry=registry)
         self.router_failures = Counter("gateway_router_failures", "Failed routing decisions by reason",
                                        ["reason"], registry=registry)
         self.router_latency = HotHistogram("gateway_router_latency_seconds", "Time to get a routing decision",
@@ -97,16 +97,16 @@ class Metrics:
                                ["pool"], registry=registry)
         self.replica_up = Gauge("gateway_replica_healthy", "1 if the replica passes health checks", ["replica"],
                                 registry=registry)
-        self._request_children: dict[tuple[str, int, str], Counter] = {}
+        self._request_children: dict[tuple[str, int, str, str], Counter] = {}
         self._ok = self.router_latency.child("ok")
         self._failed = self.router_latency.child("failed")
 
     # -- hot path
-    def request(self, route: str, status: int, reason: str) -> None:
-        key = (route, status, reason)
+    def request(self, route: str, status: int, reason: str, key_name: str = "") -> None:
+        key = (route, status, reason, key_name)
         child = self._request_children.get(key)
         if child is None:
-            child = self._request_children[key] = self.requests.labels(route, str(status), reason)
+            child = self._request_children[key] = self.requests.labels(route, str(status), reason, key_name)
         child.inc()
 
     def first_byte(self, replica: str, seconds: float) -> None:

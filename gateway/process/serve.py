@@ -22,7 +22,9 @@ def startup_line(config: Config, port: int, targets: TargetSet) -> str:
     if config.ray_address:
         source = f"{len(targets)} from ray {config.ray_address}" + (f" app {config.app}" if config.app else "") \
             + (" (scaled to zero: fallback proxy)" if not len(targets) and targets.fallback else "")
-    return (f"gateway: listening on http://{config.host}:{port} | mode {config.mode} | routers {routers} | "
+    scheme = "https" if config.tls_cert else "http"
+    admin = f" | admin http://{config.admin_host}:{config.admin_port}" if config.admin_port else ""
+    return (f"gateway: listening on {scheme}://{config.host}:{port}{admin} | mode {config.mode} | routers {routers} | "
             f"targets {source} | workers {config.workers} | forward body {'on' if config.forward_body else 'off'}")
 
 
@@ -91,8 +93,16 @@ def _run_workers(config: Config) -> int:
             except ProcessLookupError:
                 pass
 
+    def forward_hup(signum: int, frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signal.SIGHUP)  # each worker reloads its own keys and certificate
+            except ProcessLookupError:
+                pass
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward_hup)
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)

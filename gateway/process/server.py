@@ -9,8 +9,8 @@ import signal
 import socket
 import time
 
-from gateway.admin.endpoints import Admin
-from gateway.config import Config
+from gateway.admin.endpoints import Admin, AdminListener
+from gateway.config import Config, ConfigError
 from gateway.controlplane.health import replica_health
 from gateway.controlplane.targets import Target, TargetSet
 from gateway.dataplane.client import ClientConnection
@@ -21,6 +21,9 @@ from gateway.dataplane.upstream import UpstreamConnection, open_upstream
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import RequestTracer
+from gateway.security.door import FrontDoor
+from gateway.security.keys import KeysError
+from gateway.security.tls import TlsError, TlsFiles
 from router_client import RouterClient
 from router_client.pool import KeepAlivePool
 
@@ -28,6 +31,7 @@ log = logging.getLogger("gateway")
 
 # Timeouts (router, first byte, idle, slowloris) are enforced at this granularity.
 SWEEP_INTERVAL_S = 0.1
+TLS_SHUTDOWN_TIMEOUT_S = 10.0
 
 
 class Gateway:
@@ -52,6 +56,16 @@ class Gateway:
         self.tracer: RequestTracer | None = None
         if config.otlp_traces_url:
             self.tracer = self.state.tracer = RequestTracer(config.otlp_traces_url, config.trace_sample_ratio)
+        try:
+            self.door = FrontDoor(config) if config.front_door else None
+            self.tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
+        except (KeysError, TlsError) as exc:
+            raise ConfigError(str(exc)) from None
+        self.state.door = self.door
+        # The admin listener's connections are its own: never counted, drained or checked with the public ones.
+        self.admin_state = ServerState(self.metrics, config.max_connections, config.session_header,
+                                       self.request_finished)
+        self._admin_server: asyncio.base_events.Server | None = None
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
         self._truncations_seen = 0
@@ -80,7 +94,13 @@ class Gateway:
         if request.trace is not None:
             self.tracer.finish(request)  # type: ignore[union-attr]
         route = "admin" if request.url.startswith(b"/-/") else "proxy"
-        self.metrics.request(route, request.status, request.reason)
+        key = request.key
+        if key is not None:
+            if self.door is not None:
+                self.door.finished(request)
+            self.metrics.request(route, request.status, request.reason, key.name)
+        else:
+            self.metrics.request(route, request.status, request.reason)
         if request.first_byte_s and request.replica_id:
             self.metrics.first_byte(request.replica_id, request.first_byte_s)
         if self.config.access_log:
@@ -107,16 +127,46 @@ class Gateway:
         def protocol() -> ClientConnection:
             return ClientConnection(config, state, relay)
 
+        # A TLS handshake is part of sending the request head: a stalled one is cut at header_timeout_s.
+        # Closing a TLS connection waits for the peer's close_notify, which an idle pooled client never sends:
+        # bound that wait (it also bounds flushing the tail of a `connection: close` answer).
+        tls = {} if self.tls is None else {"ssl": self.tls.context,
+                                           "ssl_handshake_timeout": self.config.header_timeout_s,
+                                           "ssl_shutdown_timeout": TLS_SHUTDOWN_TIMEOUT_S}
         if sock is not None:
-            self._server = await loop.create_server(protocol, sock=sock, backlog=4096)
+            self._server = await loop.create_server(protocol, sock=sock, backlog=4096, **tls)
         else:
             self._server = await loop.create_server(
                 protocol, self.config.host, self.config.port, backlog=4096,
-                reuse_port=self.config.workers > 1 or None,
+                reuse_port=self.config.workers > 1 or None, **tls,
             )
+        if self.config.admin_port:
+            self.admin_state.loop = loop
+            admin_state, admin_relay = self.admin_state, AdminListener(self.admin, self.admin_state)
+            try:
+                self._admin_server = await loop.create_server(
+                    lambda: ClientConnection(config, admin_state, admin_relay),  # type: ignore[arg-type]
+                    self.config.admin_host, self.config.admin_port, reuse_port=self.config.workers > 1 or None)
+            except OSError as exc:
+                self._server.close()
+                raise ConfigError(f"cannot listen on admin {self.config.admin_host}:{self.config.admin_port}: "
+                                  f"{exc.strerror}") from None
+        # Installed before we serve: an early SIGHUP must reload, never kill (its default action).
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.health.start()
         self._sweeper = loop.create_task(self._sweep())
         self.state.serving = True
+
+    def reload(self) -> None:
+        """SIGHUP: new keys and certificate for new requests and handshakes; nothing open is dropped."""
+        if self.door is not None:
+            self.door.reload()
+        if self.tls is not None:
+            try:
+                self.tls.reload()
+                log.info("TLS certificate reloaded from %s", self.tls.cert)
+            except TlsError as exc:
+                log.error("TLS certificate not reloaded, the previous one stays: %s", exc)
 
     @property
     def port(self) -> int:
@@ -139,6 +189,8 @@ class Gateway:
         self.router.expire(now)
         for conn in list(self.state.connections):
             conn.check_timeouts(now)
+        for conn in list(self.admin_state.connections):
+            conn.check_timeouts(now)
         if expire_pools:
             self.router.expire_idle()
             for target in self.targets.targets:
@@ -156,7 +208,12 @@ class Gateway:
             self._server.close()
         for conn in list(state.connections):
             if conn.current is None and not conn.pending:
-                conn.transport.close()  # idle keep-alive: nothing is lost by closing it now
+                # Idle keep-alive: nothing is lost by closing it now. Over TLS nothing is left to flush either, and
+                # a graceful close would wait on a close_notify the idle client never sends: close at once.
+                if self.tls is not None:
+                    conn.transport.abort()
+                else:
+                    conn.transport.close()
         if state.connections:
             try:
                 await asyncio.wait_for(state.all_closed.wait(), self.config.drain_timeout_s)
@@ -176,6 +233,10 @@ class Gateway:
                 target.pool.close()
         if self._server is not None:
             self._server.close()
+        if self._admin_server is not None:
+            self._admin_server.close()
+            for conn in list(self.admin_state.connections):
+                conn.transport.close()
         self.access_log.close()
         if self.tracer is not None:
             # The SDK's flush blocks (HTTP in its thread): off the loop, and bounded.
