@@ -1,6 +1,7 @@
 """A Ray Serve LLM application in direct-streaming shape, fronted by Ray's real LLMRouter.
 
     python -m replicas.serve_app deploy [--backend mock|vllm] [--policy round_robin|consistent_hash|prefix_affinity]
+                                        [--model DIR|HF_ID] [--model-id NAME] [--accelerator gpu|cpu]
                                         [--replicas N] [--min-replicas 0] [--name llm] [--address 127.0.0.1:26379]
     python -m replicas.serve_app shutdown [--address ...]
     python -m replicas.serve_app status|kill REPLICA_ID [--address ...]   (helpers for tests and humans)
@@ -17,8 +18,9 @@ Backends:
   answers come from `replicas.mock_engine.MockEngine` (the same code, so the same
   vLLM-exact SSE bytes, `x-replica-id` = the Serve replica id, `/mock/stats`).
 - `vllm`: the real engine through `ray.serve.llm.build_openai_app` with direct
-  streaming. Written out plainly but NOT exercised here: vLLM-on-Ray does not fit
-  the 2-core CPU box this was built on.
+  streaming (Ray's LLMServer as the ingress, LLMRouter attached by Ray). `--accelerator cpu`
+  runs vLLM's CPU build, two replicas on 2 cores (`gateway up --ray --backend vllm`,
+  tests/test_ray_vllm.py); `gpu` keeps Ray's defaults.
 
 Whoever builds the app (this driver) needs RAY_SERVE_ENABLE_HA_PROXY=1 in its
 environment, or `build_app` refuses the ingress request router.
@@ -244,29 +246,61 @@ def build_mock_app(policy: str = "round_robin", replicas: int = 2, min_replicas:
 
 
 # --------------------------------------------------------------------------- the vLLM backend
+# vLLM's environment on CPU (shared/reference/vllm-cpu.md): 1 GiB of KV cache, loopback only, no hub, no telemetry.
+# It reaches the replica and vLLM's engine processes through the LLMConfig's runtime_env.
+VLLM_CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+# The engine on CPU: float32 (the CPU kernels' safe dtype), a short context (the KV cache stays small), and no
+# graph capture (nothing to capture on CPU; it only adds start-up time).
+VLLM_CPU_ENGINE_KWARGS = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True}
+
+
 def build_vllm_app(policy: str = "round_robin", replicas: int = 1, min_replicas: int | None = None,
                    model: str = "Qwen/Qwen2.5-0.5B-Instruct", model_id: str | None = None,
-                   engine_kwargs: dict | None = None, downscale_to_zero_s: float = 300.0):
-    """The real thing: Ray Serve LLM's own direct-streaming builder (LLMServer as ingress,
-    LLMRouter attached by Ray). Needs vLLM on every node and RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1
-    before `ray.serve.llm` is first imported. Not run on the CPU development box."""
-    os.environ.setdefault("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING", "1")
-    from ray.llm._internal.serve import constants as llm_constants
+                   engine_kwargs: dict | None = None, downscale_to_zero_s: float = 300.0,
+                   accelerator: str = "gpu", replica_cpus: float = 0.5):
+    """The real thing: Ray Serve LLM's own direct-streaming builder (LLMServer as ingress, LLMRouter attached
+    by Ray), with vLLM engines. Needs vLLM and ray[serve] on every node and RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1
+    before `ray.serve.llm` is first imported.
 
+    accelerator "gpu": Ray's defaults (one GPU bundle per engine), as on a GPU cluster.
+    accelerator "cpu": vLLM's CPU build; each replica's actor and its engine's placement-group bundle ask for
+    `replica_cpus` CPUs, so two replicas fit a 2-core machine (without `accelerator_config={"kind": "cpu"}`
+    Ray asks for {"GPU": 1} bundles; with it alone, one replica takes [{"CPU": 2}]).
+    """
+    os.environ.setdefault("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING", "1")
     try:
+        from ray.llm._internal.serve import constants as llm_constants
         from ray.serve.llm import LLMConfig, build_openai_app
     except ImportError as exc:
-        raise RuntimeError(f"--backend vllm needs vLLM on the driver and every node: pip install 'ray[llm]==2.60.0' "
+        raise RuntimeError(f"--backend vllm needs vLLM and Ray Serve LLM in this Python ({sys.executable}): "
+                           f"on CPU `bash scripts/vllm_setup.sh`, on GPUs `pip install 'ray[llm]==2.60.0'` "
                            f"({exc})") from None
 
     if not llm_constants.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING:
         raise RuntimeError("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 must be set before ray.serve.llm is imported")
-    deployment_config = {"request_router_config": _router_config(policy),
-                         **_scaling(replicas, min_replicas, downscale_to_zero_s)}
+    if accelerator not in ("gpu", "cpu"):
+        raise ValueError(f"unknown accelerator {accelerator!r}; one of gpu, cpu")
+    deployment_config: dict = {"request_router_config": _router_config(policy),
+                               **_scaling(replicas, min_replicas, downscale_to_zero_s)}
+    extra: dict = {}
+    kwargs = dict(engine_kwargs or {})
+    if accelerator == "cpu":
+        deployment_config["ray_actor_options"] = {"num_cpus": replica_cpus}
+        extra = {"accelerator_config": {"kind": "cpu"},
+                 "placement_group_config": {"bundles": [{"CPU": replica_cpus}]},
+                 "runtime_env": {"env_vars": dict(VLLM_CPU_ENV)}}
+        kwargs = {**VLLM_CPU_ENGINE_KWARGS, **kwargs}
     llm_config = LLMConfig(
         model_loading_config={"model_id": model_id or model, "model_source": model},
         deployment_config=deployment_config,
-        engine_kwargs=engine_kwargs or {},
+        engine_kwargs=kwargs,
+        **extra,
     )
     return build_openai_app({"llm_configs": [llm_config]})
 
@@ -294,7 +328,8 @@ def target_groups(app_name: str) -> list:
 def deploy(address: str, backend: str = "mock", policy: str = "round_robin", replicas: int = 2,
            min_replicas: int | None = None, name: str = APP_NAME, http_port: int = 8000, tag: str = "v1",
            ttft_ms: float = 0.0, itl_ms: float = 0.0, model: str | None = None,
-           downscale_to_zero_s: float = 30.0, wait_s: float = 120.0) -> dict:
+           downscale_to_zero_s: float = 30.0, wait_s: float = 120.0, model_id: str | None = None,
+           accelerator: str = "gpu") -> dict:
     """Deploy (or redeploy) the app and wait until Ray publishes its targets. Returns timings."""
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         raise RuntimeError("set RAY_SERVE_ENABLE_HA_PROXY=1 (here and in `ray start`): "
@@ -306,7 +341,8 @@ def deploy(address: str, backend: str = "mock", policy: str = "round_robin", rep
         app = build_mock_app(policy, replicas, min_replicas, model or "mock", ttft_ms, itl_ms, tag,
                              downscale_to_zero_s=downscale_to_zero_s)
     elif backend == "vllm":
-        app = build_vllm_app(policy, replicas, min_replicas, model or "Qwen/Qwen2.5-0.5B-Instruct")
+        app = build_vllm_app(policy, replicas, min_replicas, model or "Qwen/Qwen2.5-0.5B-Instruct", model_id,
+                             downscale_to_zero_s=downscale_to_zero_s, accelerator=accelerator)
     else:
         raise ValueError(f"unknown backend {backend!r}")
     t1 = time.monotonic()
@@ -367,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=8000, help="Ray's HAProxy frontend port")
     parser.add_argument("--tag", default="v1", help="user_config tag (a new value still replaces every replica)")
     parser.add_argument("--model", default=None, help="mock: served model name; vllm: HF model id or path")
+    parser.add_argument("--model-id", default=None, help="vllm: the served model name (default: --model)")
+    parser.add_argument("--accelerator", default="gpu", choices=["gpu", "cpu"],
+                        help="vllm: gpu (Ray's defaults) or cpu (vLLM's CPU build, 0.5 CPU per replica)")
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="mock: delay before the first token")
     parser.add_argument("--itl-ms", type=float, default=0.0, help="mock: delay between tokens")
     parser.add_argument("--downscale-to-zero-s", type=float, default=30.0, help="idle time before 1 -> 0 replicas")
@@ -386,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = deploy(args.address, args.backend, args.policy, args.replicas, args.min_replicas, args.name,
-                        args.http_port, args.tag, args.ttft_ms, args.itl_ms, args.model, args.downscale_to_zero_s)
+                        args.http_port, args.tag, args.ttft_ms, args.itl_ms, args.model, args.downscale_to_zero_s,
+                        model_id=args.model_id, accelerator=args.accelerator)
     except (RuntimeError, TimeoutError, ValueError) as exc:
         print(f"serve_app: error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,6 @@ from gateway.stacks.procs import (
     descendants,
     free_port,
     port_open,
-    python_module,
     terminate_pids,
 )
 from gateway.stacks.usage import USAGE
@@ -43,9 +43,27 @@ EXAMPLE = ("Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r
            "Ctrl-C stops everything (gateway, Serve, and this Ray head only).\n")
 
 
-def _ray_bin() -> str:
-    candidate = os.path.join(os.path.dirname(sys.executable), "ray")
+def _ray_bin(python: str) -> str:
+    candidate = os.path.join(os.path.dirname(python), "ray")
     return candidate if os.path.exists(candidate) else "ray"
+
+
+# The repo root: a driver in another venv (python=...) imports replicas.serve_app from here.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _window_port(low: int, high: int) -> int:
+    """A free loopback port in [low, high), not 2024 (reserved on this workplace's machines)."""
+    for _ in range(200):
+        port = random.randrange(low, high)
+        if port != 2024 and not port_open("127.0.0.1", port, timeout=0.05):
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    return free_port()
 
 
 @dataclass
@@ -53,6 +71,10 @@ class RayStack:
     """One private Ray head on 127.0.0.1 plus the Serve app; `start()` / `deploy()` / `stop()`."""
 
     num_cpus: int = 2
+    # The Python of `ray start` (so of every Ray worker) and of the deploying driver. Ray Serve LLM's vLLM
+    # engines need vLLM in it (.venv-vllm), while the gateway, a driver only for discovery, stays in its own
+    # venv: Ray only requires the same Ray and Python versions on both sides.
+    python: str = sys.executable
     draining_s: float = 2.0  # RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (Ray's default 30)
     root: str = ""
     log_path: str = ""
@@ -69,11 +91,15 @@ class RayStack:
         if not self.ports:
             names = ("gcs", "http", "fallback", "fallback_grpc", "hap_metrics", "hap_stats", "client",
                      "agent_listen", "agent_grpc", "runtime_env", "metrics_export", "node_manager", "object_manager")
+            # Below the kernel's ephemeral range (32768-60999 here): vLLM's engine processes bind random
+            # loopback ports there at any time (a replacement replica too), and HAProxy binds its stats and
+            # metrics ports only at serve.start; a port picked there could be taken by then. Above Ray's
+            # worker ports (10002-19999) and the direct-ingress window below (21000-28999).
             taken: set[int] = set()
             for name in names:
-                port = free_port()
+                port = _window_port(29000, 30000)
                 while port in taken:
-                    port = free_port()
+                    port = _window_port(29000, 30000)
                 taken.add(port)
                 self.ports[name] = port
             # Direct-ingress replica ports: a private window (Ray allocates lowest-free first).
@@ -115,12 +141,14 @@ class RayStack:
             "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(p["di_grpc_min"]),
             "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(p["di_grpc_max"]),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(self.draining_s),
+            **({} if self.python == sys.executable else
+               {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)}),
         }
 
     # -- the head
     def start(self, deadline_s: float = 90.0) -> RayStack:
         p = self.ports
-        argv = [_ray_bin(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={p['gcs']}",
+        argv = [_ray_bin(self.python), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={p['gcs']}",
                 f"--num-cpus={self.num_cpus}", "--include-dashboard=false", f"--temp-dir={self.root}",
                 f"--ray-client-server-port={p['client']}", f"--dashboard-agent-listen-port={p['agent_listen']}",
                 f"--dashboard-agent-grpc-port={p['agent_grpc']}", f"--runtime-env-agent-port={p['runtime_env']}",
@@ -144,8 +172,8 @@ class RayStack:
 
     # -- the Serve app (each call is a short-lived driver process)
     def serve_app(self, command: str, *args: str, timeout_s: float = 180.0) -> dict:
-        argv = python_module("replicas.serve_app", command, "--address", self.address,
-                             "--http-port", str(self.http_port), *args)
+        argv = [self.python, "-m", "replicas.serve_app", command, "--address", self.address,
+                "--http-port", str(self.http_port), *args]
         log = os.path.join(self.root, f"serve_app-{command}.log")
         with open(log, "ab") as handle:
             done = subprocess.run(argv, env={**os.environ, **self.env()}, stdout=subprocess.PIPE, stderr=handle,
