@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--itl-ms", type=float, default=20.0, help="mock inter-token latency (default 20 ms)")
     up.add_argument("--ttft-ms", type=float, default=50.0, help="mock time to first token (default 50 ms)")
     up.add_argument("--ray", action="store_true", help="run the stack on a local Ray head with Ray's LLMRouter")
+    up.add_argument("--backend", default="mock", choices=["mock", "vllm"],
+                    help="with --ray: mock engines (default) or Ray Serve LLM's real vLLM engines on CPU "
+                         "(needs `bash scripts/vllm_setup.sh`)")
+    up.add_argument("--model", default=None,
+                    help="with --backend vllm: a local model directory (default: the tiny test model .tiny-llama, "
+                         "made when missing)")
+    up.add_argument("--vllm-venv", default=os.environ.get("VLLM_VENV", ".venv-vllm"),
+                    help="with --backend vllm: the venv holding vLLM and ray[serve] (default .venv-vllm, env VLLM_VENV)")
     keys = sub.add_parser("keys", help="make API keys for --api-keys-file")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_sub.add_parser("new", help="print a fresh random key once (stderr; stored nowhere) and its [[keys]] "
@@ -51,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_serve(config)
         _setup_logging("warning")
+        if args.backend != "mock" and not args.ray:
+            parser.error("--backend vllm runs on Ray: add --ray")
         if args.ray:
             from gateway.stacks.ray import run_ray_up  # needs the [ray] extra
 

@@ -140,3 +140,14 @@ def test_ray_haproxy_env_durations_carry_over() -> None:
                             "RAY_SERVE_HAPROXY_HEALTH_CHECK_FASTINTER": "250ms",
                             "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S": "3"})
     assert (config.health_interval_s, config.health_fast_interval_s, config.router_timeout_s) == (5.0, 0.25, 3.0)
+
+
+def test_gateway_up_vllm_backend_explains_what_is_missing(tmp_path) -> None:
+    # The real Ray Serve LLM stack runs on Ray only, and needs the vLLM venv: both are said plainly, before
+    # anything starts (no Ray head, no temp dir left behind).
+    result = run_gateway("up", "--backend", "vllm")
+    assert result.returncode == 2 and "--backend vllm runs on Ray: add --ray" in result.stderr
+    result = run_gateway("up", "--ray", "--backend", "vllm", "--vllm-venv", str(tmp_path / "nowhere"))
+    assert result.returncode == 1
+    assert "bin/python is missing: run `bash scripts/vllm_setup.sh`" in result.stderr
+    assert "starting a private Ray head" not in result.stdout

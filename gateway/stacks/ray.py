@@ -37,10 +37,12 @@ from gateway.stacks.procs import (
 )
 from gateway.stacks.usage import USAGE
 
-EXAMPLE = ("Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r} with {replicas} mock vLLM "
-           "replicas,\nRay's LLMRouter ({policy}), and the gateway discovering them from Ray at {address}.\n\n"
+EXAMPLE = ("Ray stack is up: a local Ray head (2 CPUs, {root}), Serve app {app!r} with {replicas} {engines},"
+           "\nRay's LLMRouter ({policy}), and the gateway discovering them from Ray at {address}.\n\n"
            + USAGE + "  Ray's own HAProxy ingress, for comparison: http://127.0.0.1:{http_port}/v1\n"
            "Ctrl-C stops everything (gateway, Serve, and this Ray head only).\n")
+# The served model name of the default tiny model (the name the real-vLLM tests and benchmarks use).
+TINY_MODEL = "tiny"
 
 
 def _ray_bin(python: str) -> str:
@@ -75,6 +77,7 @@ class RayStack:
     # engines need vLLM in it (.venv-vllm), while the gateway, a driver only for discovery, stays in its own
     # venv: Ray only requires the same Ray and Python versions on both sides.
     python: str = sys.executable
+    extra_env: dict[str, str] = field(default_factory=dict)  # more environment for the head and the drivers
     draining_s: float = 2.0  # RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (Ray's default 30)
     root: str = ""
     log_path: str = ""
@@ -143,6 +146,7 @@ class RayStack:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(self.draining_s),
             **({} if self.python == sys.executable else
                {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)}),
+            **self.extra_env,
         }
 
     # -- the head
@@ -214,20 +218,69 @@ class RayStack:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def vllm_python(venv: str) -> str:
+    """The vLLM venv's python, checked: it must import vllm and ray.serve.llm (scripts/vllm_setup.sh makes it)."""
+    python = os.path.abspath(os.path.join(venv, "bin", "python"))
+    if not os.path.exists(python):
+        raise RuntimeError(f"{python} is missing: run `bash scripts/vllm_setup.sh` (about 3 min, 3.0 GB), "
+                           f"or point --vllm-venv / VLLM_VENV at a venv with vllm and ray[serve]==2.60.0")
+    probe = ("import importlib.util as u, sys; "
+             "sys.exit(0 if u.find_spec('vllm') and u.find_spec('ray.serve.llm') else 1)")
+    check = subprocess.run([python, "-c", probe], stdin=subprocess.DEVNULL, capture_output=True, timeout=120,
+                           check=False)
+    if check.returncode != 0:
+        raise RuntimeError(f"{python} lacks vllm or ray.serve.llm: run `bash scripts/vllm_setup.sh`")
+    return python
+
+
+def tiny_model(python: str) -> str:
+    """The tiny test model (TINY_LLAMA or ./.tiny-llama), built with make-tiny-llama when missing."""
+    model = os.path.abspath(os.environ.get("TINY_LLAMA", ".tiny-llama"))
+    if os.path.exists(os.path.join(model, "config.json")):
+        return model
+    shared = os.environ.get("SHARED_DIR", os.path.join(os.path.dirname(ROOT), "shared"))
+    tool = os.path.join(shared, "tools", "make-tiny-llama")
+    if not os.path.exists(tool):
+        raise RuntimeError(f"no model at {model} and no {tool} to make one: pass --model DIR")
+    print(f"gateway up --ray: making the tiny test model in {model} (about 10 s)...", flush=True)
+    subprocess.run([python, tool, model + ".tmp"], check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}, timeout=300)
+    os.replace(model + ".tmp", model)
+    return model
+
+
+def _deploy_args(args: argparse.Namespace, python: str) -> tuple[list[str], str, str]:
+    """serve_app deploy arguments, the engines' description, the served model name."""
+    common = ["--policy", args.policy, "--replicas", str(args.replicas)]
+    if args.backend == "mock":
+        return [*common, "--ttft-ms", str(args.ttft_ms), "--itl-ms", str(args.itl_ms)], "mock vLLM replicas", "mock"
+    model = os.path.abspath(args.model) if args.model else tiny_model(python)
+    name = TINY_MODEL if not args.model else os.path.basename(model.rstrip("/")).lstrip(".") or TINY_MODEL
+    return ([*common, "--backend", "vllm", "--accelerator", "cpu", "--model", model, "--model-id", name],
+            f"vLLM engines on CPU (Ray Serve LLM, model {name!r} from {model})", name)
+
+
 def run_ray_up(args: argparse.Namespace) -> int:
-    """Start the head, deploy the mock app, run the gateway in this process until Ctrl-C."""
+    """Start the head, deploy the app (mock or vLLM engines), run the gateway in this process until Ctrl-C."""
 
     import uvloop
 
     from gateway.config import Config
 
-    stack = RayStack()
+    backend = getattr(args, "backend", "mock")
+    try:
+        python = vllm_python(args.vllm_venv) if backend == "vllm" else sys.executable
+        deploy_args, engines, model_name = _deploy_args(args, python)
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        print(f"gateway up --ray: {exc}", file=sys.stderr)
+        return 1
+    stack = RayStack(python=python)
     print(f"gateway up --ray: starting a private Ray head in {stack.root} (ray start takes 6-12 s)...", flush=True)
     try:
         stack.start()
-        print(f"gateway up --ray: Ray head at {stack.address}; deploying the Serve app (about 10 s)...", flush=True)
-        deployed = stack.deploy("--policy", args.policy, "--replicas", str(args.replicas),
-                                "--ttft-ms", str(args.ttft_ms), "--itl-ms", str(args.itl_ms))
+        took = "about 10 s" if backend == "mock" else "50-80 s: vLLM loads and warms up per replica"
+        print(f"gateway up --ray: Ray head at {stack.address}; deploying the Serve app ({took})...", flush=True)
+        deployed = stack.deploy(*deploy_args, timeout_s=180.0 if backend == "mock" else 600.0)
         config = Config(host=args.host, port=args.port, ray_address=stack.address, strict_replica_id=True,
                         forward_body=True, health_path="/-/healthz", access_log=False,
                         log_level="warning").validate()
@@ -235,8 +288,9 @@ def run_ray_up(args: argparse.Namespace) -> int:
 
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         usage = EXAMPLE.format(root=stack.root, app=deployed.get("app", "llm"), replicas=args.replicas,
-                               policy=args.policy, address=stack.address, base=f"http://{host}:{args.port}",
-                               http_port=stack.http_port)
+                               engines=engines, policy=args.policy, address=stack.address,
+                               base=f"http://{host}:{args.port}", http_port=stack.http_port)
+        usage = usage.replace("'mock'", repr(model_name)).replace('"model": "mock"', f'"model": "{model_name}"')
 
         async def main() -> int:
             return await serve_async(config, on_ready=lambda: print(usage, flush=True))
@@ -244,7 +298,7 @@ def run_ray_up(args: argparse.Namespace) -> int:
         # Ctrl-C reaches the gateway's signal handler (drain, stop discovery), then we tear Ray down;
         # the head is in its own process group, so the terminal's Ctrl-C does not hit it first.
         return uvloop.run(main())
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:
         print(f"gateway up --ray: {exc}", file=sys.stderr)
         return 1
     finally:
