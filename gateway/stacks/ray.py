@@ -205,7 +205,8 @@ class RayStack:
             return
         # GCS, raylet, agents, workers, HAProxy; anything spawned meanwhile is caught by a second look.
         head = self.proc.pid
-        terminate_pids(descendants(head), grace_s, latecomers=lambda: descendants(head))
+        terminate_pids([*descendants(head), *self.strays()], grace_s,
+                       latecomers=lambda: [*descendants(head), *self.strays()])
         # `ray start --block` ignores SIGTERM; with its children gone it has nothing left to clean up.
         self.proc.kill()
         self.proc.wait()
@@ -213,6 +214,21 @@ class RayStack:
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
+
+    def strays(self) -> list[int]:
+        """Our processes that left the head's tree: vLLM's engine processes outlive a killed replica (reparented
+        to init, ~2 GB each). They carry this stack's environment, which names our private directory."""
+        mark = f"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC={self.root}/hap/haproxy.cfg".encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    with open(f"/proc/{entry}/environ", "rb") as handle:
+                        if mark in handle.read().split(b"\0"):
+                            found.append(int(entry))
+                except OSError:
+                    continue
+        return found
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
