@@ -145,7 +145,7 @@ class RayStack:
             "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(p["di_grpc_max"]),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(self.draining_s),
             **({} if self.python == sys.executable else
-               {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)}),
+               {"PYTHONPATH": os.pathsep.join(part for part in (ROOT, os.environ.get("PYTHONPATH", "")) if part)}),
             **self.extra_env,
         }
 
@@ -216,8 +216,9 @@ class RayStack:
             self._log = None
 
     def strays(self) -> list[int]:
-        """Our processes that left the head's tree: vLLM's engine processes outlive a killed replica (reparented
-        to init, ~2 GB each). They carry this stack's environment, which names our private directory."""
+        """Our processes that left the head's tree. A SIGKILLed vLLM front end orphans its EngineCore and Worker
+        (vllm-cpu.md; ~2 GB, reparented to init), and `ray.kill` is a SIGKILL: the safety net, by PID, for them.
+        They carry this stack's environment, which names our private directory."""
         mark = f"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC={self.root}/hap/haproxy.cfg".encode()
         found = []
         for entry in os.listdir("/proc"):
