@@ -252,6 +252,8 @@ class Config:
         if parts.path in ("", "/"):
             return endpoint.rstrip("/") + "/v1/traces"
         return endpoint
+
+    @property
     def front_door(self) -> bool:
         """Whether requests pass the security checks at all: off, the data plane pays nothing for them."""
         return bool(self.api_key or self.api_keys_file or self.upstream_api_key or self.cors_origins

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 
 class Request:
@@ -41,7 +42,7 @@ class Request:
         # Set only when the front door is on (gateway/security): the client's Origin and the API key its
         # Authorization matched (anything with a `name`; counted against its in-flight limit while key_counted).
         self.origin: bytes | None = None
-        self.key = None
+        self.key: Any = None
         self.key_counted = False
 
     @property

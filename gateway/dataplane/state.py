@@ -28,7 +28,8 @@ class Connection(Protocol):
 class FrontDoor(Protocol):
     """The checks every public request passes (gateway/security), handed in by the process when configured."""
 
-    needs_key: bool
+    @property
+    def needs_key(self) -> bool: ...
 
     def drop_set(self, base: frozenset[bytes]) -> frozenset[bytes]: ...
 

@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import time
+from typing import Any
 
 from gateway.admin.endpoints import Admin, AdminListener
 from gateway.config import Config, ConfigError
@@ -130,7 +131,7 @@ class Gateway:
         # A TLS handshake is part of sending the request head: a stalled one is cut at header_timeout_s.
         # Closing a TLS connection waits for the peer's close_notify, which an idle pooled client never sends:
         # bound that wait (it also bounds flushing the tail of a `connection: close` answer).
-        tls = {} if self.tls is None else {"ssl": self.tls.context,
+        tls: dict[str, Any] = {} if self.tls is None else {"ssl": self.tls.context,
                                            "ssl_handshake_timeout": self.config.header_timeout_s,
                                            "ssl_shutdown_timeout": TLS_SHUTDOWN_TIMEOUT_S}
         if sock is not None:

@@ -32,7 +32,7 @@ _BEARER = b"bearer "
 
 
 def _error(reason: Reason, message: str | None = None, *, retry_after_s: int | None = None,
-           extra: list[tuple[bytes, bytes]] = ()) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+           extra: tuple[tuple[bytes, bytes], ...] = ()) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     response = error_response(reason, message, retry_after_s=retry_after_s)
     return response.status_code, response.raw_headers + list(extra), bytes(response.body)
 
@@ -53,7 +53,7 @@ class FrontDoor:
         if self.cors is not None:
             drop.add(b"origin")
         self.drop = frozenset(drop)
-        self._unauthorized = _error(Reason.UNAUTHORIZED, extra=[(b"www-authenticate", b"Bearer")])
+        self._unauthorized = _error(Reason.UNAUTHORIZED, extra=((b"www-authenticate", b"Bearer"),))
 
     def drop_set(self, base: frozenset[bytes]) -> frozenset[bytes]:
         return base | self.drop
