@@ -893,7 +893,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     ap.add_argument("--systems", default="direct,haproxy,gateway,gateway2",
                     help="comma list of direct,haproxy,gateway,gateway2")
-    ap.add_argument("--workloads", default=None, help="comma list of unary,stream50,stream200")
+    ap.add_argument("--workloads", default=None, help="comma list of unary,stream50,stream200 ('' = none: paced points only)")
     ap.add_argument("--unary-conc", default=None, help="default 1,4,16,64,256 (quick: 1,16,64)")
     ap.add_argument("--stream-conc", default=None, help="default 1,4,16,64,128 (quick: 16)")
     ap.add_argument("--paced", default=None,
@@ -932,7 +932,7 @@ def parse_args(argv=None):
                       paced="4x10", ptokens="8-16", pdur=0.5, pwarm=0.3),
     }[mode]
     a.mode = mode
-    a.workloads = (a.workloads or dflt["workloads"]).split(",")
+    a.workloads = [w for w in (dflt["workloads"] if a.workloads is None else a.workloads).split(",") if w]
     a.unary_conc = [int(x) for x in (a.unary_conc or dflt["unary"]).split(",")]
     a.stream_conc = [int(x) for x in (a.stream_conc or dflt["stream"]).split(",")]
     a.duration = a.duration if a.duration is not None else dflt["duration"]
