@@ -3,8 +3,8 @@
 
 One command from a fresh clone (after `pip install -e '.[test,bench,ray]'`)::
 
-    .venv/bin/python scripts/bench.py                 # full sweep, ~10 min
-    .venv/bin/python scripts/bench.py --quick         # a few points, < 2 min
+    .venv/bin/python scripts/bench.py                 # full sweep, ~14 min
+    .venv/bin/python scripts/bench.py --quick         # a few points, < 3 min
     .venv/bin/python scripts/bench.py --smoke         # seconds; what tests/test_bench_quick.py runs
     .venv/bin/python scripts/bench.py --systems direct,haproxy --out bench-results/
 
@@ -18,6 +18,10 @@ Layout of one run (all processes in this process's session: no setsid, see DEVEL
   shares core 1 with the load generator: a scaling sanity check, not a clean measurement);
 * the load generator runs in this process on core 1: raw asyncio Protocols on uvloop, httptools
   parsing, one keep-alive connection per concurrent user, closed loop.
+
+Paced points (``--paced``, streams per replica x step ms) use the mock engine's ``step_ms`` mode, shaped like
+vLLM's decode loop: one event per stream per engine step, every stream of a replica in the same step. They report
+time to first token and inter-token gaps as the client sees them, and proxy CPU per stream.
 
 Per (workload, concurrency) point every system runs ``--slices`` times, in the order
 A B C .. then .. C B A, so slow drifts of a noisy machine hit every system alike. A slice is
@@ -888,7 +892,7 @@ def plot(out: Path, rows: list[dict]) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a few points, short slices (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="a few points, short slices (< 3 min)")
     ap.add_argument("--smoke", action="store_true", help="tiny: 2 points, 0.5 s slices, small memory point")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     ap.add_argument("--systems", default="direct,haproxy,gateway,gateway2",
