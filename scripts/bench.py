@@ -931,7 +931,7 @@ def parse_args(argv=None):
                      ptokens="128-256", pdur=3.0, pwarm=2.0),
         "quick": dict(workloads="unary,stream50,stream200", unary="1,16,64", stream="16",
                       duration=1.2, warmup=0.4, mem=1000, paced="64x10,256x30", ptokens="128-256",
-                      pdur=2.0, pwarm=1.5),
+                      pdur=1.5, pwarm=1.2),
         "smoke": dict(workloads="unary,stream50", unary="4", stream="4", duration=0.5, warmup=0.3, mem=50,
                       paced="4x10", ptokens="8-16", pdur=0.5, pwarm=0.3),
     }[mode]
