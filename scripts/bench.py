@@ -42,6 +42,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import resource
 import socket
 import subprocess
@@ -380,7 +381,6 @@ class PacedAcc:
     events: int = 0
     ttft: list = field(default_factory=list)
     gaps: list = field(default_factory=list)
-    started: int = 0
 
 
 async def run_paced_phase(addrs: list[tuple[str, int]], users: int, step_ms: float, tokens: tuple[int, int],
@@ -390,8 +390,7 @@ async def run_paced_phase(addrs: list[tuple[str, int]], users: int, step_ms: flo
     A user's first stream is 1..tokens[1] long so that streams end (and new ones start) at a steady rate
     from the beginning, as on a busy engine, instead of all together. At the end of the window every
     connection is aborted rather than drained: a 256-token stream at 30 ms would take 8 s to finish."""
-    import random as _random
-    rng = _random.Random(seed)
+    rng = random.Random(seed)
     st = PhaseStats()
     acc = PacedAcc()
     pids = proc_tree(cpu_root) if cpu_root else []
@@ -414,7 +413,6 @@ async def run_paced_phase(addrs: list[tuple[str, int]], users: int, step_ms: flo
                 fut = loop.create_future()
                 conn.waiter = fut
                 conn.t0 = perf()
-                acc.started += acc.lo <= conn.t0 <= acc.hi
                 conn.transport.write(reqs[(addr, n)])
                 await fut
                 ok = conn.status == 200 and b"[DONE]" in conn.tail
@@ -458,7 +456,6 @@ async def run_paced_phase(addrs: list[tuple[str, int]], users: int, step_ms: flo
     st.ttfb = acc.ttft
     st.lat = acc.gaps
     st.events = [acc.events]
-    st.body_bytes = acc.started
     return st
 
 
