@@ -181,6 +181,24 @@ class Responder:
         if conn.write_paused:
             await conn.drain()
 
+    def write_events(self, events: list[bytes], end: bool = False) -> None:
+        """Several chunks (and the terminating one when `end`) in one transport write: what a
+        stepped engine emits for one stream in one step, without waiting on backpressure."""
+        conn = self._conn
+        if conn.closed:
+            return
+        if self._chunked:
+            data = b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events if e)
+            if end:
+                data += b"0\r\n\r\n"
+        else:
+            data = b"".join(events)
+        if end:
+            self.finished = True
+        conn.transport.write(data)
+        if end and not self.keep_alive:
+            conn.close()
+
     def end(self) -> None:
         if self.finished:
             return

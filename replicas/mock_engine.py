@@ -8,8 +8,15 @@ before any SSE output. Events are spliced from precomputed byte templates so a
 200-event stream costs the engine little more than its 200 writes.
 
 Test hooks, none of which vLLM has: `x-replica-id` on every response, per
-request `ttft_ms` / `itl_ms` / `mock_bytes` body fields, the `x-mock-fault`
+request `ttft_ms` / `itl_ms` / `step_ms` / `mock_bytes` body fields, the `x-mock-fault`
 request header, and the counters at `GET /mock/stats` (`POST /mock/reset`).
+
+`step_ms` shapes a stream like vLLM's decode loop instead of `itl_ms`'s
+per-stream timers: one engine clock ticks every `step_ms`, and on each tick
+every stream joined to that clock gets its next event, all in the same loop
+iteration (a new stream gets its first token on the next tick, as after a
+prefill step). One write per stream per step: the chat role event rides with
+the first token, `[DONE]` and the final chunk with the last.
 
     python -m replicas.mock_engine --host 127.0.0.1 --port 8100 --replica-id r1
 """
@@ -17,6 +24,7 @@ request header, and the counters at `GET /mock/stats` (`POST /mock/reset`).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import logging
 import os
@@ -132,6 +140,7 @@ class MockEngine:
         self._json_headers = render_headers([("content-type", "application/json"), ("vary", "Origin"), replica])
         self._sse_headers = render_headers([("content-type", "text/event-stream; charset=utf-8"),
                                             ("vary", "Origin"), replica])
+        self._clocks: dict[float, _StepClock] = {}
         self._plain_headers = render_headers([("content-type", "text/plain; charset=utf-8"), replica])
         self._bare_headers = render_headers([replica])
         created = int(time.time())
@@ -287,6 +296,7 @@ class MockEngine:
             raise BadRequest(f"max_tokens={max_tokens} cannot be greater than max_model_len={cfg.max_model_len}")
         ttft = _number(body.get("ttft_ms"), cfg.ttft_ms, "ttft_ms") / 1000.0
         itl = _number(body.get("itl_ms"), cfg.itl_ms, "itl_ms") / 1000.0
+        step = _number(body.get("step_ms"), 0.0, "step_ms") / 1000.0
         prompt_tokens = _prompt_tokens(chat, body)
         suffix = rid.decode("latin-1") if rid is not None else f"{random.getrandbits(64):016x}"
         ident = ("chatcmpl-" if chat else "cmpl-") + suffix
@@ -295,6 +305,9 @@ class MockEngine:
         if body.get("stream"):
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            if step and not fault:
+                return await self._stepped(responder, chat, ident, created, max_tokens, prompt_tokens,
+                                           include_usage, step, echo)
             after = 2
             if fault == "die-mid-stream":
                 raw_after = request.header(b"x-mock-after")
@@ -375,6 +388,85 @@ class MockEngine:
             return ABORTED
         responder.end()
         return COMPLETED
+
+
+    async def _stepped(self, responder: Responder, chat: bool, ident: str, created: int, n: int,
+                       prompt_tokens: int, include_usage: bool, step: float, echo: bytes) -> str:
+        obj = b"chat.completion.chunk" if chat else b"text_completion"
+        prefix = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[' % (
+            orjson.dumps(ident), obj, created, self._model_json)
+        deltas, lasts = (_T.chat_delta, _T.chat_last if include_usage else _T.chat_last_fp) if chat else \
+            (_T.cmpl_delta, _T.cmpl_last if include_usage else _T.cmpl_last_fp)
+        tail = [prefix + _T.usage % (prompt_tokens, prompt_tokens + n, n)] if include_usage else []
+        responder.start_stream(200, self._sse_headers + echo if echo else self._sse_headers)
+        loop = self.server.loop if self.server is not None else asyncio.get_running_loop()
+        clock = self._clocks.get(step)
+        if clock is None:
+            clock = self._clocks[step] = _StepClock(loop, step)
+        stream = _SteppedStream(responder, loop.create_future(), n, prefix + _T.chat_role if chat else None,
+                                [prefix + d for d in deltas], [prefix + d for d in lasts], tail)
+        clock.join(stream)
+        return await stream.done
+
+
+class _SteppedStream:
+    __slots__ = ("responder", "done", "n", "i", "role", "deltas", "lasts", "tail")
+
+    def __init__(self, responder: Responder, done: asyncio.Future, n: int, role: bytes | None,
+                 deltas: list[bytes], lasts: list[bytes], tail: list[bytes]) -> None:
+        self.responder, self.done, self.n, self.i, self.role = responder, done, n, 0, role
+        self.deltas, self.lasts, self.tail = deltas, lasts, tail
+
+    def step(self) -> bool:
+        """Emit this step's token; False once the stream is over."""
+        responder = self.responder
+        if responder.disconnected or self.done.done():  # done: the handler was cancelled (shutdown)
+            if not self.done.done():
+                self.done.set_result(ABORTED)
+            return False
+        i = self.i
+        vocab = len(self.deltas)
+        if i == self.n - 1:
+            events = [self.lasts[i % vocab], *self.tail, _DONE]
+            if self.role is not None and i == 0:
+                events.insert(0, self.role)
+            responder.write_events(events, end=True)
+            self.done.set_result(ABORTED if responder.disconnected else COMPLETED)
+            return False
+        if i == 0 and self.role is not None:
+            responder.write_events([self.role, self.deltas[0]])
+        else:
+            responder.write_events([self.deltas[i % vocab]])
+        self.i = i + 1
+        return True
+
+
+class _StepClock:
+    """vLLM's decode loop in miniature: one timer per period serves every stream joined to it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, period: float) -> None:
+        self.loop = loop
+        self.period = period
+        self.streams: list[_SteppedStream] = []
+        self.next_at = 0.0
+        self.handle: asyncio.TimerHandle | None = None
+
+    def join(self, stream: _SteppedStream) -> None:
+        self.streams.append(stream)
+        if self.handle is None:
+            self.next_at = self.loop.time() + self.period
+            self.handle = self.loop.call_at(self.next_at, self._tick)
+
+    def _tick(self) -> None:
+        self.streams = [s for s in self.streams if s.step()]
+        if not self.streams:
+            self.handle = None
+            return
+        now = self.loop.time()
+        self.next_at += self.period
+        if self.next_at < now:  # an overloaded engine's steps get longer; they do not bunch up afterwards
+            self.next_at = now + self.period
+        self.handle = self.loop.call_at(self.next_at, self._tick)
 
 
 @functools.lru_cache(maxsize=256)

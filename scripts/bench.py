@@ -3,8 +3,8 @@
 
 One command from a fresh clone (after `pip install -e '.[test,bench,ray]'`)::
 
-    .venv/bin/python scripts/bench.py                 # full sweep, ~10 min
-    .venv/bin/python scripts/bench.py --quick         # a few points, < 2 min
+    .venv/bin/python scripts/bench.py                 # full sweep, ~14 min
+    .venv/bin/python scripts/bench.py --quick         # a few points, < 3 min
     .venv/bin/python scripts/bench.py --smoke         # seconds; what tests/test_bench_quick.py runs
     .venv/bin/python scripts/bench.py --systems direct,haproxy --out bench-results/
 
@@ -18,6 +18,10 @@ Layout of one run (all processes in this process's session: no setsid, see DEVEL
   shares core 1 with the load generator: a scaling sanity check, not a clean measurement);
 * the load generator runs in this process on core 1: raw asyncio Protocols on uvloop, httptools
   parsing, one keep-alive connection per concurrent user, closed loop.
+
+Paced points (``--paced``, streams per replica x step ms) use the mock engine's ``step_ms`` mode, shaped like
+vLLM's decode loop: one event per stream per engine step, every stream of a replica in the same step. They report
+time to first token and inter-token gaps as the client sees them, and proxy CPU per stream.
 
 Per (workload, concurrency) point every system runs ``--slices`` times, in the order
 A B C .. then .. C B A, so slow drifts of a noisy machine hit every system alike. A slice is
@@ -38,6 +42,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import resource
 import socket
 import subprocess
@@ -331,6 +336,157 @@ def summarize(system: str, workload: str, conc: int, parts: list[PhaseStats], ha
     }
 
 
+# --------------------------------------------------------------------------- paced (decode-loop) streams
+
+class PacedConn(ClientConn):
+    """A client stream that timestamps every SSE event: time to first token and inter-token gaps."""
+
+    __slots__ = ("acc", "t0", "t_last")
+
+    def __init__(self, acc: "PacedAcc") -> None:
+        super().__init__(False)
+        self.acc = acc
+        self.t0 = 0.0
+        self.t_last = 0.0
+
+    def reset(self) -> None:
+        super().reset()
+        self.t_last = 0.0
+
+    def on_body(self, body: bytes) -> None:
+        t = perf()
+        acc = self.acc
+        n = body.count(b"data: {")  # one per token event (httptools calls this per HTTP chunk); not [DONE]
+        inside = acc.lo <= t <= acc.hi
+        if not self.t_first:
+            self.t_first = t
+            if inside:
+                acc.ttft.append(t - self.t0)
+        elif n and inside:
+            acc.gaps.append(t - self.t_last)
+            if n > 1:
+                acc.gaps.extend([0.0] * (n - 1))
+        if n:
+            self.t_last = t
+            if inside:
+                acc.events += n
+        self.nbody += len(body)
+        self.tail = (self.tail + body)[-24:]
+
+
+@dataclass
+class PacedAcc:
+    lo: float = float("inf")
+    hi: float = float("-inf")
+    events: int = 0
+    ttft: list = field(default_factory=list)
+    gaps: list = field(default_factory=list)
+
+
+async def run_paced_phase(addrs: list[tuple[str, int]], users: int, step_ms: float, tokens: tuple[int, int],
+                          warmup: float, measure: float, cpu_root: int | None, seed: int = 0) -> PhaseStats:
+    """`users` closed-loop streams, each of tokens[0]..tokens[1] events, one event per engine step.
+
+    A user's first stream is 1..tokens[1] long so that streams end (and new ones start) at a steady rate
+    from the beginning, as on a busy engine, instead of all together. At the end of the window every
+    connection is aborted rather than drained: a 256-token stream at 30 ms would take 8 s to finish."""
+    rng = random.Random(seed)
+    st = PhaseStats()
+    acc = PacedAcc()
+    pids = proc_tree(cpu_root) if cpu_root else []
+    lengths = list(range(tokens[0], tokens[1] + 1))
+    reqs = {(a, n): build_request(a[0], a[1], True, n, {"step_ms": step_ms})
+            for a in addrs for n in range(1, tokens[1] + 1)}
+    conns: list[PacedConn] = []
+    loop = asyncio.get_running_loop()
+
+    async def user(i: int) -> None:
+        addr = addrs[i % len(addrs)]
+        conn: PacedConn | None = None
+        n = rng.randint(1, tokens[1])
+        while True:
+            try:
+                if conn is None or conn.closed:
+                    _, conn = await loop.create_connection(lambda: PacedConn(acc), addr[0], addr[1])
+                    conns.append(conn)
+                conn.reset()
+                fut = loop.create_future()
+                conn.waiter = fut
+                conn.t0 = perf()
+                conn.transport.write(reqs[(addr, n)])
+                await fut
+                ok = conn.status == 200 and b"[DONE]" in conn.tail
+            except (OSError, ConnectionError, httptools.HttpParserError) as e:
+                ok = False
+                if len(st.error_samples) < 5:
+                    st.error_samples.append(repr(e))
+                conn = None
+                await asyncio.sleep(0.01)
+            t1 = perf()
+            if acc.lo <= t1 <= acc.hi:
+                if ok:
+                    st.completed += 1
+                else:
+                    st.errors += 1
+            if conn is not None and not conn.keep_alive and conn.transport is not None:
+                conn.transport.close()
+                conn = None
+            n = rng.choice(lengths)
+
+    tasks = [asyncio.create_task(user(i)) for i in range(users)]
+    await asyncio.sleep(warmup)
+    fb0, fo0 = foreign_probe()
+    cpu0 = cpu_seconds(pids)
+    acc.lo, acc.hi = perf(), float("inf")
+    await asyncio.sleep(measure)
+    acc.hi = perf()
+    cpu1 = cpu_seconds(pids)
+    fb1, fo1 = foreign_probe()
+    for t in tasks:
+        t.cancel()
+    for c in conns:
+        if c.transport is not None:
+            c.transport.abort()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0.3)  # let the proxies and engines see the aborts before the next slice starts
+    st.foreign_cpu_s = max(0.0, (fb1 - fb0) - (fo1 - fo0))
+    st.window_s = acc.hi - acc.lo
+    st.cpu_s = cpu1 - cpu0
+    st.rss = sum(rss_bytes(pids).values())
+    st.ttfb = acc.ttft
+    st.lat = acc.gaps
+    st.events = [acc.events]
+    return st
+
+
+def summarize_paced(system: str, spr: int, step_ms: float, users: int, parts: list[PhaseStats],
+                    has_proxy: bool, mean_tokens: float) -> dict:
+    ttft = [x for p in parts for x in p.ttfb]
+    gaps = [x for p in parts for x in p.lat]
+    events = sum(p.events[0] for p in parts)
+    win = sum(p.window_s for p in parts)
+    cpu = sum(p.cpu_s for p in parts)
+    ms = lambda v: round(v * 1000, 3)  # noqa: E731
+    per_event = cpu / events if (has_proxy and events) else None
+    return {
+        "system": system, "workload": f"paced{step_ms:g}ms", "concurrency": users,
+        "streams_per_replica": spr, "step_ms": step_ms,
+        "events_per_s": round(events / win, 1) if win else 0.0,
+        # what the client saw: the engine's step plus whatever the rig could not keep up with
+        "itl_mean_ms": round(users * win / events * 1000, 2) if events else None,
+        "ttfb_p50_ms": ms(pct(ttft, 50)) if ttft else None, "ttfb_p99_ms": ms(pct(ttft, 99)) if ttft else None,
+        "gap_p50_ms": ms(pct(gaps, 50)) if gaps else None, "gap_p99_ms": ms(pct(gaps, 99)) if gaps else None,
+        "cpu_us_per_event": round(per_event * 1e6, 2) if per_event is not None else None,
+        "cpu_us_per_stream": round(per_event * mean_tokens * 1e6, 1) if per_event is not None else None,
+        "proxy_cpu_util": round(cpu / win, 3) if (has_proxy and win) else None,
+        "proxy_rss_mib": round(max(p.rss for p in parts) / 2**20, 1) if has_proxy else None,
+        "completed": sum(p.completed for p in parts), "errors": sum(p.errors for p in parts),
+        "error_samples": [e for p in parts for e in p.error_samples][:5],
+        "other_cpu_cores": round(sum(p.foreign_cpu_s for p in parts) / win, 2) if win else None,
+        "window_s": round(win, 3),
+    }
+
+
 # --------------------------------------------------------------------------- memory point
 
 async def hold_streams(addr: tuple[str, int], n: int, root_pid: int, settle_s: float) -> dict:
@@ -492,6 +648,15 @@ STANDING_NOTES = [
     "tree, divided by the requests completed in that window; 10 ms tick granularity.",
     "Latencies are client-side, from writing the request to the last byte (TTFB: to the first body byte, "
     "i.e. the first SSE event). Streams use itl 0: events back to back.",
+    "Paced streams: the mock engine's `step_ms` mode (one clock per replica writes the next event of every "
+    "stream it serves in the same loop iteration, like vLLM's decode loop; a new stream gets its first token "
+    "on the next step). Closed loop, streams/replica x replicas users. TTFT is from writing the request to "
+    "the first event; a gap is the time between two reads that carried events, so events arriving in one "
+    "read count as gaps of 0 (what a client rendering tokens sees). Both are client-side, so they include "
+    "the rig's own queueing on the load core: compare a proxy's figure with direct's, measured alongside. "
+    "`client ITL mean` above the step means the rig, not only the proxy, fell behind. Proxy CPU per stream "
+    "= CPU per event over the window x the mean tokens a stream (per-request costs such as the router call "
+    "are in the window's CPU, so they are included). Connections are aborted at the end of each window.",
 ]
 
 COLS = ["workload", "concurrency", "system", "rps", "p50_ms", "p90_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms",
@@ -552,7 +717,55 @@ def ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]:
     return [x for x in lines if x], out
 
 
-def write_outputs(out: Path, rows: list[dict], meta: dict, systems: list[str]) -> str:
+PACED_COLS = ["step_ms", "streams_per_replica", "concurrency", "system", "events_per_s", "itl_mean_ms",
+              "ttfb_p50_ms", "ttfb_p99_ms", "gap_p50_ms", "gap_p99_ms", "cpu_us_per_event", "cpu_us_per_stream",
+              "proxy_cpu_util", "proxy_rss_mib", "completed", "errors", "other_cpu_cores"]
+
+
+def paced_table(rows: list[dict], meta: dict) -> list[str]:
+    lo, hi = meta.get("paced_tokens", ("?", "?"))
+    hdr = ["step ms", "streams/replica", "streams", "system", "events/s", "client ITL mean ms", "TTFT p50 ms",
+           "TTFT p99 ms", "gap p50 ms", "gap p99 ms", "proxy CPU us/event", "proxy CPU us/stream",
+           "proxy CPU util", "proxy RSS MiB", "streams done", "errors", "other load (cores)"]
+    lines = ["", f"## Paced streams (vLLM-like decode loop: one event per stream per engine step, "
+                 f"{lo}-{hi} tokens a stream)", "",
+             "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r[c]) if c != "system" else SYSTEM_LABEL.get(r[c], r[c])
+                                       for c in PACED_COLS) + " |")
+    return lines
+
+
+def paced_ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]:
+    idx = {(r["system"], r["step_ms"], r["streams_per_replica"]): r for r in rows}
+    lines, out = [], {}
+    if "haproxy" not in systems:
+        return lines, out
+    for gw in [s for s in ("gateway", "gateway2") if s in systems]:
+        for (s, step, spr), g in sorted(idx.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+            if s != gw:
+                continue
+            h, d = idx.get(("haproxy", step, spr)), idx.get(("direct", step, spr))
+            if h is None or not h["cpu_us_per_stream"] or g["cpu_us_per_stream"] is None:
+                continue
+            key = f"{gw}.paced.{step:g}ms.{spr}"
+            out[key + ".cpu_ratio"] = g["cpu_us_per_stream"] / h["cpu_us_per_stream"]
+            text = (f"paced {spr}/replica x {step:g} ms, CPU/stream: {SYSTEM_LABEL[gw]} {g['cpu_us_per_stream']:.0f} us"
+                    f" vs HAProxy+Lua {h['cpu_us_per_stream']:.0f} us -> ratio {out[key + '.cpu_ratio']:.2f}")
+            if d is not None and None not in (d["ttfb_p50_ms"], d["ttfb_p99_ms"], d["gap_p99_ms"]):
+                add = {k: (g[k] - d[k], h[k] - d[k]) for k in ("ttfb_p50_ms", "ttfb_p99_ms", "gap_p99_ms")
+                       if g[k] is not None and h[k] is not None}
+                for k, (ga, ha) in add.items():
+                    out[f"{key}.added_{k}"] = {"gateway": ga, "haproxy": ha}
+                text += "; added over direct (gateway / HAProxy+Lua): " + ", ".join(
+                    f"{k.replace('ttfb', 'TTFT').replace('_ms', '').replace('_', ' ')} {ga:+.2f} / {ha:+.2f} ms"
+                    for k, (ga, ha) in add.items())
+            lines.append(text)
+    return lines, out
+
+
+def write_outputs(out: Path, rows: list[dict], meta: dict, systems: list[str],
+                  paced_rows: list[dict] | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# gateway benchmark", "",
              f"{meta['started']} · {meta['host']} · {meta['cpus']} CPUs · mode {meta['mode']} · "
@@ -571,6 +784,11 @@ def write_outputs(out: Path, rows: list[dict], meta: dict, systems: list[str]) -
         lines.append("| " + " | ".join(fmt(r[c]) if c != "system" else SYSTEM_LABEL.get(r[c], r[c]) for c in COLS) + " |")
     rl, rv = ratios(rows, systems)
     meta["ratios"] = rv
+    if paced_rows:
+        lines += paced_table(paced_rows, meta)
+        pl, pv = paced_ratios(paced_rows, systems)
+        rl += pl
+        rv.update(pv)
     if rl:
         lines += ["", "## Target ratios (gateway / HAProxy+Lua; lower is better except throughput)", ""]
         lines += [f"- {x}" for x in rl]
@@ -603,7 +821,13 @@ def write_outputs(out: Path, rows: list[dict], meta: dict, systems: list[str]) -
         w = csv.DictWriter(f, fieldnames=COLS + ["window_s"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    if paced_rows:
+        with open(out / "results_paced.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=PACED_COLS + ["window_s"], extrasaction="ignore")
+            w.writeheader()
+            w.writerows(paced_rows)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "paced": paced_rows or []},
+                                                 indent=1, default=str))
     try:
         plot(out, rows)
     except ImportError as e:
@@ -665,14 +889,20 @@ def plot(out: Path, rows: list[dict]) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a few points, short slices (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="a few points, short slices (< 3 min)")
     ap.add_argument("--smoke", action="store_true", help="tiny: 2 points, 0.5 s slices, small memory point")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     ap.add_argument("--systems", default="direct,haproxy,gateway,gateway2",
                     help="comma list of direct,haproxy,gateway,gateway2")
-    ap.add_argument("--workloads", default=None, help="comma list of unary,stream50,stream200")
+    ap.add_argument("--workloads", default=None, help="comma list of unary,stream50,stream200 ('' = none: paced points only)")
     ap.add_argument("--unary-conc", default=None, help="default 1,4,16,64,256 (quick: 1,16,64)")
     ap.add_argument("--stream-conc", default=None, help="default 1,4,16,64,128 (quick: 16)")
+    ap.add_argument("--paced", default=None,
+                    help="paced points STREAMSxSTEP_MS per replica, comma list (default 64x10,256x10,512x10,"
+                         "64x30,256x30,512x30; quick: 64x10,256x30; '' = none)")
+    ap.add_argument("--paced-tokens", default=None, help="tokens per paced stream, MIN-MAX (default 128-256)")
+    ap.add_argument("--paced-duration", type=float, default=None, help="measured seconds per paced slice")
+    ap.add_argument("--paced-warmup", type=float, default=None, help="warm-up seconds per paced slice")
     ap.add_argument("--duration", type=float, default=None, help="measured seconds per slice")
     ap.add_argument("--warmup", type=float, default=None, help="warm-up seconds per slice")
     ap.add_argument("--slices", type=int, default=2, help="slices per system per point, order A..Z Z..A")
@@ -694,18 +924,30 @@ def parse_args(argv=None):
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     dflt = {
         "full": dict(workloads="unary,stream50,stream200", unary="1,4,16,64,256", stream="1,4,16,64,128",
-                     duration=3.0, warmup=1.0, mem=1000),
+                     duration=3.0, warmup=1.0, mem=1000, paced="64x10,256x10,512x10,64x30,256x30,512x30",
+                     ptokens="128-256", pdur=3.0, pwarm=2.0),
         "quick": dict(workloads="unary,stream50,stream200", unary="1,16,64", stream="16",
-                      duration=1.2, warmup=0.4, mem=1000),
-        "smoke": dict(workloads="unary,stream50", unary="4", stream="4", duration=0.5, warmup=0.3, mem=50),
+                      duration=1.2, warmup=0.4, mem=1000, paced="64x10,256x30", ptokens="128-256",
+                      pdur=1.5, pwarm=1.2),
+        "smoke": dict(workloads="unary,stream50", unary="4", stream="4", duration=0.5, warmup=0.3, mem=50,
+                      paced="4x10", ptokens="8-16", pdur=0.5, pwarm=0.3),
     }[mode]
     a.mode = mode
-    a.workloads = (a.workloads or dflt["workloads"]).split(",")
+    a.workloads = [w for w in (dflt["workloads"] if a.workloads is None else a.workloads).split(",") if w]
     a.unary_conc = [int(x) for x in (a.unary_conc or dflt["unary"]).split(",")]
     a.stream_conc = [int(x) for x in (a.stream_conc or dflt["stream"]).split(",")]
     a.duration = a.duration if a.duration is not None else dflt["duration"]
     a.warmup = a.warmup if a.warmup is not None else dflt["warmup"]
     a.mem_streams = a.mem_streams if a.mem_streams is not None else dflt["mem"]
+    paced = dflt["paced"] if a.paced is None else a.paced
+    try:
+        a.paced = [(int(x.split("x")[0]), float(x.split("x")[1])) for x in paced.split(",") if x.strip()]
+        lo, hi = (a.paced_tokens or dflt["ptokens"]).split("-")
+        a.paced_tokens = (int(lo), int(hi))
+    except (ValueError, IndexError):
+        ap.error("--paced takes STREAMSxSTEP_MS,... (e.g. 64x10) and --paced-tokens MIN-MAX")
+    a.paced_duration = a.paced_duration if a.paced_duration is not None else dflt["pdur"]
+    a.paced_warmup = a.paced_warmup if a.paced_warmup is not None else dflt["pwarm"]
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     for s in a.systems:
         if s not in SYSTEM_LABEL:
@@ -737,6 +979,32 @@ async def sweep(a, targets: dict[str, dict]) -> list[dict]:
                   f"  p99 {fmt(r['p99_ms']):>7s} ms  ttfb50 {fmt(r['ttfb_p50_ms']):>6s}"
                   f"  cpu/req {fmt(r['cpu_us_per_req']):>6s} us  err {r['errors']}  other load {r['other_cpu_cores']}",
                   flush=True)
+            if r["errors"]:
+                print(f"    errors: {r['error_samples']}", flush=True)
+    return rows
+
+
+async def sweep_paced(a, targets: dict[str, dict]) -> list[dict]:
+    rows = []
+    systems = list(targets)
+    mean_tokens = (a.paced_tokens[0] + a.paced_tokens[1]) / 2
+    for pi, (spr, step_ms) in enumerate(a.paced):
+        users = spr * a.replicas
+        rot = systems[pi % len(systems):] + systems[:pi % len(systems)]
+        parts: dict[str, list[PhaseStats]] = {s: [] for s in systems}
+        for sl in range(a.slices):
+            for s in (rot if sl % 2 == 0 else rot[::-1]):
+                t = targets[s]
+                parts[s].append(await run_paced_phase(t["addrs"], users, step_ms, a.paced_tokens, a.paced_warmup,
+                                                      a.paced_duration, t["pid"], seed=sl))
+        for s in systems:
+            r = summarize_paced(s, spr, step_ms, users, parts[s], targets[s]["pid"] is not None, mean_tokens)
+            rows.append(r)
+            print(f"  paced {spr:4d}/replica x {step_ms:g} ms {SYSTEM_LABEL[s]:12s} {r['events_per_s']:9.0f} ev/s"
+                  f"  itl {fmt(r['itl_mean_ms']):>6s}  ttft50 {fmt(r['ttfb_p50_ms']):>6s}"
+                  f"  ttft99 {fmt(r['ttfb_p99_ms']):>6s}  gap99 {fmt(r['gap_p99_ms']):>6s} ms"
+                  f"  cpu/stream {fmt(r['cpu_us_per_stream']):>7s} us  err {r['errors']}"
+                  f"  other load {r['other_cpu_cores']}", flush=True)
             if r["errors"]:
                 print(f"    errors: {r['error_samples']}", flush=True)
     return rows
@@ -787,6 +1055,7 @@ def main(argv=None) -> int:
 
     stack = Stack(a, log_dir)
     rows: list[dict] = []
+    paced_rows: list[dict] = []
     try:
         t0 = perf()
         router, reps = stack.upstreams("", a.replicas, 0)
@@ -833,6 +1102,8 @@ def main(argv=None) -> int:
         print(f"systems: {', '.join(SYSTEM_LABEL[s] for s in targets)}; "
               f"{len(a.workloads)} workloads, unary c={a.unary_conc}, streams c={a.stream_conc}", flush=True)
         rows = asyncio.run(sweep(a, targets))
+        if a.paced:
+            paced_rows = asyncio.run(sweep_paced(a, targets))
 
         if a.mem_streams > 0:
             mem_systems = [s for s in ("gateway", "haproxy") if s in a.systems]
@@ -853,7 +1124,8 @@ def main(argv=None) -> int:
     finally:
         stack.stop()
     meta["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-    md = write_outputs(out, rows, meta, a.systems)
+    meta["paced_tokens"] = a.paced_tokens
+    md = write_outputs(out, rows, meta, a.systems, paced_rows)
     print()
     print(md)
     print(f"wrote {out}/results.md, results.csv, results.json, latency_throughput.png, cpu_per_request.png")

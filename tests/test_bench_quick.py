@@ -34,6 +34,12 @@ def test_bench_smoke_writes_table_csv_json(tmp_path: Path) -> None:
     assert all(int(r["completed"]) > 0 for r in rows), rows
     assert all(int(r["errors"]) == 0 for r in rows), rows
 
+    assert "## Paced streams" in md
+    with open(out / "results_paced.csv", newline="") as f:
+        paced = list(csv.DictReader(f))
+    assert {r["system"] for r in paced} == {r["system"] for r in rows}
+    assert all(int(r["completed"]) > 0 and float(r["events_per_s"]) > 0 for r in paced), paced
+
     data = json.loads((out / "results.json").read_text())
     systems = {r["system"] for r in data["rows"]}
     assert "direct" in systems

@@ -434,3 +434,41 @@ def test_sigterm_exits_zero_with_open_stream() -> None:
         sock.sendall(raw_request("POST", "/v1/chat/completions", chat_body(max_tokens=4000, stream=True, itl_ms=50)))
         sock.recv(100)
         assert child.stop(timeout=5) == 0
+
+
+# -- step mode: vLLM's decode loop, one clock for every stream ------------------------------------
+
+async def test_step_mode_streams_are_whole_and_framed_like_the_others(engine: Child) -> None:
+    await reset(engine)
+    client = openai.AsyncOpenAI(base_url=url(engine, "/v1"), api_key="unused", max_retries=0)
+
+    async def one(n: int) -> list:
+        stream = await client.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=n, stream=True,
+            stream_options={"include_usage": True}, extra_body={"step_ms": 5})
+        return [chunk async for chunk in stream]
+
+    results = await asyncio.gather(*(one(n) for n in (1, 3, 20, 20)))
+    await client.close()
+    for n, chunks in zip((1, 3, 20, 20), results):
+        assert chunks[0].choices[0].delta.role == "assistant"
+        content = chunks[1:-1]
+        assert len(content) == n and [c.choices[0].finish_reason for c in content][-1] == "length"
+        assert chunks[-1].usage.completion_tokens == n
+    assert (await stats(engine))["completed"] == 4
+    # On the wire: still one SSE event per HTTP chunk, however many ride in one write.
+    decoded = events(exchange(engine, raw_request("POST", "/v1/chat/completions", chat_body(
+        max_tokens=4, stream=True, step_ms=5))))
+    assert len(decoded) == 6 and decoded[-1] == "[DONE]"
+
+
+async def test_step_mode_disconnect_counts_as_abort(engine: Child) -> None:
+    await reset(engine)
+    with connect(engine) as sock, sock.makefile("rb") as f:
+        sock.sendall(raw_request("POST", "/v1/chat/completions", chat_body(max_tokens=4000, stream=True, step_ms=10)))
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        while f.readline() != b"\r\n":
+            pass
+        f.readline(), f.readline()  # the first event's chunk
+    snapshot = await eventually(lambda s: s["aborted"] == 1 and s["in_flight"] == 0, engine, deadline_s=2.0)
+    assert snapshot["completed"] == 0

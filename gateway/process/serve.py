@@ -6,6 +6,7 @@ Below both the CLI and the development stacks, which all start a gateway through
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import signal
 import sys
@@ -51,6 +52,11 @@ async def serve_async(config: Config, ready_message: bool = True,
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"port {config.port} on {config.host} is already in use") from None
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    # Everything alive now (modules, config, metrics registry: ~35,000 objects) lives as long as the process;
+    # frozen, the collector stops traversing it. Measured under the bench's load: without it one full collection
+    # paused the loop for 99 ms (wall, on a busy core) and GC took 138 ms in all; with it no full collection ran,
+    # 34 ms in all, longest pause 7 ms. CPU per request did not move (gc is ~1% of it, perf).
+    gc.freeze()
     if ready_message:
         print(startup_line(config, gateway.port, gateway.targets), flush=True)
     if on_ready is not None:
