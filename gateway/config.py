@@ -79,7 +79,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("replicas", ("GATEWAY_REPLICAS",), _list, [], "replica direct-ingress target [ID=]URL; ID is the replica_id the router names, default host:port (repeat; env: comma-separated)",
            flag="--replica", repeat=True),
     Option("ray_address", ("GATEWAY_RAY_ADDRESS",), str, "", "discover routers and replicas from this Ray cluster (GCS address) instead of static lists"),
-    Option("app", ("GATEWAY_RAY_APP",), str, "", "Ray Serve application to front (default: the only app with an ingress request router)"),
+    Option("app", ("GATEWAY_RAY_APP",), str, "", "front only this Ray Serve application (default: every application, matched by route prefix, longest first)"),
+    Option("node_ip", ("GATEWAY_NODE_IP",), str, "",
+           "this node's IP: its routers are asked first, the others on failure (default with --ray-address: --host unless 0.0.0.0/::, else Ray's node IP; static mode: no preference)"),
     Option("strict_replica_id", ("GATEWAY_STRICT_REPLICA_ID",), _bool, False,
            "accept a decision only by replica_id; off: a decision naming a known host:port is also accepted (always on with Ray discovery, where ports get reused)"),
     Option("forward_body", ("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "GATEWAY_FORWARD_BODY"), _bool, False,
@@ -191,6 +193,7 @@ class Config:
     replicas: list[str] = field(default_factory=list)
     ray_address: str = ""
     app: str = ""
+    node_ip: str = ""
     strict_replica_id: bool = False
     forward_body: bool = False
     router_body_cap: int = 8 * MiB

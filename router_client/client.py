@@ -54,8 +54,11 @@ class RouterClient:
         body_cap: int = 8 * 1024 * 1024,
         session_header: str = "x-session-id",
         max_response_bytes: int = 1024 * 1024,
+        local_hosts: frozenset[str] = frozenset(),
     ):
         self._routers = routers
+        # Like Ray's Lua: routers on these hosts (this node) are asked first, the others only when they fail.
+        self.local_hosts = local_hosts
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.forward_body = forward_body
@@ -66,6 +69,8 @@ class RouterClient:
         self._cursor = itertools.count()
         self._calls: set[RouteCall] = set()
         self.truncations = 0
+        # Router calls sent, by router: which router decides (local first) is visible in the metrics.
+        self.sent: dict[Address, int] = {}
 
     # -- pools
     def pool(self, address: Address) -> KeepAlivePool[BufferedHTTPConnection]:
@@ -101,9 +106,27 @@ class RouterClient:
         if not routers:
             done(None, RouterError(ROUTER_UNREACHABLE, "no router is known"))
             return
-        call = RouteCall(self, routers, next(self._cursor), body, request_id, session, content_type, done)
+        start = next(self._cursor)
+        if self.local_hosts:
+            routers, start = self.local_first(routers, start), 0
+        call = RouteCall(self, routers, start, body, request_id, session, content_type, done)
         self._calls.add(call)
         call.try_next_router()
+
+    def local_first(self, routers: Sequence[Address], start: int) -> list[Address]:
+        """The local routers (rotated), then the others (rotated): failover leaves the node last."""
+        local = [address for address in routers if address[0] in self.local_hosts]
+        remote = [address for address in routers if address[0] not in self.local_hosts]
+        if local:
+            cut = start % len(local)
+            local = local[cut:] + local[:cut]
+        if remote:
+            cut = start % len(remote)
+            remote = remote[cut:] + remote[:cut]
+        return local + remote
+
+    def is_local(self, address: Address) -> bool:
+        return address[0] in self.local_hosts
 
     async def route(self, body: bytes, request_id: bytes, session: bytes | None = None,
                     content_type: bytes | None = None) -> Decision:
@@ -209,7 +232,9 @@ class RouteCall:
     def send(self, conn: BufferedHTTPConnection) -> None:
         self.conn = conn
         client = self.client
-        conn.request(client.build_request(self.address, self.body, self.request_id, self.session, self.content_type),
+        address = self.address
+        client.sent[address] = client.sent.get(address, 0) + 1
+        conn.request(client.build_request(address, self.body, self.request_id, self.session, self.content_type),
                      self)
 
     def on_response(self, conn: BufferedHTTPConnection, response: Response) -> None:

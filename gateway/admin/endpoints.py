@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from gateway.config import Config
-from gateway.controlplane.targets import TargetSet
+from gateway.controlplane.apps import App, AppTable
 from gateway.dataplane.reasons import Reason, error_response
 from gateway.dataplane.request import Request
 from gateway.dataplane.state import ServerState
@@ -32,11 +32,11 @@ if TYPE_CHECKING:
 
 
 class Admin:
-    def __init__(self, config: Config, state: ServerState, targets: TargetSet, metrics: Metrics,
+    def __init__(self, config: Config, state: ServerState, apps: AppTable, metrics: Metrics,
                  refresh_gauges: Callable[[Metrics], None]):
         self.config = config
         self.state = state
-        self.targets = targets
+        self.apps = apps
         self.metrics = metrics
         self.refresh_gauges = refresh_gauges
         self.app = Starlette(routes=[
@@ -57,11 +57,32 @@ class Admin:
         if not self.state.serving:
             return error_response(Reason.NO_REPLICAS, "the gateway has not started serving yet")
         # An unstarted or broken replica does not make the gateway unready: it answers for them with an error.
-        return JSONResponse({"status": "ready", "mode": self.config.mode,
-                             "targets": len(self.targets), "healthy": len(self.targets.healthy())})
+        targets = self.apps.all_targets()
+        return JSONResponse({"status": "ready", "mode": self.config.mode, "apps": len(self.apps),
+                             "targets": len(targets), "healthy": sum(1 for t in targets if t.healthy)})
+
+    @staticmethod
+    def describe_app(app: App) -> dict[str, object]:
+        body = app.targets.describe()
+        router = app.router
+        body["routers"] = [{"address": f"{host}:{port}", "local": bool(router and router.is_local((host, port))),
+                            "calls": router.sent.get((host, port), 0) if router else 0}
+                           for host, port in app.targets.routers]
+        return {"name": app.name, "prefix": app.prefix, "models": list(app.models), **body}
 
     async def routes(self, request: StarletteRequest) -> Response:
-        body = self.targets.describe()
+        apps = [self.describe_app(app) for app in self.apps]
+        # Top level: every app's targets and routers together (one app: exactly that app), then the apps.
+        fallback = next((app["fallback"] for app in apps if app["fallback"]), None)
+        body: dict[str, object] = {
+            "routers": [r["address"] for app in apps for r in app["routers"]],  # type: ignore[attr-defined]
+            "local_routers": [r["address"] for app in apps for r in app["routers"]  # type: ignore[attr-defined]
+                              if r["local"]],
+            "targets": [t for app in apps for t in app["targets"]],  # type: ignore[attr-defined]
+            "fallback": fallback,
+            "routes": self.apps.routes(),
+            "apps": apps,
+        }
         body["in_flight"] = self.state.in_flight
         body["connections"] = len(self.state.connections)
         body["pid"] = os.getpid()  # which worker answered, with --workers

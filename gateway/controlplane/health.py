@@ -19,7 +19,7 @@ from typing import Generic, Protocol, TypeVar
 import httpx
 
 from gateway.config import Config
-from gateway.controlplane.targets import Target, TargetSet
+from gateway.controlplane.targets import Target
 
 log = logging.getLogger("gateway.health")
 
@@ -158,11 +158,11 @@ class HttpProbe:
             await self._client.aclose()
 
 
-def replica_health(config: Config, targets: TargetSet,
+def replica_health(config: Config, targets: Callable[[], Iterable[Target]],
                    on_change: Callable[[Target], None] | None = None) -> HealthChecker[Target]:
-    """The gateway's checker of its replicas, from the config's health options."""
+    """The gateway's checker of its replicas (of every app), from the config's health options."""
     probe = HttpProbe(config.health_path, config.health_timeout_s)
-    return HealthChecker(lambda: targets.targets, probe, fall=config.health_fall, rise=config.health_rise,
+    return HealthChecker(targets, probe, fall=config.health_fall, rise=config.health_rise,
                          interval_s=config.health_interval_s, fast_interval_s=config.health_fast_interval_s,
                          name=lambda t: f"replica {t.replica_id} ({t.address})", on_change=on_change,
                          close=probe.close)

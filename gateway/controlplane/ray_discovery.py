@@ -1,11 +1,14 @@
-"""Routers, replicas and the fallback proxy of one Ray Serve application, followed live.
+"""Routers, replicas and the fallback proxy of every Ray Serve application, followed live.
 
 The gateway becomes a Ray driver (ray-serve.md §c): it finds the Serve controller,
 reads `get_target_groups(from_proxy_manager=True)` once, then follows Ray's own
 long poll on TARGET_GROUPS and FALLBACK_TARGETS, the two keys HAProxyManager
-follows. Every update replaces the TargetSet's contents; Target objects of
-replicas that stay are kept (TargetSet.replace), so their pools and the streams in
-flight on them are untouched.
+follows. Like HAProxyManager it follows every application (one `App` per HTTP
+target group, matched by route prefix), or only `--app`. Every update replaces an
+app's TargetSet contents; Target objects of replicas that stay are kept
+(TargetSet.replace), so their pools and the streams in flight on them are untouched:
+a redeploy or an autoscaling step never cuts a stream on a replica that stays
+(Ray's HAProxy reloads instead, and `hard-stop-after` cuts long streams, ray#66056).
 
 Scale to zero (§e): while the app has no data-plane target, the relay sends each
 request to the fallback Serve proxy (FALLBACK_TARGETS[HTTP]) without calling the
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Config, ConfigError, ReplicaSpec
+from gateway.controlplane.apps import App, AppTable
 from gateway.controlplane.targets import Target, TargetSet
 
 log = logging.getLogger("gateway.ray")
@@ -56,8 +60,10 @@ class RayDiscovery:
     def __init__(self, config: Config):
         self.config = config
         self.address = config.ray_address
-        self.app: str | None = config.app or None
-        self.targets = TargetSet(strict_replica_id=True)  # Ray reuses ports: accept a decision by replica id only
+        self.only: str | None = config.app or None
+        self.apps = AppTable()
+        self.fallback: Target | None = None
+        self.node_ip = ""
         self.updates = 0
         self.started_s = 0.0  # how long start() took, for the logs and the tests
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -67,8 +73,7 @@ class RayDiscovery:
         self._watchdog: asyncio.Task | None = None
         self._stopping = False
         self._we_initialized = False
-        self._specs: list[ReplicaSpec] = []
-        self._routers: list[tuple[str, int]] = []
+        self._seen: dict[str, tuple[list[ReplicaSpec], list[tuple[str, int]]]] = {}
         self._first_groups = asyncio.Event()
         self._first_fallback = asyncio.Event()
 
@@ -102,7 +107,7 @@ class RayDiscovery:
             raise ConfigError(f"ray {what} at {self.address} did not finish within {deadline_s:.0f}s{hint}") from None
 
     # -- lifecycle
-    async def start(self) -> TargetSet:
+    async def start(self) -> AppTable:
         started = time.monotonic()
         self._loop = asyncio.get_running_loop()
         host, port = _split_address(self.address)
@@ -123,7 +128,11 @@ class RayDiscovery:
             raise
         except Exception as exc:  # a Ray error at startup is a setup problem: one line, no traceback
             raise ConfigError(f"ray at {self.address}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-        self._pick_app(groups)
+        self._check_apps(groups)
+        self.node_ip = self.config.node_ip or (self.config.host if self.config.host not in ("0.0.0.0", "::", "")
+                                                else self._ray.util.get_node_ip_address())
+        if self.only:
+            self._add_app(self.only, "/")  # kept while not deployed: its requests get 503 no_replicas, not 404
         self._on_target_groups(groups, initial=True)
         self._start_client()
         # The long poll answers at once with both keys (snapshot ids start at -1): wait for the
@@ -135,10 +144,14 @@ class RayDiscovery:
                         FIRST_UPDATE_DEADLINE_S)
         self._watchdog = self._loop.create_task(self._watch())
         self.started_s = time.monotonic() - started
-        log.info("ray discovery: app %r at %s: %d replicas, %d routers, fallback %s (%.0f ms)", self.app, self.address,
-                 len(self.targets), len(self.targets.routers),
-                 self.targets.fallback.address if self.targets.fallback else "none", self.started_s * 1000)
-        return self.targets
+        for app in self.apps:
+            log.info("ray discovery: app %r at %s (%s): %d replicas, %d routers, fallback %s (%.0f ms)", app.name,
+                     app.prefix, self.address, len(app.targets), len(app.targets.routers),
+                     self.fallback.address if self.fallback else "none", self.started_s * 1000)
+        if not len(self.apps):
+            log.warning("ray discovery: no Serve application at %s yet; answering 404 until one is deployed",
+                        self.address)
+        return self.apps
 
     async def stop(self) -> None:
         self._stopping = True
@@ -198,53 +211,76 @@ class RayDiscovery:
         # from_proxy_manager=True: replica-level targets. The default returns only HAProxy frontends (§c).
         return self._ray.get(self._controller.get_target_groups.remote(from_proxy_manager=True), timeout=CALL_DEADLINE_S)
 
-    # -- choosing the app
+    # -- the applications
     @staticmethod
     def _http(groups: list) -> list:
         return [tg for tg in groups if getattr(tg.protocol, "value", tg.protocol) == "HTTP" and tg.app_name]
 
-    def _pick_app(self, groups: list) -> None:
-        http = self._http(groups)
-        names = sorted({tg.app_name for tg in http})
-        if self.app:
-            if self.app not in names:
-                log.warning("ray discovery: app %r is not deployed (apps: %s); answering 503 until it is",
-                            self.app, ", ".join(names) or "none")
-            return
-        if len(names) == 1:
-            self.app = names[0]
-            return
-        with_router = sorted({tg.app_name for tg in http if tg.ingress_request_router_targets})
-        if len(with_router) == 1:
-            self.app = with_router[0]
-            return
-        if not names:
-            raise ConfigError(f"no Serve application is deployed on Ray at {self.address}: deploy one, "
-                              "or name the one to wait for with --app")
-        raise ConfigError(f"several Serve applications on Ray at {self.address} ({', '.join(names)}): choose one with --app")
+    def _check_apps(self, groups: list) -> None:
+        names = sorted({tg.app_name for tg in self._http(groups)})
+        if self.only and self.only not in names:
+            log.warning("ray discovery: app %r is not deployed (apps: %s); answering 503 until it is",
+                        self.only, ", ".join(names) or "none")
+
+    def _add_app(self, name: str, prefix: str) -> App:
+        # Ray reuses ports: accept a decision by replica id only.
+        targets = TargetSet(strict_replica_id=True)
+        targets.fallback = self.fallback
+        app = App(name, prefix, targets)
+        self.apps.add(app)  # the gateway's listener attaches the router client and the pools' hooks
+        return app
 
     # -- updates (on the event loop)
     def _on_target_groups(self, groups: list, initial: bool = False) -> None:
-        group = next((tg for tg in self._http(groups) if tg.app_name == self.app), None)
-        specs = [ReplicaSpec(t.name, t.ip, t.port) for t in group.targets] if group else []
-        routers = sorted((t.ip, t.port) for t in group.ingress_request_router_targets) if group else []
+        wanted: dict[str, Any] = {}
+        for tg in self._http(groups):
+            if self.only and tg.app_name != self.only:
+                continue
+            if tg.route_prefix is None and not self.only:
+                continue  # an app without an HTTP route: HAProxy gives it no backend either
+            wanted[tg.app_name] = tg
         if not initial:
             self._first_groups.set()
-        if specs == self._specs and routers == self._routers and not initial:
-            return
-        before = {spec.replica_id for spec in self._specs}
-        after = {spec.replica_id for spec in specs}
-        self._specs, self._routers = specs, routers
-        self.updates += 1
-        self.targets.replace(specs, routers)
-        if not initial:
-            log.info("ray discovery: app %r now %d replicas (+%d -%d), routers %s", self.app, len(specs),
-                     len(after - before), len(before - after),
-                     ",".join(f"{h}:{p}" for h, p in routers) or "none")
+        for name in [app.name for app in self.apps if app.name not in wanted and app.name != self.only]:
+            app = self.apps.get(name)
+            assert app is not None
+            app.targets.replace([], [])
+            self.apps.remove(name)
+            self._seen.pop(name, None)
+            self.updates += 1
+            log.info("ray discovery: app %r is gone", name)
+        if self.only and self.only not in wanted and self.only in self._seen:
+            del self._seen[self.only]
+            only = self.apps.get(self.only)
+            if only is not None:
+                only.targets.replace([], [])
+            log.info("ray discovery: app %r is not deployed any more", self.only)
+        for name, tg in wanted.items():
+            specs = [ReplicaSpec(t.name, t.ip, t.port) for t in tg.targets]
+            routers = sorted((t.ip, t.port) for t in tg.ingress_request_router_targets)
+            app = self.apps.get(name)
+            if app is None:
+                app = self._add_app(name, tg.route_prefix or "/")
+                log.info("ray discovery: app %r at %s", name, app.prefix)
+            elif tg.route_prefix and app.prefix != "/" + tg.route_prefix.strip("/"):
+                self.apps.set_prefix(app, tg.route_prefix)
+                log.info("ray discovery: app %r moved to %s", name, app.prefix)
+            before_specs, before_routers = self._seen.get(name, ([], []))
+            if (specs, routers) == (before_specs, before_routers) and name in self._seen:
+                continue
+            self._seen[name] = (specs, routers)
+            self.updates += 1
+            app.targets.replace(specs, routers)
+            if not initial:
+                before = {spec.replica_id for spec in before_specs}
+                after = {spec.replica_id for spec in specs}
+                log.info("ray discovery: app %r now %d replicas (+%d -%d), routers %s", name, len(specs),
+                         len(after - before), len(before - after),
+                         ",".join(f"{h}:{p}" for h, p in routers) or "none")
 
     def _on_fallback(self, snapshot: dict) -> None:
         http = next((t for proto, t in snapshot.items() if getattr(proto, "value", proto) == "HTTP"), None)
-        current = self.targets.fallback
+        current = self.fallback
         if http is None:
             new = None
         elif current is not None and (current.replica_id, current.host, current.port) == (http.name, http.ip, http.port):
@@ -257,8 +293,10 @@ class RayDiscovery:
         if current is not None and current.pool is not None:
             current.pool.close()  # type: ignore[attr-defined]
         # Fallback first, then replace(): the gateway's listener attaches a pool to the new fallback.
-        self.targets.fallback = new
-        self.targets.replace(self._specs, self._routers)
+        self.fallback = new
+        for app in self.apps:
+            app.targets.fallback = new
+            app.targets.replace(list(self._seen.get(app.name, ([], []))[0]))
         log.info("ray discovery: fallback proxy %s", new.address if new else "none (unhealthy)")
 
     # -- the long poll
@@ -286,7 +324,7 @@ class RayDiscovery:
                 self._controller = await self._blocking(self._find_controller, CALL_DEADLINE_S, "controller lookup")
             except Exception as exc:  # noqa: BLE001 - keep serving the last known targets and retry
                 log.warning("ray discovery: Serve controller unavailable (%s); keeping %d known replicas, retrying",
-                            exc, len(self.targets))
+                            exc, len(self.apps.all_targets()))
                 backoff = min(backoff * 2, 10.0)
                 continue
             log.warning("ray discovery: long poll stopped; following the Serve controller again")

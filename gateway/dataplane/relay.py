@@ -22,9 +22,8 @@ from router_client import Decision, RouterError
 
 if TYPE_CHECKING:
     from gateway.config import Config
-    from gateway.controlplane.targets import TargetSet
+    from gateway.controlplane.apps import App, AppTable
     from gateway.dataplane.state import ServerState
-    from router_client import RouterClient
 
 
 class Client(Downstream, Protocol):
@@ -51,12 +50,13 @@ _ROUTER_REASONS = {reason.value: reason for reason in Reason}
 
 
 class Relay:
-    def __init__(self, config: "Config", state: "ServerState", targets: "TargetSet", router: "RouterClient",
+    def __init__(self, config: "Config", state: "ServerState", apps: "AppTable",
                  internal: InternalEndpoints, mark_down: Callable[[Target], None]):
         self.config = config
         self.state = state
-        self.targets = targets
-        self.router = router
+        self.apps = apps
+        # Ray mode: a decision naming a replica not discovered yet goes to the fallback proxy, as in Ray's Lua.
+        self.pin_miss_to_fallback = config.mode == "ray"
         self.metrics = state.metrics
         self.internal = internal
         # Passive health: traffic that finds a replica unreachable tells the health checker.
@@ -79,17 +79,21 @@ class Relay:
         self.route(client, request, None)
 
     def route(self, client: "Client", request: Request, failed: Target | None) -> None:
-        """Pick the replica: the router decides POSTs; everything else goes least-loaded."""
-        targets = self.targets
+        """Pick the app by path, then the replica: the app's router decides POSTs; the rest go least-loaded."""
+        app = self.apps.single or self.apps.match(request.url)
+        if app is None:
+            self.fail(client, request, GatewayError(Reason.NOT_FOUND, "no application serves this path"))
+            return
+        targets = app.targets
         if not targets.targets and targets.fallback is not None:
             # Scaled to zero: only the fallback Serve proxy can wake the app; the router would hang (ray-serve.md §e).
             self.connect_to(client, request, targets.fallback, None)
             return
         if request.method == b"POST" and targets.routers:
             started = time.monotonic()
-            self.router.start(request.body, request.request_id, request.session, request.content_type,
-                              lambda decision, error: self.on_decision(client, request, failed, started, decision,
-                                                                       error))
+            app.router.start(request.body, request.request_id, request.session, request.content_type,
+                             lambda decision, error: self.on_decision(client, request, app, failed, started, decision,
+                                                                      error))
             return
         target = targets.least_loaded(exclude=failed) or (None if failed is None else targets.least_loaded())
         if target is None:
@@ -97,7 +101,7 @@ class Relay:
             return
         self.connect_to(client, request, target, None)
 
-    def on_decision(self, client: "Client", request: Request, failed: Target | None, started: float,
+    def on_decision(self, client: "Client", request: Request, app: "App", failed: Target | None, started: float,
                     decision: Decision | None, error: RouterError | None) -> None:
         request.router_s = time.monotonic() - started
         if client.closed or client.current is not request:
@@ -112,7 +116,7 @@ class Relay:
                 raise GatewayError(reason, f"{reason.value}: {error.detail}")
             assert decision is not None
             self.metrics.router_ok(request.router_s)
-            target = self.target_for(decision, failed)
+            target = self.target_for(app, decision, failed)
             self.connect_to(client, request, target, decision.request_headers or None)
         except GatewayError as exc:
             self.fail(client, request, exc)
@@ -120,12 +124,19 @@ class Relay:
             log.exception("request %s failed unexpectedly", request.request_id.decode("latin-1"))
             self.fail(client, request, GatewayError(Reason.REPLICA_UNAVAILABLE, "internal gateway error", status=500))
 
-    def target_for(self, decision: Decision, failed: Target | None) -> Target:
+    def target_for(self, app: "App", decision: Decision, failed: Target | None) -> Target:
         """The known target a decision names: the SSRF boundary (never an address we do not know)."""
-        targets = self.targets
+        targets = app.targets
         target = targets.lookup(decision.replica_id, decision.host, decision.port)
         if target is None:
             self.metrics.decision_mismatch("unknown_replica_id")
+            if self.pin_miss_to_fallback and targets.fallback is not None:
+                # The router's view is ahead of our long poll (a replica just started): Ray's Lua sends such a
+                # request to the fallback Serve proxy, which picks again through its handle. So do we.
+                self.metrics.pin_miss_fallbacks.labels(app.name).inc()
+                log.info("router named %s, not discovered yet: app %r request goes to the fallback proxy",
+                         decision.replica_id, app.name)
+                return targets.fallback
             log.warning("router named %s at %s:%d, which is not a known target", decision.replica_id,
                         decision.host, decision.port)
             raise GatewayError(Reason.UNKNOWN_REPLICA_ID,

@@ -79,6 +79,11 @@ class Metrics:
         self.mismatches = Counter("gateway_decision_mismatches",
                                   "Router decisions naming an unknown replica or an address that differs from ours",
                                   ["kind"], registry=registry)
+        self.router_calls = Counter("gateway_router_calls", "Routing calls sent, by app and router (local: on this node)",
+                                    ["app", "router", "local"], registry=registry)
+        self.pin_miss_fallbacks = Counter("gateway_pin_miss_fallbacks",
+                                          "Decisions naming a replica not yet discovered, sent to the fallback proxy",
+                                          ["app"], registry=registry)
         self.connect_latency = Histogram("gateway_upstream_connect_seconds", "TCP connect time to replicas",
                                          buckets=_LATENCY_BUCKETS, registry=registry)
         self.ttfb = HotHistogram("gateway_time_to_first_byte_seconds", "Request start to the replica's response head",
@@ -122,6 +127,9 @@ class Metrics:
 
     def decision_mismatch(self, kind: str) -> None:
         self.mismatches.labels(kind).inc()
+
+    def router_call(self, app: str, router: str, local: bool, count: int) -> None:
+        self.router_calls.labels(app, router, "true" if local else "false").inc(count)
 
     def connect_time(self, seconds: float) -> None:
         self.connect_latency.observe(seconds)

@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway.admin.endpoints import Admin, AdminListener
 from gateway.config import Config, ConfigError
+from gateway.controlplane.apps import App, AppTable
 from gateway.controlplane.health import replica_health
 from gateway.controlplane.targets import Target, TargetSet
 from gateway.dataplane.client import ClientConnection
@@ -36,23 +37,20 @@ TLS_SHUTDOWN_TIMEOUT_S = 10.0
 
 
 class Gateway:
-    def __init__(self, config: Config, targets: TargetSet | None = None):
+    def __init__(self, config: Config, apps: AppTable | None = None, local_hosts: frozenset[str] = frozenset()):
         self.config = config
-        self.targets = targets if targets is not None else TargetSet(config.replica_specs, config.router_addresses,
-                                              strict_replica_id=config.strict_replica_id)
+        if apps is None:
+            # Static mode: one app at `/` (the relay's app lookup is then one attribute read).
+            targets = TargetSet(config.replica_specs, config.router_addresses,
+                                strict_replica_id=config.strict_replica_id)
+            apps = AppTable([App("", "/", targets)])
+        self.apps = apps
+        self.local_hosts = local_hosts or (frozenset([config.node_ip]) if config.node_ip else frozenset())
         self.metrics = Metrics()
-        self.router = RouterClient(
-            lambda: self.targets.routers,
-            timeout_s=config.router_timeout_s,
-            idle_timeout_s=config.router_idle_s,
-            forward_body=config.forward_body,
-            body_cap=config.router_body_cap,
-            session_header=config.session_header,
-        )
         self.state = ServerState(self.metrics, config.max_connections, config.session_header, self.request_finished)
-        self.health = replica_health(config, self.targets)
-        self.admin = Admin(config, self.state, self.targets, self.metrics, self.refresh_gauges)
-        self.relay = Relay(config, self.state, self.targets, self.router, self.admin.serve, self.health.mark_down)
+        self.health = replica_health(config, self.apps.all_targets)
+        self.admin = Admin(config, self.state, self.apps, self.metrics, self.refresh_gauges)
+        self.relay = Relay(config, self.state, self.apps, self.admin.serve, self.health.mark_down)
         self.access_log = AccessLog(config.access_log)
         self.tracer: RequestTracer | None = None
         if config.otlp_traces_url:
@@ -70,18 +68,52 @@ class Gateway:
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
         self._truncations_seen = 0
-        self.targets.listeners.append(self._targets_changed)
-        self._targets_changed(self.targets.targets, [])
+        self._router_calls_seen: dict[tuple[str, tuple[str, int]], int] = {}
+        self.apps.listeners.append(self._apps_changed)
+        self._apps_changed(list(self.apps), [])
 
-    # -- targets
-    def _targets_changed(self, added: list[Target], removed: list[Target]) -> None:
+    @property
+    def targets(self) -> TargetSet:
+        """The targets of the app at `/` (or the first app): what a single-app user means by "the targets"."""
+        first = self.apps.single or next(iter(self.apps), None)
+        return first.targets if first is not None else TargetSet()
+
+    def routers(self) -> list[RouterClient]:
+        return [app.router for app in self.apps if app.router is not None]
+
+    # -- apps and targets
+    def _apps_changed(self, added: list[App], removed: list[App]) -> None:
+        config = self.config
+        for app in added:
+            targets = app.targets
+            app.router = RouterClient(
+                lambda targets=targets: targets.routers,  # type: ignore[misc]
+                timeout_s=config.router_timeout_s,
+                idle_timeout_s=config.router_idle_s,
+                forward_body=config.forward_body,
+                body_cap=config.router_body_cap,
+                session_header=config.session_header,
+                local_hosts=self.local_hosts,
+            )
+            targets.listeners.append(lambda added, removed, targets=targets: self._targets_changed(targets, added,
+                                                                                                    removed))
+            self._targets_changed(targets, targets.targets, [])
+        for app in removed:
+            # Streams in flight on its replicas finish on their own connections; idle ones go now.
+            for target in app.targets.targets:
+                if target.pool is not None:
+                    target.pool.close()
+            if app.router is not None:
+                app.router.close()
+
+    def _targets_changed(self, targets: TargetSet, added: list[Target], removed: list[Target]) -> None:
         for target in added:
             target.pool = self._new_pool(target)
         for target in removed:
             # Idle connections go now; streams in flight on a removed replica finish on their own connection.
             if target.pool is not None:
                 target.pool.close()
-        fallback = self.targets.fallback
+        fallback = targets.fallback
         if fallback is not None and fallback.pool is None:
             fallback.pool = self._new_pool(fallback)
 
@@ -110,15 +142,27 @@ class Gateway:
     def refresh_gauges(self, metrics: Metrics) -> None:
         metrics.in_flight.set(self.state.in_flight)
         metrics.connections.set(len(self.state.connections))
-        for target in self.targets.targets:
+        for target in self.apps.all_targets():
             metrics.pool_idle.labels(target.replica_id).set(target.pool.idle_count if target.pool is not None else 0)
             metrics.replica_up.labels(target.replica_id).set(1 if target.healthy else 0)
-        for (host, port), pool in self.router.pools().items():
-            metrics.pool_idle.labels(f"router:{host}:{port}").set(pool.idle_count)
-        new = self.router.truncations - self._truncations_seen
-        if new:
+        truncations = 0
+        for app in self.apps:
+            router = app.router
+            if router is None:
+                continue
+            truncations += router.truncations
+            for (host, port), pool in router.pools().items():
+                metrics.pool_idle.labels(f"router:{host}:{port}").set(pool.idle_count)
+            for address, sent in router.sent.items():
+                # Counted by the router client (one dict add per call); exported as a Prometheus counter here.
+                seen = self._router_calls_seen.get((app.name, address), 0)
+                if sent > seen:
+                    metrics.router_call(app.name, f"{address[0]}:{address[1]}", router.is_local(address), sent - seen)
+                    self._router_calls_seen[(app.name, address)] = sent
+        new = truncations - self._truncations_seen
+        if new > 0:
             metrics.truncations.inc(new)
-            self._truncations_seen = self.router.truncations
+        self._truncations_seen = truncations
 
     # -- lifecycle
     async def start(self, sock: socket.socket | None = None) -> None:
@@ -187,14 +231,17 @@ class Gateway:
 
     def _sweep_once(self, now: float, expire_pools: bool) -> None:
         self.access_log.flush()
-        self.router.expire(now)
+        routers = self.routers()
+        for router in routers:
+            router.expire(now)
         for conn in list(self.state.connections):
             conn.check_timeouts(now)
         for conn in list(self.admin_state.connections):
             conn.check_timeouts(now)
         if expire_pools:
-            self.router.expire_idle()
-            for target in self.targets.targets:
+            for router in routers:
+                router.expire_idle()
+            for target in self.apps.all_targets():
                 if target.pool is not None:
                     target.pool.expire()
 
@@ -228,8 +275,9 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.health.stop()
-        self.router.close()
-        for target in self.targets.targets:
+        for router in self.routers():
+            router.close()
+        for target in self.apps.all_targets():
             if target.pool is not None:
                 target.pool.close()
         if self._server is not None:
