@@ -197,8 +197,10 @@ class MockLLMServer:
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"])
     async def handle(self, request: FastAPIRequest, path: str) -> Response:
         scope = request.scope
+        # Under a route prefix Serve mounts the app at root_path: the engine sees the path below it.
+        engine_path = scope["path"][len(scope.get("root_path", "")):] or "/"
         engine_request = EngineRequest(
-            scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"),
+            scope["method"], engine_path, scope.get("query_string", b"").decode("latin-1"),
             list(request.headers.raw), await request.body(), scope.get("http_version", "1.1"), True)
         return EngineResponse(self.engine, engine_request)
 
@@ -309,7 +311,7 @@ def build_vllm_app(policy: str = "round_robin", replicas: int = 1, min_replicas:
 def connect(address: str):
     import ray
 
-    if "127.0.0.1" in address or "localhost" in address:
+    if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
         # Else Ray rewrites a loopback address to the routable IP (ray-serve.md §d).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not ray.is_initialized():
@@ -329,14 +331,16 @@ def deploy(address: str, backend: str = "mock", policy: str = "round_robin", rep
            min_replicas: int | None = None, name: str = APP_NAME, http_port: int = 8000, tag: str = "v1",
            ttft_ms: float = 0.0, itl_ms: float = 0.0, model: str | None = None,
            downscale_to_zero_s: float = 30.0, wait_s: float = 120.0, model_id: str | None = None,
-           accelerator: str = "gpu") -> dict:
+           accelerator: str = "gpu", route_prefix: str = "/", host: str = "127.0.0.1") -> dict:
     """Deploy (or redeploy) the app and wait until Ray publishes its targets. Returns timings."""
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         raise RuntimeError("set RAY_SERVE_ENABLE_HA_PROXY=1 (here and in `ray start`): "
                            "the ingress request router requires HAProxy mode")
     t0 = time.monotonic()
     connect(address)
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    # host is also what every direct-ingress replica binds: 0.0.0.0 on a multi-node cluster, else replicas on the
+    # other nodes listen on 127.0.0.1 while advertising their node IP (ray#62522).
+    serve.start(http_options={"host": host, "port": http_port})
     if backend == "mock":
         app = build_mock_app(policy, replicas, min_replicas, model or "mock", ttft_ms, itl_ms, tag,
                              downscale_to_zero_s=downscale_to_zero_s)
@@ -346,7 +350,7 @@ def deploy(address: str, backend: str = "mock", policy: str = "round_robin", rep
     else:
         raise ValueError(f"unknown backend {backend!r}")
     t1 = time.monotonic()
-    serve.run(app, name=name, route_prefix="/")
+    serve.run(app, name=name, route_prefix=route_prefix)
     t2 = time.monotonic()
     want = replicas if min_replicas is None else min_replicas
     deadline = time.monotonic() + wait_s
@@ -408,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="vllm: gpu (Ray's defaults) or cpu (vLLM's CPU build, 0.5 CPU per replica)")
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="mock: delay before the first token")
     parser.add_argument("--itl-ms", type=float, default=0.0, help="mock: delay between tokens")
+    parser.add_argument("--route-prefix", default="/", help="the app's route prefix")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="Serve http_options.host, also what replicas bind: 0.0.0.0 for a multi-node cluster")
     parser.add_argument("--downscale-to-zero-s", type=float, default=30.0, help="idle time before 1 -> 0 replicas")
     args = parser.parse_intermixed_args(argv)
     if args.command == "status":
@@ -426,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = deploy(args.address, args.backend, args.policy, args.replicas, args.min_replicas, args.name,
                         args.http_port, args.tag, args.ttft_ms, args.itl_ms, args.model, args.downscale_to_zero_s,
-                        model_id=args.model_id, accelerator=args.accelerator)
+                        model_id=args.model_id, accelerator=args.accelerator, route_prefix=args.route_prefix,
+                        host=args.host)
     except (RuntimeError, TimeoutError, ValueError) as exc:
         print(f"serve_app: error: {exc}", file=sys.stderr)
         return 2

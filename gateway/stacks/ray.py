@@ -79,6 +79,10 @@ class RayStack:
     python: str = sys.executable
     extra_env: dict[str, str] = field(default_factory=dict)  # more environment for the head and the drivers
     draining_s: float = 2.0  # RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (Ray's default 30)
+    # A multi-node cluster on one machine (ray-serve.md §g): each node on its own loopback address,
+    # none on 127.0.0.1, a worker joining the head's GCS address.
+    node_ip: str = "127.0.0.1"
+    join: str = ""
     root: str = ""
     log_path: str = ""
     ports: dict[str, int] = field(default_factory=dict)
@@ -93,7 +97,8 @@ class RayStack:
         self.log_path = self.log_path or os.path.join(self.root, "ray-start.log")
         if not self.ports:
             names = ("gcs", "http", "fallback", "fallback_grpc", "hap_metrics", "hap_stats", "client",
-                     "agent_listen", "agent_grpc", "runtime_env", "metrics_export", "node_manager", "object_manager")
+                     "agent_listen", "agent_grpc", "runtime_env", "metrics_export", "node_manager", "object_manager",
+                     "worker_http", "worker_grpc")
             # Below the kernel's ephemeral range (32768-60999 here): vLLM's engine processes bind random
             # loopback ports there at any time (a replacement replica too), and HAProxy binds its stats and
             # metrics ports only at serve.start; a port picked there could be taken by then. Above Ray's
@@ -112,7 +117,8 @@ class RayStack:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.ports['gcs']}"
+        """The cluster's GCS address (a worker node's is its head's)."""
+        return self.join or f"{self.node_ip}:{self.ports['gcs']}"
 
     @property
     def http_port(self) -> int:
@@ -123,8 +129,13 @@ class RayStack:
         """The environment of `ray start` and of every driver that deploys (ray-serve.md §b, §d)."""
         hap = os.path.join(self.root, "hap")
         p = self.ports
+        multi_node = {} if self.node_ip == "127.0.0.1" else {
+            # Left unset off 127.0.0.1 (§g); on a worker node Serve's HAProxy needs its own frontend port.
+            "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(p["worker_http"]),
+            "RAY_SERVE_WORKER_PROXY_GRPC_PORT": str(p["worker_grpc"]),
+        }
         return {
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            **({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if self.node_ip == "127.0.0.1" else multi_node),
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
@@ -152,9 +163,11 @@ class RayStack:
     # -- the head
     def start(self, deadline_s: float = 90.0) -> RayStack:
         p = self.ports
-        argv = [_ray_bin(self.python), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={p['gcs']}",
-                f"--num-cpus={self.num_cpus}", "--include-dashboard=false", f"--temp-dir={self.root}",
-                f"--ray-client-server-port={p['client']}", f"--dashboard-agent-listen-port={p['agent_listen']}",
+        node = (["--head", f"--port={p['gcs']}", "--include-dashboard=false", f"--ray-client-server-port={p['client']}"]
+                if not self.join else [f"--address={self.join}"])
+        argv = [_ray_bin(self.python), "start", *node, "--block", f"--node-ip-address={self.node_ip}",
+                f"--num-cpus={self.num_cpus}", f"--temp-dir={self.root}",
+                f"--dashboard-agent-listen-port={p['agent_listen']}",
                 f"--dashboard-agent-grpc-port={p['agent_grpc']}", f"--runtime-env-agent-port={p['runtime_env']}",
                 f"--metrics-export-port={p['metrics_export']}", f"--node-manager-port={p['node_manager']}",
                 f"--object-manager-port={p['object_manager']}", "--disable-usage-stats"]
