@@ -48,10 +48,33 @@ def main(argv: list[str] | None = None) -> int:
     new = keys_sub.add_parser("new", help="print a fresh random key once (stderr; stored nowhere) and its [[keys]] "
                                           "entry (stdout): gateway keys new NAME >> keys.toml")
     new.add_argument("name", help="the key's name, as it appears in the access log and metrics")
-    args = parser.parse_args(argv)
+    ray_parser = sub.add_parser("ray", help="run a gateway on every node of a Ray cluster (like Ray's HAProxy)",
+                                description="One gateway per alive node, run and restarted by detached Ray actors.")
+    ray_sub = ray_parser.add_subparsers(dest="ray_command", required=True)
+    address_default = os.environ.get("GATEWAY_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    for name, text in (("deploy", "start a gateway on every node, or roll them to new options one node at a time"),
+                       ("status", "print node -> URL, pid, ready, restarts"),
+                       ("remove", "stop every gateway (each drains) and remove the actors")):
+        command = ray_sub.add_parser(name, help=text, description=text + (
+            ". Any `gateway serve` option may follow; they are passed to every gateway as given (never taken "
+            "from the raylet's environment)." if name == "deploy" else ""))
+        command.add_argument("--ray-address", default=address_default, required=address_default is None,
+                             help="the cluster's GCS address host:port [env: GATEWAY_RAY_ADDRESS, RAY_ADDRESS]")
+        if name == "deploy":
+            command.add_argument("--port", type=int, default=8000, help="port of every gateway (default 8000)")
+            command.add_argument("--host", default="",
+                                 help="address every gateway binds (default: its node's IP)")
+            command.add_argument("--wait-s", type=float, default=120.0,
+                                 help="how long to wait for every node's gateway to be ready (default 120)")
+    args, rest = parser.parse_known_args(argv)
+    if rest and not (args.command == "ray" and args.ray_command == "deploy"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "keys":
             return _new_key(args.name)
+        if args.command == "ray":
+            _setup_logging("warning")
+            return _ray_command(args, rest)
         if args.command == "serve":
             config = resolve(args)
             _setup_logging(config.log_level)
@@ -87,6 +110,33 @@ def _new_key(name: str) -> int:
     # once and appends only its digest to the file.
     print(f"API key for {name!r} (shown once, stored nowhere; give it to the client): {key}", file=sys.stderr)
     print(f"# {name}: add to --api-keys-file, then SIGHUP the gateway\n{toml_entry(name, key)}", end="", flush=True)
+    return 0
+
+
+def _ray_command(args: argparse.Namespace, serve_args: list[str]) -> int:
+    from gateway.deploy import cluster  # needs the [ray] extra
+
+    if args.ray_command == "deploy":
+        for flag in ("--ray-address", "--node-ip"):
+            if any(arg == flag or arg.startswith(flag + "=") for arg in serve_args):
+                raise ConfigError(f"{flag} is set per node by `gateway ray deploy`")
+        # Check the options here, once, rather than on every node: a bad flag fails the deploy, not the cluster.
+        check = argparse.ArgumentParser(prog="gateway ray deploy", add_help=False)
+        add_arguments(check)
+        try:
+            parsed = check.parse_args([*serve_args, "--ray-address", args.ray_address])
+        except SystemExit:
+            raise ConfigError(f"bad gateway serve options: {' '.join(serve_args)}") from None
+        resolve(parsed, environ={})
+        print(f"gateway ray deploy: a gateway on every node of {args.ray_address}, port {args.port}...", flush=True)
+        result = cluster.deploy(args.ray_address, args.port, args.host, serve_args, wait_s=args.wait_s)
+        print(cluster.format_status(result), flush=True)
+        return 0
+    if args.ray_command == "status":
+        print(cluster.format_status(cluster.status(args.ray_address)), flush=True)
+        return 0
+    removed = cluster.remove(args.ray_address)
+    print(f"gateway ray remove: stopped {len(removed)} gateways ({', '.join(sorted(removed)) or 'none'})", flush=True)
     return 0
 
 

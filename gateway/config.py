@@ -82,6 +82,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("app", ("GATEWAY_RAY_APP",), str, "", "front only this Ray Serve application (default: every application, matched by route prefix, longest first)"),
     Option("node_ip", ("GATEWAY_NODE_IP",), str, "",
            "this node's IP: its routers are asked first, the others on failure (default with --ray-address: --host unless 0.0.0.0/::, else Ray's node IP; static mode: no preference)"),
+    Option("route_by_model", ("GATEWAY_ROUTE_BY_MODEL",), _bool, False,
+           "a POST whose JSON body names a `model` goes to the app serving it, whatever the path; GET /v1/models lists every app's models; an unknown model: 404 model_not_found (parses each POST body)"),
     Option("strict_replica_id", ("GATEWAY_STRICT_REPLICA_ID",), _bool, False,
            "accept a decision only by replica_id; off: a decision naming a known host:port is also accepted (always on with Ray discovery, where ports get reused)"),
     Option("forward_body", ("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "GATEWAY_FORWARD_BODY"), _bool, False,
@@ -194,6 +196,7 @@ class Config:
     ray_address: str = ""
     app: str = ""
     node_ip: str = ""
+    route_by_model: bool = False
     strict_replica_id: bool = False
     forward_body: bool = False
     router_body_cap: int = 8 * MiB

@@ -384,7 +384,8 @@ def status(address: str, name: str = APP_NAME) -> dict:
     return {"app": name, "status": None if app is None else str(getattr(app.status, "value", app.status)),
             "deployments": deployments,
             "targets": [t.name for tg in groups for t in tg.targets],
-            "routers": [f"{t.ip}:{t.port}" for tg in groups for t in tg.ingress_request_router_targets]}
+            "routers": [f"{t.ip}:{t.port}" for tg in groups for t in tg.ingress_request_router_targets],
+            "router_ids": {f"{t.ip}:{t.port}": t.name for tg in groups for t in tg.ingress_request_router_targets}}
 
 
 def kill_replica(address: str, replica_id: str) -> None:

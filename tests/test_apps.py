@@ -79,3 +79,28 @@ def test_without_node_ip_static_routers_are_all_equal(basic) -> None:
     assert routes["local_routers"] == []
     assert routes["routes"] == {"/": ""}
     assert wait_until(lambda: basic.gateway.get_json("/-/ready")["apps"] == 1)
+
+
+def test_route_by_model_lists_models_and_rejects_unknown_ones(stack) -> None:
+    from openai import NotFoundError, OpenAI
+
+    replicas = [stack.replica("r1", "--model", "tiny"), stack.replica("r2", "--model", "tiny")]
+    router = stack.router(replicas)
+    gateway = stack.gateway([router], replicas, "--route-by-model")
+    client = OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0, timeout=10)
+    # Learned from the replicas' own /v1/models (never through the router).
+    wait_until(lambda: [m.id for m in client.models.list().data] == ["tiny"], what="the model list")
+    assert router.stats()["requests"] == 0
+    completion = client.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=3)
+    assert completion.choices[0].message.content == " the quick brown"
+    try:
+        client.chat.completions.create(model="nope", messages=CHAT["messages"], max_tokens=3)
+        raise AssertionError("an unknown model was served")
+    except NotFoundError as exc:
+        assert exc.status_code == 404 and exc.code == "model_not_found"
+        assert exc.response.headers["x-serve-reason"] == "model_not_found"
+    # A body that names no model is routed by path as usual; the gateway keeps serving.
+    response = httpx.post(gateway.url + "/v1/chat/completions", content=b"not json",
+                          headers={"content-type": "application/json"}, timeout=10)
+    assert response.headers.get("x-serve-reason") != "model_not_found"
+    assert client.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=2).choices

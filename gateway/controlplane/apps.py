@@ -57,6 +57,8 @@ class AppTable:
         # Set when the table is exactly one app at `/`: every path goes there, no matching needed.
         self.single: App | None = None
         self.listeners: list[AppsChanged] = []
+        # model id -> app (for --route-by-model), rebuilt when apps or their models change.
+        self.model_table: dict[str, App] = {}
         for app in apps:
             self._by_name[app.name] = app
         self._reorder()
@@ -66,6 +68,10 @@ class AppTable:
         self._ordered = sorted(self._by_name.values(), key=lambda app: (-len(app.prefix), app.name))
         only = self._ordered[0] if len(self._ordered) == 1 else None
         self.single = only if only is not None and only.prefix == "/" else None
+        self.reindex_models()
+
+    def reindex_models(self) -> None:
+        self.model_table = self.by_model()
 
     def __iter__(self) -> Iterator[App]:
         return iter(self._ordered)

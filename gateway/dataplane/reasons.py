@@ -33,6 +33,7 @@ class Reason(str, enum.Enum):
     OVERLOADED = "overloaded"
     DRAINING = "draining"
     NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"
     CLIENT_ABORT = "client_abort"
     # The front door (gateway/security).
     UNAUTHORIZED = "unauthorized"
@@ -59,6 +60,7 @@ _DETAILS: dict[Reason, tuple[int, str, str]] = {
     Reason.OVERLOADED: (503, "service_unavailable", "the gateway is at its configured limit"),
     Reason.DRAINING: (503, "service_unavailable", "the gateway is shutting down"),
     Reason.NOT_FOUND: (404, "invalid_request_error", "not found"),
+    Reason.MODEL_NOT_FOUND: (404, "invalid_request_error", "the model does not exist"),
     Reason.CLIENT_ABORT: (499, "client_closed_request", "the client closed the connection"),
     Reason.UNAUTHORIZED: (401, "invalid_request_error",
                           "missing or invalid API key: send 'Authorization: Bearer <key>'"),

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Protocol
 
+import orjson
+
 from gateway.controlplane.targets import Target
 from gateway.dataplane.reasons import GatewayError, Reason
 from gateway.dataplane.request import Request
@@ -51,10 +53,14 @@ _ROUTER_REASONS = {reason.value: reason for reason in Reason}
 
 class Relay:
     def __init__(self, config: "Config", state: "ServerState", apps: "AppTable",
-                 internal: InternalEndpoints, mark_down: Callable[[Target], None]):
+                 internal: InternalEndpoints, mark_down: Callable[[Target], None],
+                 list_models: Callable[[], bytes] | None = None):
         self.config = config
         self.state = state
         self.apps = apps
+        # --route-by-model: the one option that parses request bodies (a POST's JSON `model` picks the app).
+        self.by_model = config.route_by_model and list_models is not None
+        self.list_models = list_models
         # Ray mode: a decision naming a replica not discovered yet goes to the fallback proxy, as in Ray's Lua.
         self.pin_miss_to_fallback = config.mode == "ray"
         self.metrics = state.metrics
@@ -76,11 +82,35 @@ class Relay:
         if limit and self.state.in_flight >= limit:
             client.respond_error(Reason.OVERLOADED, "too many requests in flight", retry_after_s=1)
             return
+        if self.by_model and request.method == b"GET" and request.path == b"/v1/models":
+            assert self.list_models is not None
+            client.respond(200, [(b"content-type", b"application/json")], self.list_models())
+            return
         self.route(client, request, None)
+
+    def app_by_model(self, client: "Client", request: Request) -> "App | None | bool":
+        """The app serving the body's model; None: no model named (match by path); False: answered 404."""
+        model = model_of(request.body)
+        if model is None:
+            return None
+        app = self.apps.model_table.get(model)
+        if app is None:
+            self.fail(client, request, GatewayError(Reason.MODEL_NOT_FOUND, f"The model `{model}` does not exist."))
+            return False
+        if not app.matches(request.path):
+            # One base URL for every model: the replica serves its app under the app's route prefix.
+            request.url = app.prefix_bytes + request.url
+            request.upstream_head = b""
+        return app
 
     def route(self, client: "Client", request: Request, failed: Target | None) -> None:
         """Pick the app by path, then the replica: the app's router decides POSTs; the rest go least-loaded."""
-        app = self.apps.single or self.apps.match(request.url)
+        app = None
+        if self.by_model and request.method == b"POST":
+            app = self.app_by_model(client, request)
+            if app is False:
+                return
+        app = app or self.apps.single or self.apps.match(request.url)
         if app is None:
             self.fail(client, request, GatewayError(Reason.NOT_FOUND, "no application serves this path"))
             return
@@ -268,3 +298,15 @@ def build_head(request: Request, target: Target) -> bytes:
     if request.body or request.method in (b"POST", b"PUT", b"PATCH"):
         parts.append(b"content-length: %d\r\n" % len(request.body))
     return b"".join(parts)
+
+
+def model_of(body: bytes) -> str | None:
+    """The `model` of a JSON object body, or None (not JSON, not an object, no string model)."""
+    if not body or body[:64].lstrip()[:1] != b"{":
+        return None
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    model = document.get("model") if isinstance(document, dict) else None
+    return model if isinstance(model, str) else None

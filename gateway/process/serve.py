@@ -81,6 +81,16 @@ def run_serve(config: Config) -> int:
     return _run_workers(config)
 
 
+def _die_with_parent() -> None:
+    """A worker whose parent is killed (SIGKILL, no forwarding) stops too, instead of serving on as an orphan."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _run_workers(config: Config) -> int:
     """N forked workers bind the same port with SO_REUSEPORT; the kernel spreads connections."""
     import uvloop
@@ -90,6 +100,7 @@ def _run_workers(config: Config) -> int:
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM for all
+            _die_with_parent()
             try:
                 code = uvloop.run(serve_async(config, ready_message=index == 0))
             except ConfigError as exc:

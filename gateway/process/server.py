@@ -14,6 +14,7 @@ from gateway.admin.endpoints import Admin, AdminListener
 from gateway.config import Config, ConfigError
 from gateway.controlplane.apps import App, AppTable
 from gateway.controlplane.health import replica_health
+from gateway.controlplane.models import ModelCatalog
 from gateway.controlplane.targets import Target, TargetSet
 from gateway.dataplane.client import ClientConnection
 from gateway.dataplane.relay import Relay
@@ -50,7 +51,10 @@ class Gateway:
         self.state = ServerState(self.metrics, config.max_connections, config.session_header, self.request_finished)
         self.health = replica_health(config, self.apps.all_targets)
         self.admin = Admin(config, self.state, self.apps, self.metrics, self.refresh_gauges)
-        self.relay = Relay(config, self.state, self.apps, self.admin.serve, self.health.mark_down)
+        # --route-by-model only: which app serves which model, learned from the replicas on discovery updates.
+        self.models = ModelCatalog(self.apps, config.health_timeout_s) if config.route_by_model else None
+        self.relay = Relay(config, self.state, self.apps, self.admin.serve, self.health.mark_down,
+                           self.models.listing if self.models is not None else None)
         self.access_log = AccessLog(config.access_log)
         self.tracer: RequestTracer | None = None
         if config.otlp_traces_url:
@@ -95,9 +99,8 @@ class Gateway:
                 session_header=config.session_header,
                 local_hosts=self.local_hosts,
             )
-            targets.listeners.append(lambda added, removed, targets=targets: self._targets_changed(targets, added,
-                                                                                                    removed))
-            self._targets_changed(targets, targets.targets, [])
+            targets.listeners.append(lambda added, removed, app=app: self._targets_changed(app, added, removed))
+            self._targets_changed(app, targets.targets, [])
         for app in removed:
             # Streams in flight on its replicas finish on their own connections; idle ones go now.
             for target in app.targets.targets:
@@ -105,8 +108,13 @@ class Gateway:
                     target.pool.close()
             if app.router is not None:
                 app.router.close()
+            if self.models is not None:
+                self.models.forget(app)
 
-    def _targets_changed(self, targets: TargetSet, added: list[Target], removed: list[Target]) -> None:
+    def _targets_changed(self, app: App, added: list[Target], removed: list[Target]) -> None:
+        targets = app.targets
+        if self.models is not None and (added or removed):
+            self.models.refresh(app)
         for target in added:
             target.pool = self._new_pool(target)
         for target in removed:
@@ -199,6 +207,8 @@ class Gateway:
         # Installed before we serve: an early SIGHUP must reload, never kill (its default action).
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.health.start()
+        if self.models is not None:
+            self.models.start()
         self._sweeper = loop.create_task(self._sweep())
         self.state.serving = True
 
@@ -275,6 +285,8 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.health.stop()
+        if self.models is not None:
+            await self.models.close()
         for router in self.routers():
             router.close()
         for target in self.apps.all_targets():
