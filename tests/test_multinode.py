@@ -31,6 +31,7 @@ from tests.conftest import CHAT, LOG_DIR, wait_until
 pytestmark = pytest.mark.multinode
 
 PORT = 18470  # every node's gateway; the nodes' addresses differ, so one port serves them all
+HARD_STOP_AFTER_S = 4
 
 
 def gateway_cli(*args: str, timeout_s: float = 180.0) -> str:
@@ -104,7 +105,9 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    ray_cluster = RayCluster(draining_s=2.0)
+    # Ray's HAProxy kills what its old process still serves this long after a reload (default 120 s): shortened so
+    # that streams longer than it fit the suite's budget, for the comparison in the redeploy test.
+    ray_cluster = RayCluster(draining_s=2.0, extra_env={"RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": str(HARD_STOP_AFTER_S)})
     figures: dict = {}
     try:
         t0 = time.monotonic()
@@ -201,7 +204,7 @@ def test_killed_gateway_comes_back(cluster: Cluster) -> None:
 
 
 class LongStreams:
-    """Long streams through every node's gateway, in threads: how many ended cleanly with [DONE]."""
+    """Long streams through each URL, in threads: how many ended cleanly with [DONE]."""
 
     def __init__(self, urls: list[str], per_url: int, max_tokens: int) -> None:
         self.results: list[str] = []
@@ -240,21 +243,43 @@ class LongStreams:
 def test_redeploys_during_long_streams_cut_none(cluster: Cluster) -> None:
     llm_before = set(cluster.serve_status("llm")["targets"])
     urls = [gateway_url(ip) for ip in cluster.ips]
+    haproxy = f"http://{cluster.ips[0]}:{cluster.ray.head.http_port}"  # Ray's own HAProxy on the head, to compare
     t0 = time.monotonic()
-    with LongStreams(urls, per_url=3, max_tokens=400) as streams:  # ~8 s each at 20 ms per token
+    # ~10 s each at 20 ms per token: longer than HAProxy's (shortened) hard-stop-after.
+    with LongStreams(urls, per_url=3, max_tokens=500) as streams, LongStreams([haproxy], 3, 500) as via_haproxy:
         # Serve changes under the streams: another app is redeployed (its replicas and routers all move).
         cluster.ray.deploy("--name", "small", "--route-prefix", "/small", "--replicas", "1", "--model", "small",
                            "--tag", "v2")
         # And every gateway is rolled to new options, one node at a time (each old one drains its streams).
         gateway_cli("deploy", "--ray-address", cluster.ray.address, "--port", str(PORT), "--forward-body",
-                    "--log-level", "warning")
+                    "--log-level", "warning", "--route-by-model", "--workers", "2")
         rolled_s = time.monotonic() - t0
     assert set(cluster.serve_status("llm")["targets"]) == llm_before  # these replicas stayed
-    cluster.figures["long_streams"] = {"streams": len(streams.results), "cut": sum(r != "done" for r in streams.results),
-                                       "serve_redeploy_and_gateway_roll_s": round(rolled_s, 1)}
+    cluster.figures["long_streams"] = {
+        "gateway": {"streams": len(streams.results), "cut": sum(r != "done" for r in streams.results)},
+        "ray_haproxy": {"streams": len(via_haproxy.results), "cut": sum(r != "done" for r in via_haproxy.results),
+                        "hard_stop_after_s": HARD_STOP_AFTER_S},
+        "serve_redeploy_and_gateway_roll_s": round(rolled_s, 1)}
     assert streams.results == ["done"] * 9, streams.results
     rows = status_rows(cluster)
     assert all(row["ready"] and row["state"] == "current" for row in rows.values()), rows
+
+
+def test_one_base_url_for_both_apps_by_model(cluster: Cluster) -> None:
+    from openai import NotFoundError, OpenAI
+
+    for ip in cluster.ips:
+        client = OpenAI(base_url=gateway_url(ip) + "/v1", api_key="none", max_retries=0, timeout=30)
+        wait_until(lambda: sorted(m.id for m in client.models.list().data) == ["mock", "small"], 20, 0.2,
+                   "both apps' models")
+        raw = client.chat.completions.with_raw_response.create(model="small", messages=CHAT["messages"], max_tokens=3)
+        assert raw.headers["x-replica-id"].startswith("SERVE_REPLICA::small#")
+        assert raw.parse().choices[0].message.content == " the quick brown"
+        raw = client.chat.completions.with_raw_response.create(model="mock", messages=CHAT["messages"], max_tokens=3)
+        assert raw.headers["x-replica-id"].startswith("SERVE_REPLICA::llm#")
+        with pytest.raises(NotFoundError) as caught:
+            client.chat.completions.create(model="nope", messages=CHAT["messages"], max_tokens=3)
+        assert caught.value.code == "model_not_found"
 
 
 def test_node_that_joins_gets_a_gateway_and_one_that_leaves_loses_it(cluster: Cluster) -> None:
@@ -275,6 +300,7 @@ def test_remove_leaves_no_process_behind(cluster: Cluster) -> None:
     assert gateway_pids()
     out = gateway_cli("remove", "--ray-address", cluster.ray.address, timeout_s=120)
     assert "stopped 3 gateways" in out, out
+    # --workers 2: the forked workers went too (they share the gateway's command line).
     assert gateway_pids() == []
     assert not any(port_open(ip, PORT) for ip in cluster.ips)
     assert "no gateway is deployed" in gateway_cli("status", "--ray-address", cluster.ray.address)

@@ -255,7 +255,7 @@ def format_status(result: dict[str, Any] | None) -> str:
         return "no gateway is deployed on this cluster (gateway ray deploy starts them)"
     lines = [f"{'NODE':<16} {'URL':<28} {'PID':>8} {'READY':<6} {'RESTARTS':>8}  OPTIONS"]
     for node in result["nodes"]:
-        lines.append(f"{node['node_ip']:<16} {node['url']:<28} {node['pid'] or '-':>8} "
+        lines.append(f"{node['node_ip']:<16} {node['url'] or '-':<28} {node['pid'] or '-':>8} "
                      f"{'yes' if node['ready'] else 'no':<6} {node['restarts']:>8}  "
                      f"{'current' if node['current'] else 'rolling'}")
     return "\n".join(lines)

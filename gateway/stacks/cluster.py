@@ -21,6 +21,7 @@ class RayCluster:
     ips: tuple[str, ...] = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
     num_cpus: int = 1
     draining_s: float = 2.0
+    extra_env: dict[str, str] = field(default_factory=dict)
     nodes: list[RayStack] = field(default_factory=list)
 
     @property
@@ -32,7 +33,8 @@ class RayCluster:
         return self.head.address
 
     def start(self) -> RayCluster:
-        head = RayStack(num_cpus=self.num_cpus, draining_s=self.draining_s, node_ip=self.ips[0])
+        head = RayStack(num_cpus=self.num_cpus, draining_s=self.draining_s, node_ip=self.ips[0],
+                        extra_env=self.extra_env)
         self.nodes.append(head)
         head.start()
         for ip in self.ips[1:]:
@@ -40,7 +42,8 @@ class RayCluster:
         return self
 
     def add_node(self, ip: str) -> RayStack:
-        node = RayStack(num_cpus=self.num_cpus, draining_s=self.draining_s, node_ip=ip, join=self.address)
+        node = RayStack(num_cpus=self.num_cpus, draining_s=self.draining_s, node_ip=ip, join=self.address,
+                        extra_env=self.extra_env)
         self.nodes.append(node)
         node.start()
         return node
