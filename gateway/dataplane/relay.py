@@ -88,15 +88,14 @@ class Relay:
             return
         self.route(client, request, None)
 
-    def app_by_model(self, client: "Client", request: Request) -> "App | None | bool":
-        """The app serving the body's model; None: no model named (match by path); False: answered 404."""
+    def app_by_model(self, request: Request) -> "App | None":
+        """The app serving the body's model, or None when the body names none (then the path decides)."""
         model = model_of(request.body)
         if model is None:
             return None
         app = self.apps.model_table.get(model)
         if app is None:
-            self.fail(client, request, GatewayError(Reason.MODEL_NOT_FOUND, f"The model `{model}` does not exist."))
-            return False
+            raise GatewayError(Reason.MODEL_NOT_FOUND, f"The model `{model}` does not exist.")
         if not app.matches(request.path):
             # One base URL for every model: the replica serves its app under the app's route prefix.
             request.url = app.prefix_bytes + request.url
@@ -107,8 +106,10 @@ class Relay:
         """Pick the app by path, then the replica: the app's router decides POSTs; the rest go least-loaded."""
         app = None
         if self.by_model and request.method == b"POST":
-            app = self.app_by_model(client, request)
-            if app is False:
+            try:
+                app = self.app_by_model(request)
+            except GatewayError as exc:
+                self.fail(client, request, exc)
                 return
         app = app or self.apps.single or self.apps.match(request.url)
         if app is None:

@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gateway.admin.endpoints import Admin, AdminListener
@@ -99,7 +100,7 @@ class Gateway:
                 session_header=config.session_header,
                 local_hosts=self.local_hosts,
             )
-            targets.listeners.append(lambda added, removed, app=app: self._targets_changed(app, added, removed))
+            targets.listeners.append(self._listener(app))
             self._targets_changed(app, targets.targets, [])
         for app in removed:
             # Streams in flight on its replicas finish on their own connections; idle ones go now.
@@ -110,6 +111,9 @@ class Gateway:
                 app.router.close()
             if self.models is not None:
                 self.models.forget(app)
+
+    def _listener(self, app: App) -> Callable[[list[Target], list[Target]], None]:
+        return lambda added, removed: self._targets_changed(app, added, removed)
 
     def _targets_changed(self, app: App, added: list[Target], removed: list[Target]) -> None:
         targets = app.targets
