@@ -70,7 +70,8 @@ def _window_port(low: int, high: int) -> int:
 
 @dataclass
 class RayStack:
-    """One private Ray head on 127.0.0.1 plus the Serve app; `start()` / `deploy()` / `stop()`."""
+    """One private Ray node (a head on 127.0.0.1 by default, or any node of a RayCluster) plus the Serve app;
+    `start()` / `deploy()` / `stop()`."""
 
     num_cpus: int = 2
     # The Python of `ray start` (so of every Ray worker) and of the deploying driver. Ray Serve LLM's vLLM
