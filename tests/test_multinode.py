@@ -173,22 +173,48 @@ def test_openai_streams_through_every_node_to_both_apps_via_local_routers(cluste
         assert sum(grown.values()) == 3
 
 
+def test_app_option_restricts_a_gateway_to_one_app(cluster: Cluster) -> None:
+    from gateway.stacks.procs import Child, free_port
+
+    ip = cluster.ips[0]
+    port = free_port(ip)
+    argv = python_module("gateway", "serve", "--host", ip, "--port", str(port), "--ray-address", cluster.ray.address,
+                         "--app", "small")
+    child = Child(argv, port=port, host=ip, log_path=f"{LOG_DIR}/multinode-app-small.log")
+    try:
+        child.start(deadline_s=60)
+        table = httpx.get(f"http://{ip}:{port}/-/routes", timeout=5).json()
+        assert table["routes"] == {"/small": "small"}
+        with httpx.Client(timeout=10) as client:
+            missing = client.post(f"http://{ip}:{port}/v1/chat/completions", json=CHAT)
+            response = client.post(f"http://{ip}:{port}/small/v1/chat/completions", json=CHAT)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        assert response.status_code == 200 and response.headers["x-replica-id"].startswith("SERVE_REPLICA::small#")
+    finally:
+        child.stop()
+
+
 def test_killed_local_router_fails_over_to_the_other_nodes(cluster: Cluster) -> None:
     ip = cluster.ips[1]
     local = next(r["address"] for app in routes(ip)["apps"] if app["name"] == "llm"
                  for r in app["routers"] if r["local"])
     router_id = cluster.serve_status("llm")["router_ids"][local]
     cluster.ray.head.serve_app("kill", router_id, timeout_s=60)
+    host, port = local.split(":")
+    wait_until(lambda: not port_open(host, int(port)), 30, 0.05, "the killed router's port to close")  # ray.kill is async
     before = router_calls(ip)
     statuses = []
     with httpx.Client(timeout=15) as client:
         for _ in range(10):
             statuses.append(client.post(gateway_url(ip) + "/v1/chat/completions", json=CHAT).status_code)
     assert statuses == [200] * 10
-    after = router_calls(ip)
-    remote = sum(value - before.get(key, 0) for key, value in after.items()
-                 if key[0] == "llm" and not key[1].startswith(ip + ":"))
-    assert remote >= 10 - 1  # at most the first call reached the dying router before it closed
+    grown = {key: value - before.get(key, 0) for key, value in router_calls(ip).items()
+             if key[0] == "llm" and value > before.get(key, 0)}
+    assert ("llm", local) not in grown, grown
+    remote = sum(calls for (_, router), calls in grown.items() if not router.startswith(ip + ":"))
+    # Ray starts a new router on this node after some seconds (7.6 s measured); calls go to the other nodes' routers
+    # until it is published, then to it again.
+    assert remote >= 1 and sum(grown.values()) == 10, grown
 
 
 def test_killed_gateway_comes_back(cluster: Cluster) -> None:
