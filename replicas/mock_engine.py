@@ -7,9 +7,21 @@ usage chunk with `choices: []`, then `data: [DONE]`; errors are plain JSON
 before any SSE output. Events are spliced from precomputed byte templates so a
 200-event stream costs the engine little more than its 200 writes.
 
+Like vLLM, `return_token_ids` adds `token_ids` to every chunk's choice and
+`prompt_token_ids` to the first chunk, `/v1/completions` takes a prompt of token
+ids (no BOS added), and greedy output is deterministic: each token is a hash of
+every token before it (prompt included), so a stream resumed from the wrong
+tokens gives different text (see `greedy_ids`).
+
 Test hooks, none of which vLLM has: `x-replica-id` on every response, per
 request `ttft_ms` / `itl_ms` / `step_ms` / `mock_bytes` body fields, the `x-mock-fault`
 request header, and the counters at `GET /mock/stats` (`POST /mock/reset`).
+The mid-stream faults (`close-mid-stream`: a FIN after a complete chunk, as a
+SIGKILLed replica; `error-mid-stream`: vLLM's in-band error event, `[DONE]`
+and a clean end, as a dead engine; `stall-mid-stream`: silence) strike where
+the sequence (prompt + generated tokens) reaches a length in `x-mock-die-at`
+(comma-separated), only on a request that starts below it: every replica a
+stream is resumed on dies at the same point of the stream, once.
 
 `step_ms` shapes a stream like vLLM's decode loop instead of `itl_ms`'s
 per-stream timers: one engine clock ticks every `step_ms`, and on each tick
@@ -30,6 +42,7 @@ import logging
 import os
 import random
 import time
+import zlib
 from dataclasses import dataclass
 
 import orjson
@@ -48,7 +61,11 @@ _FILLER = "".join(TOKENS) * 64  # padding source for `mock_bytes`, sliced not bu
 
 # Outcomes of one counted request; exactly one counter moves per request.
 COMPLETED, ABORTED, FAULTED = "completed", "aborted", "faulted"
-FAULTS = ("die-before-head", "die-mid-stream", "hang", "malformed", "status-500")
+FAULTS = ("die-before-head", "die-mid-stream", "hang", "malformed", "status-500",
+          "close-mid-stream", "error-mid-stream", "stall-mid-stream")
+RESUMABLE_FAULTS = ("close-mid-stream", "error-mid-stream", "stall-mid-stream")
+_ENGINE_ERROR = (b'data: {"error":{"message":"EngineCore encountered an issue. See stack trace (above) for the root '
+                 b'cause.","type":"InternalServerError","param":null,"code":500}}\n\n')
 MALFORMED = b"this is not HTTP\r\n\x00\xff\xfe garbage {\"data\": \r\n\r\n"
 
 
@@ -79,27 +96,76 @@ def _number(value: object, default: float, name: str) -> float:
     return float(value)
 
 
-def _prompt_tokens(chat: bool, body: dict) -> int:
-    """A rough count (4 characters a token): only usage needs it."""
-    chars = 0
+VOCAB = len(TOKENS)
+# Token ids: generated ones are indexes into TOKENS; prompt words map above them.
+BOS = VOCAB
+_ROLE_IDS = {"system": VOCAB + 1, "user": VOCAB + 2, "assistant": VOCAB + 3, "tool": VOCAB + 4}
+END_OF_TURN = VOCAB + 5
+_WORD_BASE = VOCAB + 16
+_MASK64 = (1 << 64) - 1
+
+
+def _word_ids(text: str) -> list[int]:
+    return [_WORD_BASE + zlib.crc32(word.encode()) % 50000 for word in text.split()]
+
+
+def _content_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def prompt_ids(chat: bool, body: dict) -> list[int]:
+    """The prompt as token ids, as the engine sees it: a string gets a BOS, token ids are taken as they are,
+    chat messages go through a template (role marker, words, end of turn, then the assistant marker)."""
     if chat:
+        ids = [BOS]
         for message in body["messages"]:
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                chars += len(content)
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, dict) and isinstance(part.get("text"), str):
-                        chars += len(part["text"])
-    else:
-        prompt = body["prompt"]
-        if isinstance(prompt, str):
-            chars = len(prompt)
-        elif isinstance(prompt, list):
-            if prompt and all(isinstance(t, int) for t in prompt):
-                return len(prompt)
-            chars = sum(len(p) for p in prompt if isinstance(p, str))
-    return max(1, chars // 4)
+            if not isinstance(message, dict):
+                continue
+            ids.append(_ROLE_IDS.get(message.get("role"), END_OF_TURN))
+            ids += _word_ids(_content_text(message.get("content")))
+            ids.append(END_OF_TURN)
+        if body.get("add_generation_prompt", True) and not body.get("continue_final_message"):
+            ids.append(_ROLE_IDS["assistant"])
+        return ids
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if min(prompt) < 0:
+            raise BadRequest("token ids must be non-negative")
+        return list(prompt)
+    if isinstance(prompt, list):
+        prompt = " ".join(p for p in prompt if isinstance(p, str))
+    return [BOS, *_word_ids(prompt)]
+
+
+def _fold(state: int, token: int) -> int:
+    return ((state ^ token) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64
+
+
+def _state_of(ids: list[int]) -> int:
+    state = 0
+    for token in ids:
+        state = _fold(state, token)
+    return state
+
+
+def greedy_ids(prompt: list[int], n: int) -> list[int]:
+    """The engine's greedy output: each token depends on every token before it."""
+    state = _state_of(prompt)
+    out = []
+    for _ in range(n):
+        token = (state >> 29) % VOCAB
+        out.append(token)
+        state = _fold(state, token)
+    return out
+
+
+def greedy_text(prompt: list[int], n: int) -> str:
+    """What a client reads for `n` greedy tokens after `prompt` (tests compare against it)."""
+    return "".join(TOKENS[t] for t in greedy_ids(prompt, n))
 
 
 class _Templates:
@@ -116,9 +182,10 @@ class _Templates:
                 b'"stop_reason":null,"token_ids":null}]')
         self.chat_last = [last % t + b"}\n\n" for t in toks]
         self.chat_last_fp = [last % t + b',"system_fingerprint":%s}\n\n' % fp for t in toks]
-        self.cmpl_delta = [b'{"index":0,"text":%s,"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n' % t
-                           for t in toks]
-        last = b'{"index":0,"text":%s,"logprobs":null,"finish_reason":"length","stop_reason":null}]'
+        self.cmpl_delta = [b'{"index":0,"text":%s,"logprobs":null,"finish_reason":null,"stop_reason":null,'
+                           b'"prompt_token_ids":null,"token_ids":null}]}\n\n' % t for t in toks]
+        last = (b'{"index":0,"text":%s,"logprobs":null,"finish_reason":"length","stop_reason":null,'
+                b'"prompt_token_ids":null,"token_ids":null}]')
         self.cmpl_last = [last % t + b"}\n\n" for t in toks]
         self.cmpl_last_fp = [last % t + b',"system_fingerprint":%s}\n\n' % fp for t in toks]
         self.usage = (b'],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d},'
@@ -297,7 +364,7 @@ class MockEngine:
         ttft = _number(body.get("ttft_ms"), cfg.ttft_ms, "ttft_ms") / 1000.0
         itl = _number(body.get("itl_ms"), cfg.itl_ms, "itl_ms") / 1000.0
         step = _number(body.get("step_ms"), 0.0, "step_ms") / 1000.0
-        prompt_tokens = _prompt_tokens(chat, body)
+        prompt = prompt_ids(chat, body)
         suffix = rid.decode("latin-1") if rid is not None else f"{random.getrandbits(64):016x}"
         ident = ("chatcmpl-" if chat else "cmpl-") + suffix
         created = int(time.time())
@@ -306,24 +373,29 @@ class MockEngine:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
             if step and not fault:
-                return await self._stepped(responder, chat, ident, created, max_tokens, prompt_tokens,
+                return await self._stepped(responder, chat, ident, created, max_tokens, prompt,
                                            include_usage, step, echo)
-            after = 2
+            die_after = -1
             if fault == "die-mid-stream":
                 raw_after = request.header(b"x-mock-after")
-                after = int(raw_after) if raw_after is not None and raw_after.isdigit() else 2
-            return await self._stream(responder, chat, ident, created, max_tokens, prompt_tokens,
-                                      include_usage, ttft, itl, echo, after if fault else -1)
+                die_after = int(raw_after) if raw_after is not None and raw_after.isdigit() else 2
+            elif fault in RESUMABLE_FAULTS:
+                die_after = _die_after(request.header(b"x-mock-die-at"), len(prompt), chat)
+                if die_after < 0:
+                    fault = None
+            with_ids = body.get("return_token_ids") is True and request.header(b"x-mock-no-token-ids") is None
+            return await self._stream(responder, chat, ident, created, max_tokens, prompt,
+                                      include_usage, ttft, itl, echo, die_after, fault, with_ids)
 
         # A non-streaming reply arrives when the whole generation is done.
         if not await responder.sleep(ttft + itl * (max_tokens - 1)):
             return ABORTED
-        text = _text(max_tokens)
-        payload = self._unary(chat, ident, created, text, max_tokens, prompt_tokens)
+        text = _text(tuple(prompt), max_tokens)
+        payload = self._unary(chat, ident, created, text, max_tokens, len(prompt))
         pad_to = int(_number(body.get("mock_bytes"), cfg.unary_bytes, "mock_bytes"))
         if pad_to > len(payload):
-            payload = self._unary(chat, ident, created, _padded_text(max_tokens, pad_to - len(payload)),
-                                  max_tokens, prompt_tokens)
+            payload = self._unary(chat, ident, created, _padded_text(tuple(prompt), max_tokens, pad_to - len(payload)),
+                                  max_tokens, len(prompt))
         return self._json(responder, 200, payload, echo, fault)
 
     def _unary(self, chat: bool, ident: str, created: int, text: str, n: int, prompt_tokens: int) -> bytes:
@@ -346,15 +418,16 @@ class MockEngine:
             "usage": usage, "kv_transfer_params": None})
 
     async def _stream(self, responder: Responder, chat: bool, ident: str, created: int, n: int,
-                      prompt_tokens: int, include_usage: bool, ttft: float, itl: float,
-                      echo: bytes, die_after: int) -> str:
-        """`die_after` >= 0: reset the connection once that many events are out."""
+                      prompt: list[int], include_usage: bool, ttft: float, itl: float,
+                      echo: bytes, die_after: int, fault: str | None, with_ids: bool) -> str:
+        """`die_after` >= 0: `fault` strikes once that many events are out (die-mid-stream: a reset)."""
         obj = b"chat.completion.chunk" if chat else b"text_completion"
         prefix = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[' % (
             orjson.dumps(ident), obj, created, self._model_json)
         deltas, lasts = (_T.chat_delta, _T.chat_last if include_usage else _T.chat_last_fp) if chat else \
             (_T.cmpl_delta, _T.cmpl_last if include_usage else _T.cmpl_last_fp)
-        vocab = len(TOKENS)
+        tokens = greedy_ids(prompt, n)
+        prompt_tokens = len(prompt)
 
         responder.start_stream(200, self._sse_headers + echo if echo else self._sse_headers)
         if ttft and not await responder.sleep(ttft):
@@ -362,24 +435,30 @@ class MockEngine:
         sent = 0
         if chat:
             if sent == die_after:
-                responder.abort()
-                return FAULTED
-            await responder.write(prefix + _T.chat_role)
+                return await self._die(responder, fault)
+            role = _T.chat_role
+            if with_ids:
+                role = role.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":' + orjson.dumps(prompt))
+            await responder.write(prefix + role)
             sent += 1
         last = n - 1
-        for i in range(n):
+        for i, token in enumerate(tokens):
             if i and itl and not await responder.sleep(itl):
                 return ABORTED
             if sent == die_after:
-                responder.abort()
-                return FAULTED
-            await responder.write(prefix + (deltas[i % vocab] if i != last else lasts[i % vocab]))
+                return await self._die(responder, fault)
+            event = deltas[token] if i != last else lasts[token]
+            if with_ids:
+                event = _with_ids(event, token, prompt if i == 0 and not chat else None)
+            await responder.write(prefix + event)
             sent += 1
             if responder.disconnected:
                 return ABORTED
+        if sent == die_after:
+            return await self._die(responder, fault)
         if include_usage:
             await responder.write(prefix + _T.usage % (prompt_tokens, prompt_tokens + n, n))
-        if die_after >= 0:
+        if fault == "die-mid-stream" and die_after >= 0:
             # Fewer events than asked to die after: still never finish cleanly.
             responder.abort()
             return FAULTED
@@ -389,9 +468,23 @@ class MockEngine:
         responder.end()
         return COMPLETED
 
+    async def _die(self, responder: Responder, fault: str | None) -> str:
+        if fault == "close-mid-stream":
+            responder.close()  # a FIN after a complete chunk: no [DONE], no terminating chunk
+        elif fault == "error-mid-stream":
+            await responder.write(_ENGINE_ERROR)
+            await responder.write(_DONE)
+            responder.end()
+        elif fault == "stall-mid-stream":
+            await responder.wait_disconnected()
+            return ABORTED
+        else:
+            responder.abort()
+        return FAULTED
 
     async def _stepped(self, responder: Responder, chat: bool, ident: str, created: int, n: int,
-                       prompt_tokens: int, include_usage: bool, step: float, echo: bytes) -> str:
+                       prompt: list[int], include_usage: bool, step: float, echo: bytes) -> str:
+        prompt_tokens = len(prompt)
         obj = b"chat.completion.chunk" if chat else b"text_completion"
         prefix = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[' % (
             orjson.dumps(ident), obj, created, self._model_json)
@@ -403,19 +496,20 @@ class MockEngine:
         clock = self._clocks.get(step)
         if clock is None:
             clock = self._clocks[step] = _StepClock(loop, step)
-        stream = _SteppedStream(responder, loop.create_future(), n, prefix + _T.chat_role if chat else None,
+        stream = _SteppedStream(responder, loop.create_future(), greedy_ids(prompt, n),
+                                prefix + _T.chat_role if chat else None,
                                 [prefix + d for d in deltas], [prefix + d for d in lasts], tail)
         clock.join(stream)
         return await stream.done
 
 
 class _SteppedStream:
-    __slots__ = ("responder", "done", "n", "i", "role", "deltas", "lasts", "tail")
+    __slots__ = ("responder", "done", "n", "i", "role", "deltas", "lasts", "tail", "tokens")
 
-    def __init__(self, responder: Responder, done: asyncio.Future, n: int, role: bytes | None,
+    def __init__(self, responder: Responder, done: asyncio.Future, tokens: list[int], role: bytes | None,
                  deltas: list[bytes], lasts: list[bytes], tail: list[bytes]) -> None:
-        self.responder, self.done, self.n, self.i, self.role = responder, done, n, 0, role
-        self.deltas, self.lasts, self.tail = deltas, lasts, tail
+        self.responder, self.done, self.n, self.i, self.role = responder, done, len(tokens), 0, role
+        self.deltas, self.lasts, self.tail, self.tokens = deltas, lasts, tail, tokens
 
     def step(self) -> bool:
         """Emit this step's token; False once the stream is over."""
@@ -425,18 +519,18 @@ class _SteppedStream:
                 self.done.set_result(ABORTED)
             return False
         i = self.i
-        vocab = len(self.deltas)
+        tokens = self.tokens
         if i == self.n - 1:
-            events = [self.lasts[i % vocab], *self.tail, _DONE]
+            events = [self.lasts[tokens[i]], *self.tail, _DONE]
             if self.role is not None and i == 0:
                 events.insert(0, self.role)
             responder.write_events(events, end=True)
             self.done.set_result(ABORTED if responder.disconnected else COMPLETED)
             return False
         if i == 0 and self.role is not None:
-            responder.write_events([self.role, self.deltas[0]])
+            responder.write_events([self.role, self.deltas[tokens[0]]])
         else:
-            responder.write_events([self.deltas[i % vocab]])
+            responder.write_events([self.deltas[tokens[i]]])
         self.i = i + 1
         return True
 
@@ -469,16 +563,40 @@ class _StepClock:
         self.handle = self.loop.call_at(self.next_at, self._tick)
 
 
-@functools.lru_cache(maxsize=256)
-def _text(n: int) -> str:
-    return "".join(TOKENS[i % len(TOKENS)] for i in range(n))
+
+def _die_after(raw: bytes | None, start: int, chat: bool) -> int:
+    """Events to send before dying: the first `x-mock-die-at` length above the request's own start
+    (at it, for a chat request: right after its role chunk); -1 if none."""
+    if raw is None:
+        return -1
+    try:
+        lengths = sorted(int(part) for part in raw.split(b",") if part.strip())
+    except ValueError:
+        return -1
+    for length in lengths:
+        if length > start or (length == start and chat):
+            return length - start + (1 if chat else 0)
+    return -1
+
+
+def _with_ids(event: bytes, token: int, prompt: list[int] | None) -> bytes:
+    """A delta event carrying its token id (and, on a completion's first chunk, the prompt's)."""
+    event = event.replace(b'"token_ids":null', b'"token_ids":[%d]' % token)
+    if prompt is not None:
+        event = event.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":' + orjson.dumps(prompt))
+    return event
 
 
 @functools.lru_cache(maxsize=256)
-def _padded_text(n: int, extra: int) -> str:
+def _text(prompt: tuple[int, ...], n: int) -> str:
+    return greedy_text(list(prompt), n)
+
+
+@functools.lru_cache(maxsize=256)
+def _padded_text(prompt: tuple[int, ...], n: int, extra: int) -> str:
     # Benchmarks repeat one shape, so the padded text is built once per shape.
     filler = _FILLER if extra <= len(_FILLER) else _FILLER * (extra // len(_FILLER) + 1)
-    return _text(n) + filler[:extra]
+    return _text(prompt, n) + filler[:extra]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -161,3 +161,9 @@ def basic(request: pytest.FixtureRequest) -> Iterator[Basic]:
 
 
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 5}
+
+
+def mock_reply(n: int) -> str:
+    """What the mock engine answers CHAT with in n greedy tokens (its output depends on every previous token)."""
+    from replicas.mock_engine import greedy_text, prompt_ids
+    return greedy_text(prompt_ids(True, CHAT), n)

@@ -26,7 +26,7 @@ pytest.importorskip("pyarrow", reason="Ray's LLMRouter import needs pyarrow")
 
 from gateway.stacks.cluster import RayCluster
 from gateway.stacks.procs import pid_alive, port_open, python_module
-from tests.conftest import CHAT, LOG_DIR, wait_until
+from tests.conftest import CHAT, LOG_DIR, mock_reply, wait_until
 
 pytestmark = pytest.mark.multinode
 
@@ -161,8 +161,8 @@ def test_deploy_puts_a_gateway_on_every_node(cluster: Cluster) -> None:
 def test_openai_streams_through_every_node_to_both_apps_via_local_routers(cluster: Cluster) -> None:
     for ip in cluster.ips:
         before = router_calls(ip)
-        assert stream(gateway_url(ip) + "/v1") == " the quick brown fox jumps"
-        assert stream(gateway_url(ip) + "/small/v1", model="small", max_tokens=3) == " the quick brown"
+        assert stream(gateway_url(ip) + "/v1") == mock_reply(5)
+        assert stream(gateway_url(ip) + "/small/v1", model="small", max_tokens=3) == mock_reply(3)
         with httpx.Client(timeout=10) as client:
             replica = client.post(gateway_url(ip) + "/small/v1/chat/completions", json=CHAT).headers["x-replica-id"]
         assert replica.startswith("SERVE_REPLICA::small#")
@@ -226,7 +226,7 @@ def test_killed_gateway_comes_back(cluster: Cluster) -> None:
                "the node's gateway to be restarted")
     cluster.figures["gateway_back_after_kill_s"] = round(time.monotonic() - t0, 1)
     assert status_rows(cluster)[ip]["restarts"] == before["restarts"] + 1
-    assert stream(gateway_url(ip) + "/v1") == " the quick brown fox jumps"
+    assert stream(gateway_url(ip) + "/v1") == mock_reply(5)
 
 
 class LongStreams:
@@ -300,7 +300,7 @@ def test_one_base_url_for_both_apps_by_model(cluster: Cluster) -> None:
                    "both apps' models")
         raw = client.chat.completions.with_raw_response.create(model="small", messages=CHAT["messages"], max_tokens=3)
         assert raw.headers["x-replica-id"].startswith("SERVE_REPLICA::small#")
-        assert raw.parse().choices[0].message.content == " the quick brown"
+        assert raw.parse().choices[0].message.content == mock_reply(3)
         raw = client.chat.completions.with_raw_response.create(model="mock", messages=CHAT["messages"], max_tokens=3)
         assert raw.headers["x-replica-id"].startswith("SERVE_REPLICA::llm#")
         with pytest.raises(NotFoundError) as caught:
@@ -314,7 +314,7 @@ def test_node_that_joins_gets_a_gateway_and_one_that_leaves_loses_it(cluster: Cl
     wait_until(lambda: status_rows(cluster).get("127.0.0.14", {}).get("ready"), 60, 0.5,
                "a gateway on the new node")
     cluster.figures["gateway_on_joined_node_s"] = round(time.monotonic() - t0, 1)
-    assert stream(gateway_url("127.0.0.14") + "/v1") == " the quick brown fox jumps"
+    assert stream(gateway_url("127.0.0.14") + "/v1") == mock_reply(5)
     pid = status_rows(cluster)["127.0.0.14"]["pid"]
     cluster.ray.remove_node(node)
     wait_until(lambda: "127.0.0.14" not in status_rows(cluster), 90, 0.5, "the gone node's gateway to be forgotten")

@@ -164,10 +164,11 @@ def test_openai_sdk_through_ray_router(cluster: Cluster) -> None:
     client = OpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0, timeout=30)
     stream = client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=5, stream=True)
     deltas = [chunk.choices[0].delta.content for chunk in stream if chunk.choices]
-    assert "".join(d for d in deltas if d) == " the quick brown fox jumps"
+    from replicas.mock_engine import greedy_text, prompt_ids
+    assert "".join(d for d in deltas if d) == greedy_text(prompt_ids(True, CHAT), 5)
     raw = client.chat.completions.with_raw_response.create(model="mock", messages=CHAT["messages"], max_tokens=3)
     completion = raw.parse()
-    assert completion.choices[0].message.content == " the quick brown"
+    assert completion.choices[0].message.content == greedy_text(prompt_ids(True, CHAT), 3)
     assert raw.headers["x-replica-id"] in gw.replica_ids()
     # Both POSTs were decided by Ray's LLMRouter (/internal/route), not by a local pick.
     assert gw.router_decisions() >= before + 2
