@@ -146,6 +146,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("admin_host", ("GATEWAY_ADMIN_HOST",), str, "127.0.0.1", "address of the admin listener"),
     Option("cors_origins", ("GATEWAY_CORS_ORIGINS",), _list, [],
            "origins browsers may call the gateway from (comma-separated, or *); the gateway answers preflights itself"),
+    Option("resume_limit", ("GATEWAY_RESUME_LIMIT",), int, 0,
+           "times one streamed completion may be resumed on another replica when its replica dies mid-stream (token-exact, see README); 0 = off"),
     Option("access_log", ("GATEWAY_ACCESS_LOG",), _bool, True, "one JSON line per request on stdout (written off the event loop)"),
     Option("log_level", ("GATEWAY_LOG_LEVEL",), str, "info", "debug, info, warning or error"),
 )
@@ -234,6 +236,7 @@ class Config:
     admin_port: int = 0
     admin_host: str = "127.0.0.1"
     cors_origins: list[str] = field(default_factory=list)
+    resume_limit: int = 0
     access_log: bool = True
     log_level: str = "info"
 
@@ -291,6 +294,8 @@ class Config:
             raise ConfigError(f"admin port {self.admin_port} is out of range")
         if self.admin_port and self.admin_port == self.port:
             raise ConfigError("the admin port must differ from the public port")
+        if self.resume_limit < 0:
+            raise ConfigError("resume_limit must be >= 0")
         if not self.health_path.startswith("/"):
             raise ConfigError("health path must start with /")
         self.router_addresses  # noqa: B018 - parse now, so a bad URL fails at startup

@@ -20,8 +20,9 @@ The mid-stream faults (`close-mid-stream`: a FIN after a complete chunk, as a
 SIGKILLed replica; `error-mid-stream`: vLLM's in-band error event, `[DONE]`
 and a clean end, as a dead engine; `stall-mid-stream`: silence) strike where
 the sequence (prompt + generated tokens) reaches a length in `x-mock-die-at`
-(comma-separated), only on a request that starts below it: every replica a
-stream is resumed on dies at the same point of the stream, once.
+(comma-separated; `L@S`: only for a request starting at length S), only on a
+request that starts below it: every replica a stream is resumed on dies at the
+same point of the stream, once.
 
 `step_ms` shapes a stream like vLLM's decode loop instead of `itl_ms`'s
 per-stream timers: one engine clock ticks every `step_ms`, and on each tick
@@ -566,14 +567,21 @@ class _StepClock:
 
 def _die_after(raw: bytes | None, start: int, chat: bool) -> int:
     """Events to send before dying: the first `x-mock-die-at` length above the request's own start
-    (at it, for a chat request: right after its role chunk); -1 if none."""
+    (at it, for a chat request: right after its role chunk); -1 if none. `L@S` strikes only a request
+    that starts at length S (so a resume that starts elsewhere below L runs through)."""
     if raw is None:
         return -1
+    points = []
     try:
-        lengths = sorted(int(part) for part in raw.split(b",") if part.strip())
+        for part in raw.decode("latin-1").split(","):
+            if part.strip():
+                length, _, only_from = part.partition("@")
+                points.append((int(length), int(only_from) if only_from else None))
     except ValueError:
         return -1
-    for length in lengths:
+    for length, only_from in sorted(points):
+        if only_from is not None and only_from != start:
+            continue
         if length > start or (length == start and chat):
             return length - start + (1 if chat else 0)
     return -1

@@ -10,7 +10,7 @@ so their pools and the streams in flight on them are untouched.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,9 @@ class Target:
     healthy: bool = True
     in_flight: int = 0
     removed: bool = False
+    # Streams that broke on this replica and were resumed elsewhere / streams resumed on it.
+    resumes_from: int = 0
+    resumes_to: int = 0
     # Filled by the server: the keep-alive pool of the data plane's connections to this replica
     # (typed loosely: the control plane does not know the data plane's connection class).
     pool: KeepAlivePool[Any] = field(default=None, repr=False)  # type: ignore[arg-type]
@@ -41,6 +44,8 @@ class Target:
             "healthy": self.healthy,
             "in_flight": self.in_flight,
             "idle_connections": self.pool.idle_count if self.pool is not None else 0,
+            "resumes_from": self.resumes_from,
+            "resumes_to": self.resumes_to,
         }
 
 
@@ -97,9 +102,9 @@ class TargetSet:
     def healthy(self) -> list[Target]:
         return [target for target in self.targets if target.healthy]
 
-    def least_loaded(self, exclude: Target | None = None) -> Target | None:
+    def least_loaded(self, exclude: Target | None = None, avoid: Collection[Target] = ()) -> Target | None:
         """Healthy replica with the fewest requests in flight; ties rotate (HAProxy's leastconn)."""
-        candidates = [t for t in self.targets if t.healthy and t is not exclude]
+        candidates = [t for t in self.targets if t.healthy and t is not exclude and t not in avoid]
         if not candidates:
             return None
         start = next(self._cursor) % len(candidates)

@@ -23,6 +23,7 @@ from gateway.dataplane.request import Request
 if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.dataplane.relay import Relay
+    from gateway.dataplane.resume import ResumeStream
     from gateway.dataplane.state import ServerState
     from gateway.dataplane.upstream import UpstreamConnection
 
@@ -245,6 +246,10 @@ class ClientConnection(asyncio.Protocol):
         request = self.current
         if self.closed:
             return
+        if request is not None and request.resume is not None and request.resume.replying:
+            # A resume attempt failed and the client already has a stream: it can only be cut.
+            self._cut(request, "failed")
+            return
         keep = not close and request is not None and request.keep_alive and not self.state.draining
         out = [b"HTTP/1.1 %d %s\r\n" % (status, _phrase(status))]
         for name, value in headers:
@@ -288,6 +293,10 @@ class ClientConnection(asyncio.Protocol):
         """Pass the replica's response head on, spliced: `head` ends with its last header's CRLF."""
         request = self.current
         assert request is not None
+        resume = request.resume
+        if resume is not None and (conn.streaming or resume.replying):
+            self._resume_head(conn, request, resume, head, has_request_id, body_start, must_close)
+            return
         request.status = status
         request.first_byte_s = time.monotonic() - request.started
         keep = request.keep_alive and not must_close and not self.state.draining and request.version != "1.0"
@@ -300,6 +309,16 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(b"%s%s\r\n%s" % (head, extra, body_start))
 
     def upstream_complete(self, conn: "UpstreamConnection") -> None:
+        request = self.current
+        if request is not None and request.resume is not None and request.resume.replying:
+            resume = request.resume
+            if not resume.done:
+                if not resume.can_finish_here():
+                    self.upstream_failed(conn, "incomplete")  # an in-band error, or an end without [DONE]
+                    return
+                resume.finish_here()
+            else:
+                self.transport.write(resume.end_chunk())
         self.upstream = None
         self.relay.exchange_ended(conn)
         conn.release()
@@ -321,11 +340,68 @@ class ClientConnection(asyncio.Protocol):
         if not head_sent:
             self.relay.upstream_failed_before_head(self, request, conn, why)
             return
+        if request.resume is not None and request.resume.replying:
+            self._stream_broke(request, conn, why)
+            return
+        if request.resume_refused is not None and self.config.resume_limit:
+            self.state.metrics.resume("refused_" + request.resume_refused)
         # Bytes already reached the client: nothing can be retried. Closing without the final chunk
         # makes the client see a broken stream, never a clean (and wrong) end.
         request.reason = Reason.UPSTREAM_MALFORMED.value if why == "malformed" else Reason.UPSTREAM_DIED.value
         request.keep_alive = False
         self.state.metrics.upstream_died(conn.target.replica_id)
+        self.finish(close=True)
+
+    # -- resume (resume.py): only requests planned for it get here
+    def _resume_head(self, conn: "UpstreamConnection", request: Request, resume: "ResumeStream", head: bytes,
+                     has_request_id: bool, body_start: bytes, must_close: bool) -> None:
+        if not conn.streaming:
+            # A replica we resumed on answered with an error, not a stream: try the next one.
+            self.upstream_failed(conn, "not_a_stream")
+            return
+        resume.start_segment(self.transport)
+        if resume.replying:
+            conn.target.resumes_to += 1
+            self.state.metrics.resume("resumed")
+        else:
+            resume.replying = True
+            request.status = 200
+            request.first_byte_s = time.monotonic() - request.started
+            keep = request.keep_alive and not must_close and not self.state.draining
+            extra = b"" if has_request_id else b"x-request-id: %s\r\n" % request.request_id
+            if not keep:
+                request.keep_alive = False
+                extra += b"connection: close\r\n"
+            self.transport.write(b"%s%s\r\n" % (head, extra))
+        if body_start:
+            resume.feed(body_start)
+
+    def _stream_broke(self, request: Request, conn: "UpstreamConnection", why: str) -> None:
+        """The replica's part of a resumable stream ended early: continue it elsewhere, or cut it."""
+        resume = request.resume
+        assert resume is not None
+        target = conn.target
+        resume.failed.add(target)
+        target.resumes_from += 1
+        self.relay.replica_failed(target)
+        if resume.can_finish_here():
+            resume.finish_here()  # only [DONE] was missing
+            self.state.metrics.resume("resumed")
+            self.finish(close=not request.keep_alive)
+            return
+        reason = resume.cannot_resume()
+        if reason is not None:
+            request.reason = Reason.UPSTREAM_DIED.value
+            self._cut(request, "failed" if reason == "limit" else "refused_" + reason)
+            return
+        request.reason = ""
+        self.relay.resume(self, request, target)
+
+    def _cut(self, request: Request, outcome: str) -> None:
+        self.state.metrics.resume(outcome)
+        if not request.reason:
+            request.reason = Reason.UPSTREAM_DIED.value
+        request.keep_alive = False
         self.finish(close=True)
 
     def finish(self, *, close: bool) -> None:
@@ -374,6 +450,9 @@ class ClientConnection(asyncio.Protocol):
                 self.idle_reads = upstream.reads
                 self.idle_since = now
             elif now - self.idle_since > idle:
+                if self.current is not None and self.current.resume is not None and self.current.resume.replying:
+                    self.upstream_failed(upstream, "idle")
+                    return
                 if self.current is not None:
                     self.current.reason = Reason.UPSTREAM_TIMEOUT.value
                 self.upstream = None

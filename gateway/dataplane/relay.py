@@ -19,6 +19,7 @@ import orjson
 from gateway.controlplane.targets import Target
 from gateway.dataplane.reasons import GatewayError, Reason
 from gateway.dataplane.request import Request
+from gateway.dataplane.resume import COMPLETIONS, plan
 from gateway.dataplane.upstream import Downstream, UpstreamConnection
 from router_client import Decision, RouterError
 
@@ -86,6 +87,8 @@ class Relay:
             assert self.list_models is not None
             client.respond(200, [(b"content-type", b"application/json")], self.list_models())
             return
+        if self.config.resume_limit:
+            request.resume = plan(request, self.config.resume_limit)
         self.route(client, request, None)
 
     def app_by_model(self, request: Request) -> "App | None":
@@ -101,6 +104,25 @@ class Relay:
             request.url = app.prefix_bytes + request.url
             request.upstream_head = b""
         return app
+
+    def resume(self, client: "Client", request: Request, failed: Target) -> None:
+        """Continue a broken stream: ask the router again (the client's body and session), on /v1/completions."""
+        resume = request.resume
+        assert resume is not None
+        # Keep an app's route prefix (multi-app routing may have put one before the client's path).
+        url = request.url
+        request.upstream_url = (url[:len(url) - len(resume.url)] if url.endswith(resume.url) else b"") + COMPLETIONS
+        request.upstream_body = resume.next_body()
+        request.upstream_head = b""
+        request.retries = 0
+        request.resumes = resume.resumes
+        log.info("request %s: replica %s broke its stream; resuming (%d/%d)", request.request_id.decode("latin-1"),
+                 failed.replica_id, resume.resumes, resume.limit)
+        self.route(client, request, failed)
+
+    def replica_failed(self, target: Target) -> None:
+        """A request failed on this replica (connect, cut stream, engine error)."""
+        self.metrics.replica_failure(target.replica_id)
 
     def route(self, client: "Client", request: Request, failed: Target | None) -> None:
         """Pick the app by path, then the replica: the app's router decides POSTs; the rest go least-loaded."""
@@ -126,7 +148,11 @@ class Relay:
                              lambda decision, error: self.on_decision(client, request, app, failed, started, decision,
                                                                       error))
             return
-        target = targets.least_loaded(exclude=failed) or (None if failed is None else targets.least_loaded())
+        if request.resume is not None and request.resume.replying:
+            # Resuming: never a replica that already failed this stream.
+            target = targets.least_loaded(exclude=failed, avoid=request.resume.failed)
+        else:
+            target = targets.least_loaded(exclude=failed) or (None if failed is None else targets.least_loaded())
         if target is None:
             self.fail(client, request, GatewayError(Reason.NO_REPLICAS))
             return
@@ -147,7 +173,7 @@ class Relay:
                 raise GatewayError(reason, f"{reason.value}: {error.detail}")
             assert decision is not None
             self.metrics.router_ok(request.router_s)
-            target = self.target_for(app, decision, failed)
+            target = self.target_for(app, decision, failed, request)
             self.connect_to(client, request, target, decision.request_headers or None)
         except GatewayError as exc:
             self.fail(client, request, exc)
@@ -155,7 +181,8 @@ class Relay:
             log.exception("request %s failed unexpectedly", request.request_id.decode("latin-1"))
             self.fail(client, request, GatewayError(Reason.REPLICA_UNAVAILABLE, "internal gateway error", status=500))
 
-    def target_for(self, app: "App", decision: Decision, failed: Target | None) -> Target:
+    def target_for(self, app: "App", decision: Decision, failed: Target | None,
+                   request: Request | None = None) -> Target:
         """The known target a decision names: the SSRF boundary (never an address we do not know)."""
         targets = app.targets
         target = targets.lookup(decision.replica_id, decision.host, decision.port)
@@ -177,6 +204,15 @@ class Relay:
         elif (target.host, target.port) != (decision.host, decision.port):
             # We still connect only to the address we know for that replica.
             self.metrics.decision_mismatch("address")
+        resume = request.resume if request is not None else None
+        if resume is not None and resume.replying:
+            if target is failed or target in resume.failed or not target.healthy:
+                # A resume never goes back to a replica that failed this stream.
+                other = targets.least_loaded(exclude=failed, avoid=resume.failed)
+                if other is None:
+                    raise GatewayError(Reason.NO_REPLICAS, "no other replica to resume the stream on")
+                return other
+            return target
         if target is failed or not target.healthy:
             # Like HAProxy's `option redispatch`: the pinned replica is down, serve elsewhere (breaks affinity).
             other = targets.least_loaded(exclude=target)
@@ -245,8 +281,8 @@ class Relay:
         client.idle_reads = -1
         timeout = self.config.first_byte_timeout_s
         client.first_byte_deadline = time.monotonic() + timeout if timeout else 0.0
-        conn.send(client, head + b"\r\n" + request.body, head_request=request.method == b"HEAD",
-                  dechunk=request.version == "1.0")
+        conn.send(client, head + b"\r\n" + request.upstream_body, head_request=request.method == b"HEAD",
+                  dechunk=request.version == "1.0", sink=request.resume)
         if client.writing_paused:
             conn.pause_reading()
 
@@ -281,6 +317,9 @@ class Relay:
     def retry_or_fail(self, client: "Client", request: Request, target: Target, reason: Reason) -> None:
         if client.closed or client.current is not request:
             return
+        self.replica_failed(target)
+        if request.resume is not None and request.resume.replying:
+            request.resume.failed.add(target)
         if request.retries < 1:
             request.retries += 1
             self.metrics.retry("replica_failed")
@@ -291,13 +330,13 @@ class Relay:
 
 def build_head(request: Request, target: Target) -> bytes:
     """The request head for the replica, without the final CRLF (the router may add headers)."""
-    parts = [b"%s %s HTTP/1.1\r\n" % (request.method, request.url)]
+    parts = [b"%s %s HTTP/1.1\r\n" % (request.method, request.upstream_url or request.url)]
     parts.extend([b"%s: %s\r\n" % header for header in request.headers])
     if not request.has_host:
         parts.append(b"host: %s\r\n" % target.address.encode())
     parts.append(b"x-request-id: %s\r\n" % request.request_id)
-    if request.body or request.method in (b"POST", b"PUT", b"PATCH"):
-        parts.append(b"content-length: %d\r\n" % len(request.body))
+    if request.upstream_body or request.method in (b"POST", b"PUT", b"PATCH"):
+        parts.append(b"content-length: %d\r\n" % len(request.upstream_body))
     return b"".join(parts)
 
 

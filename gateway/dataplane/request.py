@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.dataplane.resume import ResumeStream
 
 
 class Request:
@@ -11,6 +14,7 @@ class Request:
         "method", "url", "version", "headers", "body", "keep_alive", "request_id", "session", "content_type",
         "has_host", "started", "router_s", "first_byte_s", "status", "reason", "replica_id", "bytes_out",
         "retries", "upstream_head", "extra_headers", "trace", "origin", "key", "key_counted",
+        "upstream_url", "upstream_body", "resume", "resume_refused", "resumes",
     )
 
     def __init__(self, method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -44,6 +48,12 @@ class Request:
         self.origin: bytes | None = None
         self.key: Any = None
         self.key_counted = False
+        # What goes to the replica: the client's URL and body, unless a resume rewrote them.
+        self.upstream_url: bytes | None = None
+        self.upstream_body = body
+        self.resume: ResumeStream | None = None
+        self.resume_refused: str | None = None  # why this stream would not be resumed, counted if it breaks
+        self.resumes = 0
 
     @property
     def path(self) -> bytes:
@@ -60,6 +70,7 @@ class Request:
             "reason": self.reason,
             "bytes": self.bytes_out,
             "retries": self.retries,
+            "resumes": self.resumes,
             "router_ms": round(self.router_s * 1000, 3),
             "ttfb_ms": round(self.first_byte_s * 1000, 3) if self.first_byte_s else None,
             "total_ms": round((now - self.started) * 1000, 3),

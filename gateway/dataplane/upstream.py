@@ -22,6 +22,12 @@ from gateway.dataplane.request import Request
 from gateway.dataplane.state import ServerState
 
 
+class PayloadSink(Protocol):
+    """Where a response's payload goes when it is rewritten rather than relayed as it is (resume.py)."""
+
+    def feed(self, payload: bytes) -> None: ...
+
+
 class Downstream(Protocol):
     """Where a replica's response goes: what this layer needs of the client connection."""
     transport: asyncio.Transport
@@ -89,7 +95,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._dechunk = False  # HTTP/1.0 client: it cannot read chunked framing
         self._close_delimited = False
         self._early_body: list[bytes] = []
-        self._parser_dechunks = False
+        self._parser_dechunks: bool | None = False  # None: the parser feeds a sink
+        self._sink: PayloadSink | None = None
+        self.streaming = False  # a sink gets this response's payload (a 200 chunked stream)
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -171,7 +179,8 @@ class UpstreamConnection(asyncio.Protocol):
         return not self.closed and self.client is None and self.transport is not None \
             and not self.transport.is_closing()
 
-    def send(self, client: Downstream, request: bytes, *, head_request: bool, dechunk: bool) -> None:
+    def send(self, client: Downstream, request: bytes, *, head_request: bool, dechunk: bool,
+             sink: PayloadSink | None = None) -> None:
         assert self.transport is not None
         self.client = client
         self.got_bytes = self.head_sent = self.complete = self.keep_alive = False
@@ -183,9 +192,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._dechunk = dechunk
         self._close_delimited = False
         self._early_body = []
+        self.streaming = False
         if self._held_by_client:
             self.resume_reading()  # the previous client stopped reading just as its response ended
-        if dechunk != self._parser_dechunks:
+        self._sink = sink
+        if sink is not None:
+            # Resume: the payload goes to the sink, which re-frames it (the slow path, as for HTTP/1.0).
+            self.parser = httptools.HttpResponseParser(_Dechunker(self))
+            self._parser_dechunks = None
+            self._dechunk = True
+        elif dechunk != self._parser_dechunks:
             # Only HTTP/1.0 clients need the payload without chunk framing, so only they pay for an
             # on_body callback per chunk (httptools calls every callback its protocol object defines).
             self.parser = httptools.HttpResponseParser(_Dechunker(self) if dechunk else self)
@@ -223,13 +239,14 @@ class UpstreamConnection(asyncio.Protocol):
     def _slow_path(self, data: bytes) -> None:
         client = self.client
         assert client is not None
-        if self.head_sent:  # dechunking for an HTTP/1.0 client: on_body writes the payload
+        if self.head_sent:  # dechunking for an HTTP/1.0 client or a sink: on_body takes the payload
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError:
-                client.upstream_failed(self, "malformed")
+                if self.client is client:
+                    client.upstream_failed(self, "malformed")
                 return
-            if self.complete:
+            if self.complete and self.client is client:
                 client.upstream_complete(self)
             return
         buffer = self._head_buffer + data if self._head_buffer else data
@@ -263,15 +280,24 @@ class UpstreamConnection(asyncio.Protocol):
         chunked = b"\ntransfer-encoding:" in lower
         bodiless = self._no_body or status in (204, 304)
         self._close_delimited = not (chunked or b"\ncontent-length:" in lower or bodiless)
-        if not chunked:
-            self._dechunk = False  # the payload bytes are already what an HTTP/1.0 client reads
-        if self._dechunk or _HOP_BY_HOP_LINE.search(lower):
-            head = _strip_headers(head, drop_framing=self._dechunk)
+        sink = self._sink
+        if sink is not None:
+            # Only a 200 stream is rewritten; anything else (an error's JSON) is relayed as it is.
+            self.streaming = self._dechunk = chunked and status == 200
+            dechunk_client = False
+        else:
+            if not chunked:
+                self._dechunk = False  # the payload bytes are already what an HTTP/1.0 client reads
+            dechunk_client = self._dechunk
+        if dechunk_client or _HOP_BY_HOP_LINE.search(lower):
+            head = _strip_headers(head, drop_framing=dechunk_client)
         if head.startswith(b"HTTP/1.0 "):
             head = b"HTTP/1.1 " + head[9:]  # we speak 1.1 to the client; framing is handled above
         body_start = b"".join(self._early_body) if self._dechunk else buffer[end + 4:]
         client.upstream_head(self, status, head, b"\nx-request-id:" in lower, body_start,
-                             must_close=self._close_delimited or self._dechunk)
+                             must_close=self._close_delimited or dechunk_client)
+        if self.client is not client:
+            return  # the client ended the exchange on seeing the head
         if bodiless and not self.complete:
             # httptools waits for a body a HEAD response never has; end here and do not reuse the connection.
             self.complete = True
@@ -294,7 +320,12 @@ class _Dechunker:
         if not conn.head_sent:
             conn._early_body.append(body)
         elif conn.client is not None:
-            conn.client.transport.write(body)
+            sink = conn._sink
+            if sink is None:
+                conn.client.transport.write(body)
+            elif conn.streaming:
+                sink.feed(body)
+            # else: relayed as it is by the fast path
 
     def on_message_complete(self) -> None:
         self.conn.on_message_complete()

@@ -96,6 +96,11 @@ class Metrics:
                                registry=registry)
         self.upstream_deaths = Counter("gateway_upstream_died", "Responses cut by the replica after the head",
                                        ["replica"], registry=registry)
+        self.resumes = Counter("gateway_resumes", "Streams broken mid-response: resumed on another replica, "
+                               "failed (no replica or the resume limit), or refused_<reason> (not resumable)",
+                               ["outcome"], registry=registry)
+        self.replica_failures = Counter("gateway_replica_failures", "Requests that failed on a replica (connect, "
+                                        "cut stream, engine error)", ["replica"], registry=registry)
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being relayed now", registry=registry)
         self.connections = Gauge("gateway_client_connections", "Open client connections", registry=registry)
         self.pool_idle = Gauge("gateway_pool_idle_connections", "Idle keep-alive connections by pool",
@@ -139,6 +144,12 @@ class Metrics:
 
     def upstream_died(self, replica: str) -> None:
         self.upstream_deaths.labels(replica).inc()
+
+    def resume(self, outcome: str) -> None:
+        self.resumes.labels(outcome).inc()
+
+    def replica_failure(self, replica: str) -> None:
+        self.replica_failures.labels(replica).inc()
 
     def stream_gap(self, replica: str, seconds: float) -> None:
         self.chunk_gap.observe(self.chunk_gap.child(replica), seconds)

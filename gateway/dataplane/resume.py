@@ -1,0 +1,342 @@
+"""Resuming a stream on another replica when its replica dies mid-response, token-exact.
+
+Only with `--resume-limit N` (> 0), and only for streamed /v1/completions and
+/v1/chat/completions. The upstream request gets `"return_token_ids": true`, so vLLM
+puts the prompt's token ids in the first chunk and each token's id in every chunk.
+When the replica connection ends before `[DONE]`, the engine sends an in-band
+`error` event, or the stream is silent past `idle_timeout_s`, the relay asks the
+router again (never a replica that failed this stream) and continues on
+/v1/completions with `prompt = prompt ids + received ids`, `max_tokens - K`:
+vLLM takes a token-id prompt as it is (no BOS), so greedy output continues exactly
+(measured: identical in every case tried; resuming by *text* was wrong in 6-51%).
+
+The client sees one stream: the first replica's head, then every event rewritten to
+the first event's `id` and `created`, chat chunks even when the rest came from
+/v1/completions, usage numbers of an uninterrupted request, one `[DONE]`, and no
+token ids unless it asked for them. That rewriting needs the SSE payload parsed,
+so this path de-chunks the replica's response and re-frames it (one HTTP chunk per
+event, as vLLM sends them); with resume off none of this runs (upstream.py's
+per-chunk fast path is untouched).
+
+A request whose output a resume could not reproduce is never resumed (the stream
+fails visibly, as without resume) and the reason is counted: see REFUSALS.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from gateway.controlplane.targets import Target
+    from gateway.dataplane.request import Request
+
+COMPLETIONS = b"/v1/completions"
+CHAT = b"/v1/chat/completions"
+
+# Request fields whose effect a resume cannot reproduce, by the refusal reason counted for them.
+# frequency/presence penalties count generated tokens only (moved into the prompt, they stop counting);
+# a seed's random stream cannot be continued; n > 1, logprobs and echo concern output the resumed request
+# cannot rebuild; guided decoding and tools constrain output by a state machine over the generated text;
+# a stop string could straddle the break (vLLM matches it in the new request's output only).
+REFUSALS = ("n", "seed", "penalty", "logprobs", "guided", "tools", "stop", "other", "no_token_ids")
+
+# Chat request fields that mean the same on /v1/completions: copied into the resumed request.
+_CHAT_TO_COMPLETION = (
+    "model", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "length_penalty", "stop_token_ids",
+    "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
+    "include_stop_str_in_output", "user", "priority", "logit_bias", "allowed_token_ids", "stream_options",
+    "request_id", "cache_salt", "kv_transfer_params", "vllm_xargs",
+    # the mock engine's pacing knobs, so tests can slow a resumed stream down too
+    "ttft_ms", "itl_ms",
+)
+
+
+def _truthy(value: object) -> bool:
+    return value is not None and value is not False and value != 0 and value != [] and value != "" and value != {}
+
+
+def refusal(body: dict[str, Any], chat: bool) -> str | None:
+    """Why this request's output could not be continued exactly on another replica, or None."""
+    n = body.get("n")
+    if (n is not None and n != 1) or (body.get("best_of") not in (None, 1)):
+        return "n"
+    if not chat and isinstance(body.get("prompt"), list) and body["prompt"] \
+            and not all(isinstance(t, int) for t in body["prompt"]):
+        return "n"  # a batch of prompts: one choice per prompt
+    if body.get("seed") is not None:
+        return "seed"
+    if _truthy(body.get("frequency_penalty")) or _truthy(body.get("presence_penalty")):
+        return "penalty"
+    if _truthy(body.get("logprobs")) or _truthy(body.get("top_logprobs")) or _truthy(body.get("echo")) \
+            or body.get("prompt_logprobs") is not None:
+        return "logprobs"
+    response_format = body.get("response_format")
+    if (isinstance(response_format, dict) and response_format.get("type") not in (None, "text")) \
+            or any(_truthy(body.get(k)) for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                                  "structured_outputs")):
+        return "guided"
+    if _truthy(body.get("tools")) or _truthy(body.get("functions")):
+        return "tools"
+    if _truthy(body.get("stop")):
+        return "stop"
+    if any(_truthy(body.get(k)) for k in ("bad_words", "logits_processors", "truncate_prompt_tokens", "suffix",
+                                          "prompt_embeds")):
+        return "other"
+    return None
+
+
+def plan(request: "Request", limit: int) -> "ResumeStream | None":
+    """Set up resume for one request, or record why it cannot be resumed. Per request, resume on only."""
+    path = request.path
+    chat = path == CHAT
+    if request.method != b"POST" or not (chat or path == COMPLETIONS) or request.version != "1.1":
+        return None
+    try:
+        body = orjson.loads(request.body)
+    except orjson.JSONDecodeError:
+        return None  # the replica answers it with a 400
+    if not isinstance(body, dict) or body.get("stream") is not True:
+        return None
+    if chat and not isinstance(body.get("messages"), list) or not chat and "prompt" not in body:
+        return None
+    reason = refusal(body, chat)
+    if reason is not None:
+        request.resume_refused = reason
+        return None
+    wants_ids = body.get("return_token_ids") is True
+    if not wants_ids:
+        body["return_token_ids"] = True
+        request.upstream_body = orjson.dumps(body)
+    stream = ResumeStream(body, chat, wants_ids, limit)
+    stream.url = request.url
+    return stream
+
+
+def _frame(event: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+_DONE_EVENT = b"data: [DONE]\n\n"
+_DONE_CHUNK = _frame(_DONE_EVENT)
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class ResumeStream:
+    """One resumable stream: what the client has been sent, and how to continue it."""
+
+    def __init__(self, body: dict[str, Any], chat: bool, wants_ids: bool, limit: int):
+        self.body = body
+        self.chat = chat
+        self.wants_ids = wants_ids
+        self.limit = limit
+        options = body.get("stream_options")
+        self.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        max_tokens = body.get("max_tokens")
+        if max_tokens is None and chat:
+            max_tokens = body.get("max_completion_tokens")
+        self.max_tokens: int | None = max_tokens if isinstance(max_tokens, int) else None
+        self.transport: "asyncio.Transport | None" = None
+        self.url = CHAT if chat else COMPLETIONS  # the client's request target (the replica's may be prefixed)
+        self.replying = False  # the client has the response head: from now on failures are resumed
+        self.segment = 0  # 0: the original request; then one per resume
+        self.resumes = 0
+        self.failed: set["Target"] = set()
+        self.prompt_ids: list[int] | None = None
+        self.received: list[int] = []
+        self.offset = 0  # tokens in the prompt of the current segment that the original request generated
+        self.skip = 0  # tokens of the current segment the client already has (a rewound resume)
+        self.ident: Any = None
+        self.created: Any = None
+        self.no_ids = False
+        self.finished = False  # a choice carried its finish_reason
+        self.usage_sent = False
+        self.done = False  # [DONE] went out
+        self.broken = False  # this segment ended in an in-band error or garbage: drop the rest of it
+        self._buffer = b""
+
+    # -- the replica's payload, event by event
+    def start_segment(self, transport: "asyncio.Transport") -> None:
+        self.transport = transport
+        self.broken = False
+        self._buffer = b""
+
+    def feed(self, payload: bytes) -> None:
+        buffer = self._buffer + payload if self._buffer else payload
+        out: list[bytes] = []
+        start = 0
+        find = buffer.find
+        while (end := find(b"\n\n", start)) >= 0:
+            event = buffer[start:end + 2]
+            start = end + 2
+            if not self.broken:
+                self._event(event, out)
+        self._buffer = buffer[start:]
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+    def _event(self, event: bytes, out: list[bytes]) -> None:
+        if self.done:
+            return
+        if not event.startswith(b"data: "):
+            if self.segment == 0:
+                out.append(_frame(event))  # not vLLM's framing, but not ours to drop either
+            return
+        data = event[6:-2]
+        if data == b"[DONE]":
+            if self.finished and (self.usage_sent or not self.include_usage):
+                self.done = True
+                out.append(_DONE_CHUNK)
+            else:
+                self.broken = True  # the engine gave up without finishing (after an error event)
+            return
+        try:
+            ev = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.broken = True
+            return
+        if not isinstance(ev, dict) or "error" in ev and "choices" not in ev:
+            self.broken = True  # vLLM's in-band engine error: resume from what the client has
+            return
+        if self.segment == 0:
+            self._original(ev)
+        elif not self._resumed(ev):
+            return
+        out.append(_frame(b"data: " + orjson.dumps(ev) + b"\n\n"))
+
+    def _original(self, ev: dict[str, Any]) -> None:
+        if self.ident is None:
+            self.ident, self.created = ev.get("id"), ev.get("created")
+        wants_ids = self.wants_ids
+        if "prompt_token_ids" in ev:  # chat: on the role chunk
+            ids = ev["prompt_token_ids"]
+            if isinstance(ids, list):
+                self.prompt_ids = ids
+                if not wants_ids:
+                    ev["prompt_token_ids"] = None
+        choices = ev.get("choices")
+        if choices:
+            for choice in choices:
+                if "prompt_token_ids" in choice:  # completions: on the first chunk's choice
+                    ids = choice["prompt_token_ids"]
+                    if isinstance(ids, list):
+                        self.prompt_ids = ids
+                        if not wants_ids:
+                            choice["prompt_token_ids"] = None
+                self._tokens(choice, choice.get("delta", {}).get("content") if self.chat else choice.get("text"))
+        elif "usage" in ev:
+            self.usage_sent = True
+
+    def _tokens(self, choice: dict[str, Any], text: object) -> None:
+        ids = choice.get("token_ids")
+        if isinstance(ids, list):
+            self.received.extend(ids)
+            if not self.wants_ids:
+                choice["token_ids"] = None
+        elif text:
+            self.no_ids = True  # output we could not resume from
+        if choice.get("finish_reason") is not None:
+            self.finished = True
+
+    def _resumed(self, ev: dict[str, Any]) -> bool:
+        """A /v1/completions chunk of a resumed segment, rewritten into the client's stream; False: drop it."""
+        ev["id"] = self.ident
+        ev["created"] = self.created
+        choices = ev.get("choices")
+        usage = ev.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            usage["prompt_tokens"] -= self.offset
+            if isinstance(usage.get("completion_tokens"), int):
+                usage["completion_tokens"] += self.offset
+        if self.chat:
+            ev["object"] = "chat.completion.chunk"
+        if not choices:
+            if usage is not None:
+                self.usage_sent = True
+            return True
+        kept = []
+        for choice in choices:
+            ids = choice.get("token_ids")
+            if self.skip:
+                # A rewound resume regenerates the last token the client already has: drop it.
+                self.skip -= len(ids) if isinstance(ids, list) else 1
+                if isinstance(ids, list):
+                    self.received.extend(ids)
+                if choice.get("finish_reason") is not None:
+                    self.finished = True
+                continue
+            if "prompt_token_ids" in choice:
+                choice["prompt_token_ids"] = None  # the resumed prompt: not the client's
+            if self.chat:
+                text = choice.get("text")
+                finish = choice.get("finish_reason")
+                converted: dict[str, Any] = {"index": choice.get("index", 0), "delta": {"content": text},
+                                             "logprobs": None, "finish_reason": finish}
+                if finish is not None:
+                    converted["stop_reason"] = choice.get("stop_reason")
+                converted["token_ids"] = ids
+                choice = converted
+            self._tokens(choice, choice["delta"]["content"] if self.chat else choice.get("text"))
+            kept.append(choice)
+        if not kept:
+            return False
+        ev["choices"] = kept
+        return True
+
+    # -- the end of one replica's part
+    @property
+    def complete(self) -> bool:
+        return self.done
+
+    def can_finish_here(self) -> bool:
+        """Everything but `[DONE]` reached the client: the stream can end without another replica."""
+        return not self.done and self.finished and (self.usage_sent or not self.include_usage)
+
+    def finish_here(self) -> None:
+        assert self.transport is not None
+        self.done = True
+        self.transport.write(_DONE_CHUNK + _LAST_CHUNK)
+
+    def end_chunk(self) -> bytes:
+        return _LAST_CHUNK
+
+    def cannot_resume(self) -> str | None:
+        """Why this stream cannot be continued now: None, "limit", or a refusal reason."""
+        if self.no_ids or self.prompt_ids is None:
+            return "no_token_ids"
+        if self.resumes >= self.limit:
+            return "limit"
+        return None
+
+    def next_body(self) -> bytes:
+        """The /v1/completions request that continues the stream from the tokens the client has."""
+        received = self.received
+        # All tokens out but the usage chunk: regenerate the last one (dropped) to get vLLM's usage chunk.
+        self.skip = 1 if self.finished else 0
+        if self.skip:
+            received = received[:-1]
+            del self.received[len(received):]
+        k = len(received)
+        body = self.body
+        if self.chat:
+            new: dict[str, Any] = {key: body[key] for key in _CHAT_TO_COMPLETION if key in body}
+        else:
+            new = {key: value for key, value in body.items() if key != "prompt"}
+        new.pop("max_completion_tokens", None)
+        new["prompt"] = [*(self.prompt_ids or ()), *received]
+        if self.skip:
+            new["max_tokens"] = 1
+        elif self.max_tokens is not None:
+            new["max_tokens"] = max(1, self.max_tokens - k)
+        if isinstance(body.get("min_tokens"), int):
+            new["min_tokens"] = max(0, body["min_tokens"] - k)
+        new["stream"] = True
+        new["return_token_ids"] = True
+        self.offset = k
+        self.segment += 1
+        self.resumes += 1
+        self.finished = False
+        return orjson.dumps(new)
