@@ -148,6 +148,11 @@ OPTIONS: tuple[Option, ...] = (
            "origins browsers may call the gateway from (comma-separated, or *); the gateway answers preflights itself"),
     Option("resume_limit", ("GATEWAY_RESUME_LIMIT",), int, 0,
            "times one streamed completion may be resumed on another replica when its replica dies mid-stream (token-exact, see README); 0 = off"),
+    Option("outlier_failures", ("GATEWAY_OUTLIER_FAILURES",), int, 5,
+           "passive outlier ejection: a replica failing this many requests in a row (connect failure, cut stream, engine error, 5xx) leaves rotation for a while; 0 = off"),
+    Option("outlier_ejection_s", ("GATEWAY_OUTLIER_EJECTION_S",), _seconds, 10.0,
+           "first ejection's length; each further ejection in a row (no success in between) adds as much again"),
+    Option("outlier_max_ejection_s", ("GATEWAY_OUTLIER_MAX_EJECTION_S",), _seconds, 300.0, "longest ejection"),
     Option("access_log", ("GATEWAY_ACCESS_LOG",), _bool, True, "one JSON line per request on stdout (written off the event loop)"),
     Option("log_level", ("GATEWAY_LOG_LEVEL",), str, "info", "debug, info, warning or error"),
 )
@@ -237,6 +242,9 @@ class Config:
     admin_host: str = "127.0.0.1"
     cors_origins: list[str] = field(default_factory=list)
     resume_limit: int = 0
+    outlier_failures: int = 5
+    outlier_ejection_s: float = 10.0
+    outlier_max_ejection_s: float = 300.0
     access_log: bool = True
     log_level: str = "info"
 
@@ -296,6 +304,10 @@ class Config:
             raise ConfigError("the admin port must differ from the public port")
         if self.resume_limit < 0:
             raise ConfigError("resume_limit must be >= 0")
+        if self.outlier_failures < 0:
+            raise ConfigError("outlier_failures must be >= 0")
+        if self.outlier_failures and not 0 < self.outlier_ejection_s <= self.outlier_max_ejection_s:
+            raise ConfigError("outlier ejection times must be > 0, the first no longer than the longest")
         if not self.health_path.startswith("/"):
             raise ConfigError("health path must start with /")
         self.router_addresses  # noqa: B018 - parse now, so a bad URL fails at startup

@@ -79,6 +79,7 @@ class EngineConfig:
     max_tokens_default: int = 16
     unary_bytes: int = 0
     max_model_len: int = 65536
+    fault: str | None = None  # x-mock-fault for requests that name none: a replica broken for good
 
 
 class BadRequest(Exception):
@@ -286,7 +287,7 @@ class MockEngine:
         rid = request.header(b"x-request-id")
         echo = b"x-request-id: %s\r\n" % rid if rid is not None else b""
         fault_raw = request.header(b"x-mock-fault")
-        fault = fault_raw.decode("latin-1").strip().lower() if fault_raw is not None else None
+        fault = fault_raw.decode("latin-1").strip().lower() if fault_raw is not None else self.config.fault
         if fault is not None and fault not in FAULTS:
             return self._json(responder, 400, openai_error(
                 f"unknown x-mock-fault {fault!r}; one of {', '.join(FAULTS)}", 400, "BadRequestError"), echo)
@@ -618,6 +619,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens-default", type=int, default=16, help="events when max_tokens is absent")
     parser.add_argument("--unary-bytes", type=int, default=0, help="pad non-stream responses to about this size")
     parser.add_argument("--max-model-len", type=int, default=65536, help="larger max_tokens are a 400")
+    parser.add_argument("--fault", choices=FAULTS, default=None,
+                        help="answer every request with this x-mock-fault (health probes still pass)")
     parser.add_argument("--timeout-keep-alive", type=float, default=5.0, help="close idle connections after (s)")
     parser.add_argument("--reuse-port", action="store_true")
     parser.add_argument("--log-level", default="WARNING")
@@ -626,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = MockEngine(EngineConfig(
         replica_id=args.replica_id or f"{args.host}:{args.port}", model=args.model, ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms, max_tokens_default=args.max_tokens_default, unary_bytes=args.unary_bytes,
-        max_model_len=args.max_model_len))
+        max_model_len=args.max_model_len, fault=args.fault))
     run(engine, args.host, args.port, args.reuse_port, keep_alive_s=args.timeout_keep_alive, on_startup=engine.attach)
 
 

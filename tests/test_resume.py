@@ -29,7 +29,8 @@ def rig(request: pytest.FixtureRequest) -> Iterator[tuple[Gateway, list[Replica]
     try:
         replicas = [s.replica("r1"), s.replica("r2"), s.replica("r3")]
         router = s.router(replicas)
-        gateway = s.gateway([router], replicas, "--resume-limit", "2", "--idle-timeout-s", "1")
+        # Every test here breaks streams on purpose: outlier ejection would take the replicas away.
+        gateway = s.gateway([router], replicas, "--resume-limit", "2", "--idle-timeout-s", "1", "--outlier-failures", "0")
         yield gateway, replicas
     finally:
         s.stop()
@@ -213,7 +214,7 @@ def test_a_replica_without_token_ids_is_not_resumed(rig) -> None:
 
 def test_all_replicas_dead_fails_visibly(stack: Stack) -> None:
     replicas = [stack.replica("a"), stack.replica("b")]
-    gateway = stack.gateway([stack.router(replicas)], replicas, "--resume-limit", "3")
+    gateway = stack.gateway([stack.router(replicas)], replicas, "--resume-limit", "3", "--outlier-failures", "0")
     path, body = "/v1/chat/completions", CHAT_BODY
     p = prompt_length(path, body)
     with pytest.raises(httpx.RemoteProtocolError):
@@ -234,3 +235,24 @@ def test_resume_off_leaves_the_request_untouched(stack: Stack) -> None:
         events(gateway, "/v1/completions", CMPL_BODY,
                faulted("close-mid-stream", prompt_length("/v1/completions", CMPL_BODY) + 3))
     assert "gateway_resumes_total{" not in gateway.metrics()
+
+
+def test_a_replica_failing_in_a_row_is_ejected_with_growing_backoff(stack: Stack) -> None:
+    good = stack.replica("good")
+    bad = stack.replica("bad", "--fault", "status-500")  # its /health still says 200
+    gateway = stack.gateway([stack.router([good, bad])], [good, bad], "--outlier-failures", "3",
+                            "--outlier-ejection-s", "0.5", "--outlier-max-ejection-s", "5")
+    body = dict(CMPL_BODY, stream=False)
+
+    def statuses(n: int) -> list[int]:
+        return [httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=10).status_code for _ in range(n)]
+
+    assert statuses(12).count(500) == 3  # three in a row, then out of rotation
+    routes = {t["replica_id"]: t for t in gateway.routes()["targets"]}
+    assert routes["bad"]["ejected"] and routes["bad"]["ejections"] == 1 and routes["bad"]["healthy"]
+    assert 'gateway_outlier_ejections_total{replica="bad"} 1.0' in gateway.metrics()
+    wait_until(lambda: not {t["replica_id"]: t for t in gateway.routes()["targets"]}["bad"]["ejected"],
+               what="the ejection ends")
+    # Still failing when it comes back: ejected again, for twice as long.
+    assert statuses(12).count(500) == 3
+    wait_until(lambda: "ejected for 1.0 s" in gateway.log(), what="the second, longer ejection")

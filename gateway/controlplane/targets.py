@@ -29,6 +29,14 @@ class Target:
     # Streams that broke on this replica and were resumed elsewhere / streams resumed on it.
     resumes_from: int = 0
     resumes_to: int = 0
+    # Passive outlier ejection (outlier.py): requests served, and the failure streak since the last one.
+    successes: int = 0
+    failure_streak: int = 0
+    streak_mark: int = 0
+    ejected: bool = False
+    ejections: int = 0
+    ejections_in_row: int = 0
+    ejected_at_successes: int = -1
     # Filled by the server: the keep-alive pool of the data plane's connections to this replica
     # (typed loosely: the control plane does not know the data plane's connection class).
     pool: KeepAlivePool[Any] = field(default=None, repr=False)  # type: ignore[arg-type]
@@ -46,6 +54,8 @@ class Target:
             "idle_connections": self.pool.idle_count if self.pool is not None else 0,
             "resumes_from": self.resumes_from,
             "resumes_to": self.resumes_to,
+            "ejected": self.ejected,
+            "ejections": self.ejections,
         }
 
 
@@ -102,9 +112,12 @@ class TargetSet:
     def healthy(self) -> list[Target]:
         return [target for target in self.targets if target.healthy]
 
+    def in_rotation(self) -> list[Target]:
+        return [target for target in self.targets if target.healthy and not target.ejected]
+
     def least_loaded(self, exclude: Target | None = None, avoid: Collection[Target] = ()) -> Target | None:
         """Healthy replica with the fewest requests in flight; ties rotate (HAProxy's leastconn)."""
-        candidates = [t for t in self.targets if t.healthy and t is not exclude and t not in avoid]
+        candidates = [t for t in self.targets if t.healthy and not t.ejected and t is not exclude and t not in avoid]
         if not candidates:
             return None
         start = next(self._cursor) % len(candidates)

@@ -299,6 +299,8 @@ class ClientConnection(asyncio.Protocol):
             return
         request.status = status
         request.first_byte_s = time.monotonic() - request.started
+        if status >= 500:
+            self.relay.replica_failed(conn.target)
         keep = request.keep_alive and not must_close and not self.state.draining and request.version != "1.0"
         extra = b"" if has_request_id else b"x-request-id: %s\r\n" % request.request_id
         if self.door is not None:
@@ -321,6 +323,8 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(resume.end_chunk())
         self.upstream = None
         self.relay.exchange_ended(conn)
+        if request is not None and request.status < 500:
+            conn.target.successes += 1
         conn.release()
         if conn.keep_alive and not conn.closed:
             conn.target.pool.put(conn)
@@ -349,6 +353,7 @@ class ClientConnection(asyncio.Protocol):
         # makes the client see a broken stream, never a clean (and wrong) end.
         request.reason = Reason.UPSTREAM_MALFORMED.value if why == "malformed" else Reason.UPSTREAM_DIED.value
         request.keep_alive = False
+        self.relay.replica_failed(conn.target)
         self.state.metrics.upstream_died(conn.target.replica_id)
         self.finish(close=True)
 

@@ -55,7 +55,8 @@ _ROUTER_REASONS = {reason.value: reason for reason in Reason}
 class Relay:
     def __init__(self, config: "Config", state: "ServerState", apps: "AppTable",
                  internal: InternalEndpoints, mark_down: Callable[[Target], None],
-                 list_models: Callable[[], bytes] | None = None):
+                 list_models: Callable[[], bytes] | None = None,
+                 replica_failed: Callable[[Target], None] = lambda target: None):
         self.config = config
         self.state = state
         self.apps = apps
@@ -68,6 +69,8 @@ class Relay:
         self.internal = internal
         # Passive health: traffic that finds a replica unreachable tells the health checker.
         self.mark_down = mark_down
+        # Passive outlier ejection: every request that fails on a replica is reported (never a success).
+        self.outlier_failed = replica_failed
 
     def dispatch(self, client: "Client", request: Request) -> None:
         door = self.state.door
@@ -123,6 +126,7 @@ class Relay:
     def replica_failed(self, target: Target) -> None:
         """A request failed on this replica (connect, cut stream, engine error)."""
         self.metrics.replica_failure(target.replica_id)
+        self.outlier_failed(target)
 
     def route(self, client: "Client", request: Request, failed: Target | None) -> None:
         """Pick the app by path, then the replica: the app's router decides POSTs; the rest go least-loaded."""
@@ -206,14 +210,14 @@ class Relay:
             self.metrics.decision_mismatch("address")
         resume = request.resume if request is not None else None
         if resume is not None and resume.replying:
-            if target is failed or target in resume.failed or not target.healthy:
+            if target is failed or target in resume.failed or not target.healthy or target.ejected:
                 # A resume never goes back to a replica that failed this stream.
                 other = targets.least_loaded(exclude=failed, avoid=resume.failed)
                 if other is None:
                     raise GatewayError(Reason.NO_REPLICAS, "no other replica to resume the stream on")
                 return other
             return target
-        if target is failed or not target.healthy:
+        if target is failed or not target.healthy or target.ejected:
             # Like HAProxy's `option redispatch`: the pinned replica is down, serve elsewhere (breaks affinity).
             other = targets.least_loaded(exclude=target)
             if other is not None:

@@ -101,6 +101,10 @@ class Metrics:
                                ["outcome"], registry=registry)
         self.replica_failures = Counter("gateway_replica_failures", "Requests that failed on a replica (connect, "
                                         "cut stream, engine error)", ["replica"], registry=registry)
+        self.ejections = Counter("gateway_outlier_ejections", "Replicas taken out of rotation for failing requests "
+                                 "in a row (passive outlier ejection)", ["replica"], registry=registry)
+        self.replica_ejected = Gauge("gateway_replica_ejected", "1 while the replica is ejected as an outlier",
+                                     ["replica"], registry=registry)
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being relayed now", registry=registry)
         self.connections = Gauge("gateway_client_connections", "Open client connections", registry=registry)
         self.pool_idle = Gauge("gateway_pool_idle_connections", "Idle keep-alive connections by pool",

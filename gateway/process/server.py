@@ -16,6 +16,7 @@ from gateway.config import Config, ConfigError
 from gateway.controlplane.apps import App, AppTable
 from gateway.controlplane.health import replica_health
 from gateway.controlplane.models import ModelCatalog
+from gateway.controlplane.outlier import OutlierDetector
 from gateway.controlplane.targets import Target, TargetSet
 from gateway.dataplane.client import ClientConnection
 from gateway.dataplane.relay import Relay
@@ -54,8 +55,11 @@ class Gateway:
         self.admin = Admin(config, self.state, self.apps, self.metrics, self.refresh_gauges)
         # --route-by-model only: which app serves which model, learned from the replicas on discovery updates.
         self.models = ModelCatalog(self.apps, config.health_timeout_s) if config.route_by_model else None
+        self.outliers = OutlierDetector(self._app_targets, config.outlier_failures, config.outlier_ejection_s,
+                                        config.outlier_max_ejection_s,
+                                        on_eject=lambda target: self.metrics.ejections.labels(target.replica_id).inc())
         self.relay = Relay(config, self.state, self.apps, self.admin.serve, self.health.mark_down,
-                           self.models.listing if self.models is not None else None)
+                           self.models.listing if self.models is not None else None, self.outliers.failed)
         self.access_log = AccessLog(config.access_log)
         self.tracer: RequestTracer | None = None
         if config.otlp_traces_url:
@@ -82,6 +86,13 @@ class Gateway:
         """The targets of the app at `/` (or the first app): what a single-app user means by "the targets"."""
         first = self.apps.single or next(iter(self.apps), None)
         return first.targets if first is not None else TargetSet()
+
+    def _app_targets(self, target: Target) -> list[Target]:
+        """The targets of the app `target` serves (what outlier ejection must never empty)."""
+        for app in self.apps:
+            if target in app.targets.targets:
+                return app.targets.targets
+        return []
 
     def routers(self) -> list[RouterClient]:
         return [app.router for app in self.apps if app.router is not None]
@@ -157,6 +168,7 @@ class Gateway:
         for target in self.apps.all_targets():
             metrics.pool_idle.labels(target.replica_id).set(target.pool.idle_count if target.pool is not None else 0)
             metrics.replica_up.labels(target.replica_id).set(1 if target.healthy else 0)
+            metrics.replica_ejected.labels(target.replica_id).set(1 if target.ejected else 0)
         truncations = 0
         for app in self.apps:
             router = app.router
