@@ -46,13 +46,13 @@ class RayGateway(Gateway):
         return 0.0
 
 
-def start_gateway(stack: RayStack, name: str) -> RayGateway:
+def start_gateway(stack: RayStack, name: str, *extra: str) -> RayGateway:
     port = free_port()
     log_path = f"{LOG_DIR}/ray-{name}-gateway-{port}.log"
     if os.path.exists(log_path):
         os.unlink(log_path)
     argv = python_module("gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
-                         "--ray-address", stack.address, "--log-level", "info")
+                         "--ray-address", stack.address, "--log-level", "info", *extra)
     started = time.monotonic()
     # The stack's env: forward body on, as Ray's HAProxy is configured here.
     child = Child(argv, port=port, env=stack.env(), log_path=log_path).start(deadline_s=60)
@@ -221,6 +221,46 @@ def test_redeploy_traffic_follows(cluster: Cluster) -> None:
     assert gw.child.alive()
     # Most requests during the roll succeed (the old replicas drain, the router moves).
     assert len(failures) == 0 or sum(failures.values()) <= max(3, len(during) // 10), failures
+
+
+def test_redeploy_with_resume_keeps_long_streams_whole(cluster: Cluster) -> None:
+    """Streams longer than Ray's graceful shutdown (draining + 5 s) outlive their replica: resumed, not cut."""
+    from replicas.mock_engine import greedy_text, prompt_ids
+
+    gw = start_gateway(cluster.stack, "resume", "--resume-limit", "3")
+    try:
+        body = {**CHAT, "stream": True, "max_tokens": 400, "itl_ms": 30, "stream_options": {"include_usage": True}}
+        expected = greedy_text(prompt_ids(True, body), 400)
+        outcomes: list[object] = []
+
+        def one_stream() -> None:
+            text, usage = "", None
+            try:
+                with httpx.Client(timeout=60) as client, client.stream("POST", gw.url + URL, json=body) as response:
+                    for line in response.iter_lines():
+                        if line.startswith("data: {"):
+                            event = json.loads(line[6:])
+                            usage = event.get("usage") or usage
+                            text += "".join(c["delta"].get("content") or "" for c in event["choices"])
+                outcomes.append(text == expected and usage is not None and usage["completion_tokens"] == 400)
+            except httpx.HTTPError as exc:
+                outcomes.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=one_stream, daemon=True) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        old = gw.replica_ids()
+        deployed = cluster.stack.deploy("--policy", "consistent_hash", "--replicas", "2", "--tag", "v3")
+        new_ids = {line.split()[1] for line in deployed["targets"]}
+        assert not new_ids & old
+        for thread in threads:
+            thread.join(90)
+        resumed = sum(float(line.split()[-1]) for line in gw.metrics().splitlines()
+                      if line.startswith('gateway_resumes_total{outcome="resumed"}'))
+        cluster.figures["redeploy_with_resume"] = {"streams": len(outcomes), "resumed": resumed}
+        assert outcomes == [True] * 4, outcomes  # 0 client-visible failures, every text exact
+    finally:
+        gw.child.stop()
 
 
 def test_killed_replica_stops_receiving(cluster: Cluster) -> None:
