@@ -232,6 +232,31 @@ def test_completions_stream_has_no_role_chunk_and_usage_last(engine: Child) -> N
     assert decoded[-1] == "[DONE]"
 
 
+def test_return_token_ids_and_token_id_prompts_continue_exactly(engine: Child) -> None:
+    """vLLM's return_token_ids; a completion from prompt ids + the first K output ids goes on token-exact."""
+    def stream(path: str, body: dict) -> list:
+        return events(exchange(engine, raw_request("POST", path, json.dumps(body).encode())))
+
+    chat = stream("/v1/chat/completions", {"messages": [{"role": "user", "content": "go"}], "max_tokens": 12,
+                                           "stream": True, "return_token_ids": True})
+    prompt = chat[0]["prompt_token_ids"]
+    assert isinstance(prompt, list) and prompt
+    ids = [e["choices"][0]["token_ids"][0] for e in chat[1:-1]]
+    text = "".join(e["choices"][0]["delta"]["content"] for e in chat[1:-1])
+    assert len(ids) == 12 and len(set(ids)) > 4  # greedy output that varies
+    rest = stream("/v1/completions", {"prompt": prompt + ids[:5], "max_tokens": 7, "stream": True,
+                                      "return_token_ids": True, "stream_options": {"include_usage": True}})
+    assert rest[0]["choices"][0]["prompt_token_ids"] == prompt + ids[:5]  # no BOS added to token ids
+    assert [e["choices"][0]["token_ids"][0] for e in rest[:-2]] == ids[5:]
+    assert "".join(e["choices"][0]["text"] for e in rest[:-2]) == text[len("".join(
+        e["choices"][0]["delta"]["content"] for e in chat[1:6])):]
+    assert rest[-2]["usage"] == {"prompt_tokens": len(prompt) + 5, "total_tokens": len(prompt) + 12,
+                                 "completion_tokens": 7}
+    # Without return_token_ids the keys are there, null, as vLLM sends them.
+    plain = stream("/v1/completions", {"prompt": "go", "max_tokens": 2, "stream": True})
+    assert plain[0]["choices"][0]["token_ids"] is None and plain[0]["choices"][0]["prompt_token_ids"] is None
+
+
 async def test_unary_shape_padding_and_headers(engine: Child) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.post(url(engine, "/v1/chat/completions"), content=chat_body(mock_bytes=10_000))
