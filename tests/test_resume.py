@@ -114,7 +114,7 @@ def test_a_replica_dying_mid_stream_is_invisible(rig, path: str, body: dict, aft
 
 
 def test_two_deaths_in_one_stream(rig) -> None:
-    gateway, replicas = rig
+    gateway, _ = rig
     before = gateway.routes()
     path, body = "/v1/chat/completions", dict(CHAT_BODY, stream_options={"include_usage": True})
     p = prompt_length(path, body)

@@ -89,7 +89,7 @@ def refusal(body: dict[str, Any], chat: bool) -> str | None:
     return None
 
 
-def plan(request: "Request", limit: int) -> "ResumeStream | None":
+def plan(request: Request, limit: int) -> ResumeStream | None:
     """Set up resume for one request, or record why it cannot be resumed. Per request, resume on only."""
     path = request.path
     chat = path == CHAT
@@ -139,12 +139,12 @@ class ResumeStream:
         if max_tokens is None and chat:
             max_tokens = body.get("max_completion_tokens")
         self.max_tokens: int | None = max_tokens if isinstance(max_tokens, int) else None
-        self.transport: "asyncio.Transport | None" = None
+        self.transport: asyncio.Transport | None = None
         self.url = CHAT if chat else COMPLETIONS  # the client's request target (the replica's may be prefixed)
         self.replying = False  # the client has the response head: from now on failures are resumed
         self.segment = 0  # 0: the original request; then one per resume
         self.resumes = 0
-        self.failed: set["Target"] = set()
+        self.failed: set[Target] = set()
         self.prompt_ids: list[int] | None = None
         self.received: list[int] = []
         self.offset = 0  # tokens in the prompt of the current segment that the original request generated
@@ -161,7 +161,7 @@ class ResumeStream:
         self._raw_ids: list[bytes] = []
 
     # -- the replica's payload, event by event
-    def start_segment(self, transport: "asyncio.Transport") -> None:
+    def start_segment(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.broken = False
         self._buffer = b""
