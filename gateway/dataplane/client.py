@@ -380,6 +380,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(b"%s%s\r\n" % (head, extra))
         if body_start:
             resume.feed(body_start)
+            resume.flush()
 
     def _stream_broke(self, request: Request, conn: "UpstreamConnection", why: str) -> None:
         """The replica's part of a resumable stream ended early: continue it elsewhere, or cut it."""

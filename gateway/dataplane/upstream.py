@@ -27,6 +27,8 @@ class PayloadSink(Protocol):
 
     def feed(self, payload: bytes) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 class Downstream(Protocol):
     """Where a replica's response goes: what this layer needs of the client connection."""
@@ -246,6 +248,8 @@ class UpstreamConnection(asyncio.Protocol):
                 if self.client is client:
                     client.upstream_failed(self, "malformed")
                 return
+            if self.streaming:
+                self._sink.flush()  # type: ignore[union-attr]  # one pass over what this read brought
             if self.complete:
                 if self.client is client:
                     client.upstream_complete(self)
