@@ -65,8 +65,9 @@ COMPLETED, ABORTED, FAULTED = "completed", "aborted", "faulted"
 FAULTS = ("die-before-head", "die-mid-stream", "hang", "malformed", "status-500",
           "close-mid-stream", "error-mid-stream", "stall-mid-stream")
 RESUMABLE_FAULTS = ("close-mid-stream", "error-mid-stream", "stall-mid-stream")
-_ENGINE_ERROR = (b'data: {"error":{"message":"EngineCore encountered an issue. See stack trace (above) for the root '
-                 b'cause.","type":"InternalServerError","param":null,"code":500}}\n\n')
+# vLLM writes this one with json.dumps (spaces after separators), unlike its chunks.
+_ENGINE_ERROR = (b'data: {"error": {"message": "EngineCore encountered an issue. See stack trace (above) for the '
+                 b'root cause.", "type": "InternalServerError", "param": null, "code": 500}}\n\n')
 MALFORMED = b"this is not HTTP\r\n\x00\xff\xfe garbage {\"data\": \r\n\r\n"
 
 
