@@ -48,6 +48,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,13 +72,17 @@ WORKLOADS = {
     "stream200": (True, 200),
 }
 SLA_MS = {"unary": 200.0, "stream50": 700.0, "stream200": 700.0}
-COLORS = {"direct": "tab:blue", "haproxy": "tab:orange", "gateway": "tab:green", "gateway2": "tab:red"}
+COLORS = {"direct": "tab:blue", "haproxy": "tab:orange", "gateway": "tab:green", "gateway2": "tab:red",
+          "gateway-resume": "tab:purple"}
 SYSTEM_LABEL = {
     "direct": "direct",
     "haproxy": "HAProxy+Lua",
     "gateway": "gateway 1w",
     "gateway2": "gateway 2w",
+    "gateway-resume": "gateway 1w, resume on",
 }
+# The extra flags of a system that is the gateway with a feature on (its CPU cost, side by side).
+SYSTEM_ARGS = {"gateway-resume": ["--resume-limit", "2"]}
 
 
 # --------------------------------------------------------------------------- /proc helpers
@@ -586,7 +591,7 @@ class Stack:
         time.sleep(0.8)  # health checks: rise 2 x fastinter 250 ms before servers are UP
         return c
 
-    def gateway(self, tag: str, router, reps, workers: int, cpu) -> Child:
+    def gateway(self, tag: str, router, reps, workers: int, cpu, extra: Sequence[str] = ()) -> Child:
         port = free_port()
         argv = [sys.executable, "-m", self.a.gateway_module, "serve", "--host", "127.0.0.1", "--port", str(port),
                 "--router", f"http://{router[0]}:{router[1]}"]
@@ -594,8 +599,8 @@ class Stack:
             argv += ["--replica", f"{rid}=http://{h}:{p}"]
         if workers != 1:
             argv += ["--workers", str(workers)]
-        argv += self.a.gateway_arg
-        return self.start(f"gateway{tag}-{workers}w", argv, port, cpu)
+        argv += [*self.a.gateway_arg, *extra]
+        return self.start(f"gateway{tag}-{workers}w{'-' + extra[0].strip('-') if extra else ''}", argv, port, cpu)
 
     def stop(self) -> None:
         for c in reversed(self.children):
@@ -674,7 +679,7 @@ def fmt(v) -> str:
 def ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]:
     idx = {(r["system"], r["workload"], r["concurrency"]): r for r in rows}
     lines, out = [], {}
-    gws = [s for s in ("gateway", "gateway2") if s in systems]
+    gws = [s for s in ("gateway", "gateway2", "gateway-resume") if s in systems]
 
     def get(s, w, c, k):
         r = idx.get((s, w, c))
@@ -893,7 +898,7 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny: 2 points, 0.5 s slices, small memory point")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     ap.add_argument("--systems", default="direct,haproxy,gateway,gateway2",
-                    help="comma list of direct,haproxy,gateway,gateway2")
+                    help="comma list of direct,haproxy,gateway,gateway2,gateway-resume (gateway 1w with --resume-limit 2)")
     ap.add_argument("--workloads", default=None, help="comma list of unary,stream50,stream200 ('' = none: paced points only)")
     ap.add_argument("--unary-conc", default=None, help="default 1,4,16,64,256 (quick: 1,16,64)")
     ap.add_argument("--stream-conc", default=None, help="default 1,4,16,64,128 (quick: 16)")
@@ -1073,10 +1078,10 @@ def main(argv=None) -> int:
                     meta["skipped"][s] = why
                     continue
                 targets[s] = {"addrs": [("127.0.0.1", c.port)], "pid": c.pid, "router_pid": stack.router_pid}
-            elif s in ("gateway", "gateway2"):
-                w = 1 if s == "gateway" else 2
+            elif s in ("gateway", "gateway2", "gateway-resume"):
+                w = 2 if s == "gateway2" else 1
                 try:
-                    c = stack.gateway("", router, reps, w, a.proxy_cpu if w == 1 else a.gw2_cpus)
+                    c = stack.gateway("", router, reps, w, a.proxy_cpu if w == 1 else a.gw2_cpus, SYSTEM_ARGS.get(s, ()))
                 except (RuntimeError, TimeoutError) as e:
                     print(f"{s}: SKIPPED - failed to start: {e}", flush=True)
                     meta["skipped"][s] = f"failed to start: {e}"
