@@ -193,6 +193,10 @@ class _Templates:
         self.cmpl_last_fp = [last % t + b',"system_fingerprint":%s}\n\n' % fp for t in toks]
         self.usage = (b'],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d},'
                       b'"system_fingerprint":' + fp + b"}\n\n")
+        # The same events with their token id (return_token_ids): as cheap to send as the plain ones.
+        for name in ("chat_delta", "chat_last", "chat_last_fp", "cmpl_delta", "cmpl_last", "cmpl_last_fp"):
+            setattr(self, name + "_ids", [event.replace(b'"token_ids":null', b'"token_ids":[%d]' % token)
+                                          for token, event in enumerate(getattr(self, name))])
 
 
 _T = _Templates()
@@ -427,8 +431,12 @@ class MockEngine:
         obj = b"chat.completion.chunk" if chat else b"text_completion"
         prefix = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[' % (
             orjson.dumps(ident), obj, created, self._model_json)
-        deltas, lasts = (_T.chat_delta, _T.chat_last if include_usage else _T.chat_last_fp) if chat else \
-            (_T.cmpl_delta, _T.cmpl_last if include_usage else _T.cmpl_last_fp)
+        if with_ids:
+            deltas, lasts = (_T.chat_delta_ids, _T.chat_last_ids if include_usage else _T.chat_last_fp_ids) if chat \
+                else (_T.cmpl_delta_ids, _T.cmpl_last_ids if include_usage else _T.cmpl_last_fp_ids)
+        else:
+            deltas, lasts = (_T.chat_delta, _T.chat_last if include_usage else _T.chat_last_fp) if chat else \
+                (_T.cmpl_delta, _T.cmpl_last if include_usage else _T.cmpl_last_fp)
         tokens = greedy_ids(prompt, n)
         prompt_tokens = len(prompt)
 
@@ -451,8 +459,8 @@ class MockEngine:
             if sent == die_after:
                 return await self._die(responder, fault)
             event = deltas[token] if i != last else lasts[token]
-            if with_ids:
-                event = _with_ids(event, token, prompt if i == 0 and not chat else None)
+            if with_ids and i == 0 and not chat:
+                event = event.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":' + orjson.dumps(prompt))
             await responder.write(prefix + event)
             sent += 1
             if responder.disconnected:
@@ -587,14 +595,6 @@ def _die_after(raw: bytes | None, start: int, chat: bool) -> int:
         if length > start or (length == start and chat):
             return length - start + (1 if chat else 0)
     return -1
-
-
-def _with_ids(event: bytes, token: int, prompt: list[int] | None) -> bytes:
-    """A delta event carrying its token id (and, on a completion's first chunk, the prompt's)."""
-    event = event.replace(b'"token_ids":null', b'"token_ids":[%d]' % token)
-    if prompt is not None:
-        event = event.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":' + orjson.dumps(prompt))
-    return event
 
 
 @functools.lru_cache(maxsize=256)
