@@ -378,9 +378,7 @@ class ClientConnection(asyncio.Protocol):
                 request.keep_alive = False
                 extra += b"connection: close\r\n"
             self.transport.write(b"%s%s\r\n" % (head, extra))
-        if body_start:
-            resume.feed(body_start)
-            resume.flush()
+        resume.flush()  # the payload that came with the head
 
     def _stream_broke(self, request: Request, conn: "UpstreamConnection", why: str) -> None:
         """The replica's part of a resumable stream ended early: continue it elsewhere, or cut it."""

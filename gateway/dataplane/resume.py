@@ -24,7 +24,6 @@ fails visibly, as without resume) and the reason is counted: see REFUSALS.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -122,8 +121,10 @@ def _frame(event: bytes) -> bytes:
 
 
 _DONE_EVENT = b"data: [DONE]\n\n"
-# A choice's token ids as vLLM writes them; the group is what `_parse_raw_ids` reads back.
-_TOKEN_IDS = re.compile(rb'"token_ids":\[([0-9, ]*)\]')  # no look-behind: 6x faster (measured)
+# A choice's token ids as vLLM writes them: `"token_ids":[12]` (`[12,7]` when vLLM merged two outputs).
+_IDS_KEY = b'"token_ids":['
+_IDS_NULL = b'"token_ids":null'
+_NOT_FINISHED = (b'"finish_reason":null,', b'"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,')
 _DONE_CHUNK = _frame(_DONE_EVENT)
 _LAST_CHUNK = b"0\r\n\r\n"
 
@@ -160,7 +161,7 @@ class ResumeStream:
         self.done = False  # [DONE] went out
         self.broken = False  # this segment ended in an in-band error or garbage: drop the rest of it
         self._buffer = b""
-        self._pending: list[bytes] = []
+        self.pending: list[bytes] = []  # filled by the upstream connection's parser, one chunk at a time
         # The received token ids as the replica wrote them (b"12" or b"12,7"): parsed only to resume.
         self._raw_ids: list[bytes] = []
 
@@ -169,29 +170,24 @@ class ResumeStream:
         self.transport = transport
         self.broken = False
         self._buffer = b""
-        self._pending = []
-
-    def feed(self, payload: bytes) -> None:
-        """One HTTP chunk's payload; `flush` after each read processes what the read brought."""
-        self._pending.append(payload)
 
     def flush(self) -> None:
-        pending = self._pending
+        """Process what one read from the replica brought (its chunks' payloads, in `pending`)."""
+        pending = self.pending
         if not pending:
             return
-        self._pending = []
         buffer = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
         if self._buffer:
             buffer = self._buffer + buffer
-        end = buffer.rfind(b"\n\n") + 2
-        if end < 2:
-            self._buffer = buffer
-            return
-        if end != len(buffer):
+            self._buffer = b""
+        if not buffer.endswith(b"\n\n"):  # an event split across reads (rare: vLLM writes one per chunk)
+            end = buffer.rfind(b"\n\n") + 2
+            if end < 2:
+                self._buffer = buffer
+                return
             self._buffer = buffer[end:]
             buffer = buffer[:end]
-        else:
-            self._buffer = b""
         if self.broken or self.done:
             return
         if self.segment == 0 and self.prompt_ids is not None and self._batch(buffer):
@@ -207,19 +203,32 @@ class ResumeStream:
             self.transport.write(b"".join(out))
 
     def _batch(self, buffer: bytes) -> bool:
-        """The per-read path of the original stream: every event of the read at once, in C-speed byte
-        searches, no JSON round trip (measured: a per-event path cost 4x the relay itself). vLLM writes
-        a choice's token ids as `"token_ids":[..]`, which no JSON string can hold unescaped. False: the
-        read holds something unusual (an error event, an event without token ids): take the event path."""
-        if b'data: {"error"' in buffer:
-            return False
-        ids = _TOKEN_IDS.findall(buffer)
-        usage = buffer.count(b'"choices":[]')
-        done = buffer.endswith(_DONE_EVENT)
-        if len(ids) != buffer.count(b"\n\n") - usage - done:
-            return False
-        self._raw_ids += ids
-        if b'"finish_reason":"' in buffer:
+        """The per-read path of the original stream: all events of one read at once, with C-speed byte
+        operations and no JSON round trip (a per-event JSON path cost 4x the relay itself, measured).
+        vLLM writes a choice's token ids as `"token_ids":[..]`, which no JSON string can hold unescaped.
+        False: the read holds something unusual (an error event, an event without token ids)."""
+        parts = buffer.split(_IDS_KEY)
+        n = len(parts) - 1
+        if not n:
+            return False  # the usage chunk or [DONE] alone: the event path
+        events = buffer.count(b"\n\n")
+        done = usage = 0
+        if events != n:
+            done = buffer.endswith(_DONE_EVENT)
+            usage = buffer.count(b'"choices":[]')
+            if events != n + usage + done:
+                return False
+        raw = self._raw_ids
+        wants_ids = self.wants_ids
+        out = [parts[0]]
+        for part in parts[1:]:
+            end = part.find(b"]")
+            raw.append(part[:end])
+            out.append(part if wants_ids else part[end + 1:])
+        # finish_reason rides on the last content chunk, before its token ids; vLLM's two shapes of a chunk
+        # that does not finish are recognized at their end (O(1)), anything else is searched.
+        last = parts[-2]
+        if not last.endswith(_NOT_FINISHED) and b'"finish_reason":"' in last:
             self.finished = True
         if usage:
             self.usage_sent = True
@@ -228,9 +237,8 @@ class ResumeStream:
                 self.done = True
             else:
                 self.broken = True  # the engine gave up without finishing
-                buffer = buffer[:-len(_DONE_EVENT)]
-        if ids and not self.wants_ids:
-            buffer = _TOKEN_IDS.sub(b'"token_ids":null', buffer)
+                out[-1] = out[-1][:-len(_DONE_EVENT)]
+        buffer = (_IDS_KEY if wants_ids else _IDS_NULL).join(out)
         if buffer and self.transport is not None:
             self.transport.write(b"%x\r\n%s\r\n" % (len(buffer), buffer))
         return True

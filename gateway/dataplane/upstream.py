@@ -23,9 +23,9 @@ from gateway.dataplane.state import ServerState
 
 
 class PayloadSink(Protocol):
-    """Where a response's payload goes when it is rewritten rather than relayed as it is (resume.py)."""
-
-    def feed(self, payload: bytes) -> None: ...
+    """Where a response's payload goes when it is rewritten rather than relayed as it is (resume.py):
+    the parser appends each chunk's payload to `pending`, then `flush` takes one read's worth."""
+    pending: list[bytes]
 
     def flush(self) -> None: ...
 
@@ -200,7 +200,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink = sink
         if sink is not None:
             # Resume: the payload goes to the sink, which re-frames it (the slow path, as for HTTP/1.0).
-            self.parser = httptools.HttpResponseParser(_Dechunker(self))
+            sink.pending.clear()
+            self.parser = httptools.HttpResponseParser(_SinkFeeder(self, sink.pending))
             self._parser_dechunks = None
             self._dechunk = True
         elif dechunk != self._parser_dechunks:
@@ -289,8 +290,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = not (chunked or b"\ncontent-length:" in lower or bodiless)
         sink = self._sink
         if sink is not None:
-            # Only a 200 stream is rewritten; anything else (an error's JSON) is relayed as it is.
+            # Only a 200 stream is rewritten (its payload so far waits in the sink); anything else (an
+            # error's JSON) is relayed as it is.
             self.streaming = self._dechunk = chunked and status == 200
+            if not self.streaming:
+                sink.pending.clear()
             dechunk_client = False
         else:
             if not chunked:
@@ -300,7 +304,7 @@ class UpstreamConnection(asyncio.Protocol):
             head = _strip_headers(head, drop_framing=dechunk_client)
         if head.startswith(b"HTTP/1.0 "):
             head = b"HTTP/1.1 " + head[9:]  # we speak 1.1 to the client; framing is handled above
-        body_start = b"".join(self._early_body) if self._dechunk else buffer[end + 4:]
+        body_start = b"" if self.streaming else b"".join(self._early_body) if self._dechunk else buffer[end + 4:]
         client.upstream_head(self, status, head, b"\nx-request-id:" in lower, body_start,
                              must_close=self._close_delimited or dechunk_client)
         if self.client is not client:
@@ -311,6 +315,26 @@ class UpstreamConnection(asyncio.Protocol):
             self.keep_alive = False
         if self.complete:
             client.upstream_complete(self)
+
+
+class _SinkFeeder:
+    """Parser callbacks for a rewritten stream: each chunk's payload is queued for the sink, no call per chunk
+    beyond this one."""
+
+    def __init__(self, conn: UpstreamConnection, pending: list[bytes]):
+        self.conn = conn
+        self.pending = pending
+
+    def on_headers_complete(self) -> None:
+        self.conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        conn = self.conn
+        if conn.streaming or not conn.head_sent:
+            self.pending.append(body)
+
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()
 
 
 class _Dechunker:
@@ -327,12 +351,7 @@ class _Dechunker:
         if not conn.head_sent:
             conn._early_body.append(body)
         elif conn.client is not None:
-            sink = conn._sink
-            if sink is None:
-                conn.client.transport.write(body)
-            elif conn.streaming:
-                sink.feed(body)
-            # else: relayed as it is by the fast path
+            conn.client.transport.write(body)
 
     def on_message_complete(self) -> None:
         self.conn.on_message_complete()
