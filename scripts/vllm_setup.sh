@@ -119,7 +119,7 @@ else
     mv "$MODEL_DIR.tmp" "$MODEL_DIR"
 fi
 
-# 5. the varied model, from the tiny one (deterministic too)
+# 6. the varied model, from the tiny one (deterministic too)
 if [ -f "$VARIED_DIR/config.json" ] && ls "$VARIED_DIR"/*.safetensors >/dev/null 2>&1; then
     step "model $VARIED_DIR: present"
 else
