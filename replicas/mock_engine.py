@@ -379,9 +379,10 @@ class MockEngine:
         if body.get("stream"):
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            with_ids = body.get("return_token_ids") is True and request.header(b"x-mock-no-token-ids") is None
             if step and not fault:
                 return await self._stepped(responder, chat, ident, created, max_tokens, prompt,
-                                           include_usage, step, echo)
+                                           include_usage, step, echo, with_ids)
             die_after = -1
             if fault == "die-mid-stream":
                 raw_after = request.header(b"x-mock-after")
@@ -390,7 +391,6 @@ class MockEngine:
                 die_after = _die_after(request.header(b"x-mock-die-at"), len(prompt), chat)
                 if die_after < 0:
                     fault = None
-            with_ids = body.get("return_token_ids") is True and request.header(b"x-mock-no-token-ids") is None
             return await self._stream(responder, chat, ident, created, max_tokens, prompt,
                                       include_usage, ttft, itl, echo, die_after, fault, with_ids)
 
@@ -494,33 +494,47 @@ class MockEngine:
         return FAULTED
 
     async def _stepped(self, responder: Responder, chat: bool, ident: str, created: int, n: int,
-                       prompt: list[int], include_usage: bool, step: float, echo: bytes) -> str:
+                       prompt: list[int], include_usage: bool, step: float, echo: bytes, with_ids: bool) -> str:
         prompt_tokens = len(prompt)
         obj = b"chat.completion.chunk" if chat else b"text_completion"
         prefix = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[' % (
             orjson.dumps(ident), obj, created, self._model_json)
-        deltas, lasts = (_T.chat_delta, _T.chat_last if include_usage else _T.chat_last_fp) if chat else \
-            (_T.cmpl_delta, _T.cmpl_last if include_usage else _T.cmpl_last_fp)
+        if with_ids:
+            deltas, lasts = (_T.chat_delta_ids, _T.chat_last_ids if include_usage else _T.chat_last_fp_ids) if chat \
+                else (_T.cmpl_delta_ids, _T.cmpl_last_ids if include_usage else _T.cmpl_last_fp_ids)
+        else:
+            deltas, lasts = (_T.chat_delta, _T.chat_last if include_usage else _T.chat_last_fp) if chat else \
+                (_T.cmpl_delta, _T.cmpl_last if include_usage else _T.cmpl_last_fp)
         tail = [prefix + _T.usage % (prompt_tokens, prompt_tokens + n, n)] if include_usage else []
         responder.start_stream(200, self._sse_headers + echo if echo else self._sse_headers)
         loop = self.server.loop if self.server is not None else asyncio.get_running_loop()
         clock = self._clocks.get(step)
         if clock is None:
             clock = self._clocks[step] = _StepClock(loop, step)
-        stream = _SteppedStream(responder, loop.create_future(), greedy_ids(prompt, n),
-                                prefix + _T.chat_role if chat else None,
-                                [prefix + d for d in deltas], [prefix + d for d in lasts], tail)
+        role = None
+        if chat:
+            role = prefix + (_T.chat_role.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":'
+                                                   + orjson.dumps(prompt)) if with_ids else _T.chat_role)
+        stream = _SteppedStream(responder, loop.create_future(), greedy_ids(prompt, n), role,
+                                [prefix + d for d in deltas], [prefix + d for d in lasts], tail,
+                                orjson.dumps(prompt) if with_ids and not chat else None)
         clock.join(stream)
         return await stream.done
 
 
 class _SteppedStream:
-    __slots__ = ("responder", "done", "n", "i", "role", "deltas", "lasts", "tail", "tokens")
+    __slots__ = ("responder", "done", "n", "i", "role", "deltas", "lasts", "tail", "tokens", "prompt_ids")
 
     def __init__(self, responder: Responder, done: asyncio.Future, tokens: list[int], role: bytes | None,
-                 deltas: list[bytes], lasts: list[bytes], tail: list[bytes]) -> None:
+                 deltas: list[bytes], lasts: list[bytes], tail: list[bytes], prompt_ids: bytes | None) -> None:
         self.responder, self.done, self.n, self.i, self.role = responder, done, len(tokens), 0, role
         self.deltas, self.lasts, self.tail, self.tokens = deltas, lasts, tail, tokens
+        self.prompt_ids = prompt_ids  # a completion's first chunk carries them (return_token_ids)
+
+    def _first(self, event: bytes) -> bytes:
+        if self.prompt_ids is None:
+            return event
+        return event.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":' + self.prompt_ids)
 
     def step(self) -> bool:
         """Emit this step's token; False once the stream is over."""
@@ -532,7 +546,7 @@ class _SteppedStream:
         i = self.i
         tokens = self.tokens
         if i == self.n - 1:
-            events = [self.lasts[tokens[i]], *self.tail, _DONE]
+            events = [self.lasts[tokens[i]] if i else self._first(self.lasts[tokens[i]]), *self.tail, _DONE]
             if self.role is not None and i == 0:
                 events.insert(0, self.role)
             responder.write_events(events, end=True)
@@ -541,7 +555,7 @@ class _SteppedStream:
         if i == 0 and self.role is not None:
             responder.write_events([self.role, self.deltas[tokens[0]]])
         else:
-            responder.write_events([self.deltas[tokens[i]]])
+            responder.write_events([self.deltas[tokens[i]] if i else self._first(self.deltas[tokens[0]])])
         self.i = i + 1
         return True
 
