@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from replicas.mock_engine import prompt_ids
 from tests.conftest import CHAT, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def test_every_metric_a_panel_queries_is_exported(stack) -> None:
     r1, r2 = stack.replica("r1"), stack.replica("r2")
     router = stack.router([r1, r2])
     # The gateway knows r1 only: the round-robin router's decisions for r2 are unknown replicas (a mismatch).
-    gateway = stack.gateway([router], [r1])
+    gateway = stack.gateway([router], [r1], "--resume-limit", "1")
     url = gateway.url
     statuses = []
     for _ in range(4):
@@ -67,6 +68,18 @@ def test_every_metric_a_panel_queries_is_exported(stack) -> None:
         httpx.get(f"{url}/v1/models", headers={"x-mock-fault": "die-mid-stream"}, timeout=10)
     except httpx.HTTPError:
         pass  # the client sees the broken body: that is the point
+    # A stream broken mid-response with resume on: whatever the outcome, it is counted.
+    body = {"model": "mock", "prompt": "hello", "max_tokens": 8, "stream": True}
+    cut_at = len(prompt_ids(False, body)) + 3
+    for _ in range(4):  # the router alternates with r2, which this gateway refuses before any stream starts
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10,
+                          headers={"x-mock-fault": "close-mid-stream", "x-mock-die-at": f"{cut_at}"}) as response:
+            try:
+                response.read()
+            except httpx.HTTPError:
+                pass
+        if response.status_code == 200:
+            break
     # The router goes away: decisions fail with a router_* reason.
     router.child.stop()
     answer = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10)

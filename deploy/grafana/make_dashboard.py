@@ -115,6 +115,17 @@ ROWS = [
               "reqps",
               [(f"sum(rate(gateway_retries_total{{{F}}}{W})) by (kind)", "retry: {{kind}}"),
                (f"sum(rate(gateway_upstream_died_total{{{R}}}{W})) by (replica)", "cut: {{replica}}")]),
+        Panel("Resumes",
+              "Streams broken mid-response, by outcome: resumed on another replica (the client saw a short pause), "
+              "failed (no replica, or past --resume-limit), or refused_<reason> (not resumable exactly).",
+              "reqps",
+              [(f"sum(rate(gateway_resumes_total{{{F}}}{W})) by (outcome)", "{{outcome}}")]),
+        Panel("Replica failures and outlier ejection",
+              "Requests that failed on a replica (connect, cut stream, in-band engine error, 5xx), and 1 while a "
+              "replica is out of rotation for failing in a row (passive outlier ejection).",
+              "short",
+              [(f"sum(rate(gateway_replica_failures_total{{{R}}}{W})) by (replica)", "failures/s: {{replica}}"),
+               (f"max(gateway_replica_ejected{{{R}}}) by (replica)", "ejected: {{replica}}")]),
     ]),
     Row("Connections", [
         Panel("Idle pooled connections",

@@ -171,7 +171,7 @@ class RequestTracer:
                 "gateway.reason": reason,
                 "gateway.retries": request.retries,
                 # Resumes are counted by the resume feature when it is there; until then a request has none.
-                "gateway.resumes": getattr(request, "resumes", 0),
+                "gateway.resumes": request.resumes,
                 "gateway.response_bytes": request.bytes_out,
             }, kind=self._server, status=error or self._unset, start_time=start_ns, end_time=end_ns,
             instrumentation_scope=self._scope)]
