@@ -45,6 +45,7 @@ import random
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -424,10 +425,9 @@ class MockEngine:
             "choices": [choice], "service_tier": None, "system_fingerprint": SYSTEM_FINGERPRINT,
             "usage": usage, "kv_transfer_params": None})
 
-    async def _stream(self, responder: Responder, chat: bool, ident: str, created: int, n: int,
-                      prompt: list[int], include_usage: bool, ttft: float, itl: float,
-                      echo: bytes, die_after: int, fault: str | None, with_ids: bool) -> str:
-        """`die_after` >= 0: `fault` strikes once that many events are out (die-mid-stream: a reset)."""
+    def _event_templates(self, chat: bool, ident: str, created: int, include_usage: bool,
+                         with_ids: bool) -> tuple[bytes, Any, Any]:
+        """The event prefix of this response, and the delta / last-event templates (with token ids if asked)."""
         obj = b"chat.completion.chunk" if chat else b"text_completion"
         prefix = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[' % (
             orjson.dumps(ident), obj, created, self._model_json)
@@ -437,6 +437,13 @@ class MockEngine:
         else:
             deltas, lasts = (_T.chat_delta, _T.chat_last if include_usage else _T.chat_last_fp) if chat else \
                 (_T.cmpl_delta, _T.cmpl_last if include_usage else _T.cmpl_last_fp)
+        return prefix, deltas, lasts
+
+    async def _stream(self, responder: Responder, chat: bool, ident: str, created: int, n: int,
+                      prompt: list[int], include_usage: bool, ttft: float, itl: float,
+                      echo: bytes, die_after: int, fault: str | None, with_ids: bool) -> str:
+        """`die_after` >= 0: `fault` strikes once that many events are out (die-mid-stream: a reset)."""
+        prefix, deltas, lasts = self._event_templates(chat, ident, created, include_usage, with_ids)
         tokens = greedy_ids(prompt, n)
         prompt_tokens = len(prompt)
 
@@ -496,15 +503,7 @@ class MockEngine:
     async def _stepped(self, responder: Responder, chat: bool, ident: str, created: int, n: int,
                        prompt: list[int], include_usage: bool, step: float, echo: bytes, with_ids: bool) -> str:
         prompt_tokens = len(prompt)
-        obj = b"chat.completion.chunk" if chat else b"text_completion"
-        prefix = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[' % (
-            orjson.dumps(ident), obj, created, self._model_json)
-        if with_ids:
-            deltas, lasts = (_T.chat_delta_ids, _T.chat_last_ids if include_usage else _T.chat_last_fp_ids) if chat \
-                else (_T.cmpl_delta_ids, _T.cmpl_last_ids if include_usage else _T.cmpl_last_fp_ids)
-        else:
-            deltas, lasts = (_T.chat_delta, _T.chat_last if include_usage else _T.chat_last_fp) if chat else \
-                (_T.cmpl_delta, _T.cmpl_last if include_usage else _T.cmpl_last_fp)
+        prefix, deltas, lasts = self._event_templates(chat, ident, created, include_usage, with_ids)
         tail = [prefix + _T.usage % (prompt_tokens, prompt_tokens + n, n)] if include_usage else []
         responder.start_stream(200, self._sse_headers + echo if echo else self._sse_headers)
         loop = self.server.loop if self.server is not None else asyncio.get_running_loop()

@@ -378,16 +378,20 @@ async def test_backpressure_keeps_the_stream_intact() -> None:
 
 # -- aborts and counters ----------------------------------------------------------------------------
 
-async def test_client_disconnect_mid_stream_counts_as_abort(engine: Child) -> None:
+async def disconnect_after_first_event(engine: Child, **pacing: float) -> dict:
+    """Read one event of a long stream, then close: the engine must count an abort and nothing completed."""
     await reset(engine)
     with connect(engine) as sock, sock.makefile("rb") as f:
-        sock.sendall(raw_request("POST", "/v1/chat/completions", chat_body(max_tokens=4000, stream=True, itl_ms=10)))
+        sock.sendall(raw_request("POST", "/v1/chat/completions", chat_body(max_tokens=4000, stream=True, **pacing)))
         assert f.readline().startswith(b"HTTP/1.1 200")
         while f.readline() != b"\r\n":
             pass
         f.readline(), f.readline()  # the first event's chunk
-    snapshot = await eventually(lambda s: s["aborted"] == 1 and s["in_flight"] == 0, engine, deadline_s=2.0)
-    assert snapshot["completed"] == 0
+    return await eventually(lambda s: s["aborted"] == 1 and s["in_flight"] == 0, engine, deadline_s=2.0)
+
+
+async def test_client_disconnect_mid_stream_counts_as_abort(engine: Child) -> None:
+    assert (await disconnect_after_first_event(engine, itl_ms=10))["completed"] == 0
 
 
 async def test_client_disconnect_while_unary_waits_counts_as_abort(engine: Child) -> None:
@@ -488,12 +492,4 @@ async def test_step_mode_streams_are_whole_and_framed_like_the_others(engine: Ch
 
 
 async def test_step_mode_disconnect_counts_as_abort(engine: Child) -> None:
-    await reset(engine)
-    with connect(engine) as sock, sock.makefile("rb") as f:
-        sock.sendall(raw_request("POST", "/v1/chat/completions", chat_body(max_tokens=4000, stream=True, step_ms=10)))
-        assert f.readline().startswith(b"HTTP/1.1 200")
-        while f.readline() != b"\r\n":
-            pass
-        f.readline(), f.readline()  # the first event's chunk
-    snapshot = await eventually(lambda s: s["aborted"] == 1 and s["in_flight"] == 0, engine, deadline_s=2.0)
-    assert snapshot["completed"] == 0
+    assert (await disconnect_after_first_event(engine, step_ms=10))["completed"] == 0
