@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
+import openai
 import pytest
 
 from gateway.stacks.procs import Child, free_port, python_module
@@ -167,3 +168,14 @@ def mock_reply(n: int) -> str:
     """What the mock engine answers CHAT with in n greedy tokens (its output depends on every previous token)."""
     from replicas.mock_engine import greedy_text, prompt_ids
     return greedy_text(prompt_ids(True, CHAT), n)
+
+
+def check_completions(client: openai.OpenAI, model: str) -> None:
+    """The openai SDK's completions, non-streaming and streaming with usage: greedy, the same text both ways."""
+    reply = client.completions.create(model=model, prompt="hello world", max_tokens=8, temperature=0)
+    assert reply.choices[0].text and reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 8
+    chunks = list(client.completions.create(model=model, prompt="hello world", max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == reply.choices[0].text

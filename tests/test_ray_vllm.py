@@ -36,7 +36,7 @@ import pytest
 
 from gateway.stacks.procs import Child, descendants, free_port, python_module
 from gateway.stacks.ray import RayStack, vllm_python
-from tests.conftest import LOG_DIR, Gateway, wait_until
+from tests.conftest import LOG_DIR, Gateway, check_completions, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_vllm", ROOT / "scripts" / "bench_vllm.py")
@@ -182,13 +182,7 @@ def test_chat_through_gateway(real: RealStack) -> None:
 
 
 def test_completions_through_gateway(real: RealStack) -> None:
-    reply = real.client.completions.create(model=MODEL, prompt="hello world", max_tokens=8, temperature=0)
-    assert reply.choices[0].text and reply.choices[0].finish_reason == "length"
-    assert reply.usage.completion_tokens == 8
-    chunks = list(real.client.completions.create(model=MODEL, prompt="hello world", max_tokens=8, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == reply.choices[0].text  # greedy: same text
+    check_completions(real.client, MODEL)
 
 
 def _settled(real: RealStack, quiet_s: float, deadline_s: float = 90.0) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import LOG_DIR, Gateway, Router, Stack, wait_until
+from tests.conftest import LOG_DIR, Gateway, Router, Stack, check_completions, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_vllm", ROOT / "scripts" / "bench_vllm.py")
@@ -125,14 +125,7 @@ def test_chat_streaming_with_usage(rig: Rig) -> None:
 
 
 def test_completions_non_streaming_and_streaming(rig: Rig) -> None:
-    reply = rig.client.completions.create(model=MODEL, prompt="hello world", max_tokens=8, temperature=0)
-    assert reply.choices[0].text and reply.choices[0].finish_reason == "length"
-    assert reply.usage.completion_tokens == 8
-    chunks = list(rig.client.completions.create(model=MODEL, prompt="hello world", max_tokens=8, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}))
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
-    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
-    assert streamed == reply.choices[0].text  # greedy: the same text both ways
+    check_completions(rig.client, MODEL)
 
 
 def test_requests_are_spread_over_both_replicas(rig: Rig) -> None:
