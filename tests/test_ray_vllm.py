@@ -357,7 +357,7 @@ def test_ray_replica_killed_mid_stream_is_resumed(real: RealStack) -> None:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[6:])
-                assert "token_ids" not in line and "prompt_token_ids" not in line  # not asked for
+                assert "token_ids\":[" not in line  # ids were not asked for: vLLM's own nulls only
                 for choice in event["choices"]:
                     text += choice["text"]
                 usage = event.get("usage") or usage
