@@ -50,6 +50,7 @@ class Traced(Protocol):
     replica_id: str
     bytes_out: int
     retries: int
+    resumes: int
     trace: Any
 
 
