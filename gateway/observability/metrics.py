@@ -8,7 +8,7 @@ Ray's HAProxy ingress-router metrics (ray-serve.md §b) so dashboards carry over
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,7 +17,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -63,6 +63,32 @@ class HotHistogram(Collector):
         yield family
 
 
+RouterCalls = tuple[str, str, bool, int]  # app, router host:port, on this node, calls sent
+
+
+class RouterCounts(Collector):
+    """The router clients' own counts (calls per router, bodies truncated), read when /-/metrics is scraped.
+
+    The router client counts with one integer add per call; reading those counts here, instead of copying
+    them into prometheus-client counters at each scrape, needs no remembered last value per series.
+    """
+
+    def __init__(self, registry: CollectorRegistry):
+        self.read: Callable[[], tuple[int, Iterable[RouterCalls]]] = lambda: (0, ())
+        registry.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        truncations, calls = self.read()
+        family = CounterMetricFamily("gateway_router_body_truncations", "Bodies cut to the router body cap")
+        family.add_metric([], truncations)
+        yield family
+        family = CounterMetricFamily("gateway_router_calls", "Routing calls sent, by app and router (local: on "
+                                     "this node)", labels=["app", "router", "local"])
+        for app, router, local, count in calls:
+            family.add_metric([app, router, "true" if local else "false"], count)
+        yield family
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -74,13 +100,10 @@ class Metrics:
                                        ["reason"], registry=registry)
         self.router_latency = HotHistogram("gateway_router_latency_seconds", "Time to get a routing decision",
                                            ["outcome"], _LATENCY_BUCKETS, registry)
-        self.truncations = Counter("gateway_router_body_truncations", "Bodies cut to the router body cap",
-                                   registry=registry)
         self.mismatches = Counter("gateway_decision_mismatches",
                                   "Router decisions naming an unknown replica or an address that differs from ours",
                                   ["kind"], registry=registry)
-        self.router_calls = Counter("gateway_router_calls", "Routing calls sent, by app and router (local: on this node)",
-                                    ["app", "router", "local"], registry=registry)
+        self.router_counts = RouterCounts(registry)
         self.pin_miss_fallbacks = Counter("gateway_pin_miss_fallbacks",
                                           "Decisions naming a replica not yet discovered, sent to the fallback proxy",
                                           ["app"], registry=registry)
@@ -137,8 +160,6 @@ class Metrics:
     def decision_mismatch(self, kind: str) -> None:
         self.mismatches.labels(kind).inc()
 
-    def router_call(self, app: str, router: str, local: bool, count: int) -> None:
-        self.router_calls.labels(app, router, "true" if local else "false").inc(count)
 
     def connect_time(self, seconds: float) -> None:
         self.connect_latency.observe(seconds)

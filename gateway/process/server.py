@@ -76,8 +76,7 @@ class Gateway:
         self._admin_server: asyncio.base_events.Server | None = None
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
-        self._truncations_seen = 0
-        self._router_calls_seen: dict[tuple[str, tuple[str, int]], int] = {}
+        self.metrics.router_counts.read = self._router_counts
         self.apps.listeners.append(self._apps_changed)
         self._apps_changed(list(self.apps), [])
 
@@ -169,24 +168,19 @@ class Gateway:
             metrics.pool_idle.labels(target.replica_id).set(target.pool.idle_count if target.pool is not None else 0)
             metrics.replica_up.labels(target.replica_id).set(1 if target.healthy else 0)
             metrics.replica_ejected.labels(target.replica_id).set(1 if target.ejected else 0)
-        truncations = 0
-        for app in self.apps:
-            router = app.router
-            if router is None:
-                continue
-            truncations += router.truncations
+        for router in self.routers():
             for (host, port), pool in router.pools().items():
                 metrics.pool_idle.labels(f"router:{host}:{port}").set(pool.idle_count)
-            for address, sent in router.sent.items():
-                # Counted by the router client (one dict add per call); exported as a Prometheus counter here.
-                seen = self._router_calls_seen.get((app.name, address), 0)
-                if sent > seen:
-                    metrics.router_call(app.name, f"{address[0]}:{address[1]}", router.is_local(address), sent - seen)
-                    self._router_calls_seen[(app.name, address)] = sent
-        new = truncations - self._truncations_seen
-        if new > 0:
-            metrics.truncations.inc(new)
-        self._truncations_seen = truncations
+
+    def _router_counts(self) -> tuple[int, list[tuple[str, str, bool, int]]]:
+        truncations, calls = 0, []
+        for app in self.apps:
+            router = app.router
+            if router is not None:
+                truncations += router.truncations
+                calls += [(app.name, f"{host}:{port}", router.is_local((host, port)), sent)
+                          for (host, port), sent in router.sent.items()]
+        return truncations, calls
 
     # -- lifecycle
     async def start(self, sock: socket.socket | None = None) -> None:
