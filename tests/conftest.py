@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 from dataclasses import dataclass, field
 
 import httpx
@@ -179,3 +180,27 @@ def check_completions(client: openai.OpenAI, model: str) -> None:
                                             stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
     assert "".join(c.choices[0].text for c in chunks if c.choices) == reply.choices[0].text
+
+
+G = TypeVar("G", bound=Gateway)
+
+
+def start_ray_gateway(stack: Any, name: str, *extra: str, cls: type[G] = Gateway) -> G:  # type: ignore[assignment]
+    """A gateway discovering from a RayStack's head, in the stack's env (forward body on, as Ray's HAProxy is
+    configured there); its log is LOG_DIR/ray-NAME-gateway-PORT.log."""
+    port = free_port()
+    log_path = f"{LOG_DIR}/ray-{name}-gateway-{port}.log"
+    if os.path.exists(log_path):
+        os.unlink(log_path)
+    argv = python_module("gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
+                         "--ray-address", stack.address, "--log-level", "info", *extra)
+    child = Child(argv, port=port, env=stack.env(), log_path=log_path).start(deadline_s=60)
+    return cls(port, child, log_path)
+
+
+def assert_bench_complete(results: dict[str, dict], bench: dict) -> None:
+    """Every `vllm bench serve` run answered every prompt in full: no failure, every output token."""
+    for label, result in results.items():
+        assert result["failed"] == 0, f"{label}: {result['failed']} failed, e.g. {result['first_errors']}"
+        assert result["completed"] == bench["num_prompts"], label
+        assert result["total_output_tokens"] == bench["num_prompts"] * bench["output_len"], label

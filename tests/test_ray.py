@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,9 +22,8 @@ import pytest
 pytest.importorskip("ray", reason="needs the [ray] extra: ray[serve]==2.60.0")
 pytest.importorskip("pyarrow", reason="Ray's LLMRouter import needs pyarrow")
 
-from gateway.stacks.procs import Child, free_port, python_module
 from gateway.stacks.ray import RayStack
-from tests.conftest import CHAT, LOG_DIR, Gateway, wait_until
+from tests.conftest import CHAT, Gateway, start_ray_gateway, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -47,16 +45,10 @@ class RayGateway(Gateway):
 
 
 def start_gateway(stack: RayStack, name: str, *extra: str) -> RayGateway:
-    port = free_port()
-    log_path = f"{LOG_DIR}/ray-{name}-gateway-{port}.log"
-    if os.path.exists(log_path):
-        os.unlink(log_path)
-    argv = python_module("gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
-                         "--ray-address", stack.address, "--log-level", "info", *extra)
     started = time.monotonic()
-    # The stack's env: forward body on, as Ray's HAProxy is configured here.
-    child = Child(argv, port=port, env=stack.env(), log_path=log_path).start(deadline_s=60)
-    return RayGateway(port, child, log_path, time.monotonic() - started)
+    gateway = start_ray_gateway(stack, name, *extra, cls=RayGateway)
+    gateway.started_s = time.monotonic() - started
+    return gateway
 
 
 @dataclass

@@ -34,9 +34,10 @@ import httpx
 import openai
 import pytest
 
-from gateway.stacks.procs import Child, descendants, free_port, python_module
+from gateway.stacks.procs import descendants
 from gateway.stacks.ray import RayStack, vllm_python
-from tests.conftest import LOG_DIR, Gateway, check_completions, wait_until
+from tests.conftest import (LOG_DIR, Gateway, assert_bench_complete, check_completions, start_ray_gateway,
+                            wait_until)
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_vllm", ROOT / "scripts" / "bench_vllm.py")
@@ -122,18 +123,13 @@ def real() -> Iterator[RealStack]:
         figures["ray_start_s"] = round(time.monotonic() - t0, 1)
         t0 = time.monotonic()
         # The varied tiny Llama: its greedy output varies, so a resume that is off by a token cannot pass unnoticed.
-        deployed = stack.deploy("--backend", "vllm", "--accelerator", "cpu", "--model", str(bench_vllm.VARIED_MODEL_DIR),
+        deployed = stack.deploy("--backend", "vllm", "--accelerator", "cpu",
+                                "--model", str(bench_vllm.VARIED_MODEL_DIR),
                                 "--model-id", MODEL, "--replicas", "2", timeout_s=600)
         figures["deploy_s"] = round(time.monotonic() - t0, 1)
         figures["serve_run_s"] = deployed.get("serve_run_s")
-        port = free_port()
-        log_path = f"{LOG_DIR}/rayvllm-gateway-{port}.log"
-        if os.path.exists(log_path):
-            os.unlink(log_path)
-        argv = python_module("gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--ray-address", stack.address, "--strict-replica-id", "--log-level", "info")
-        # Same session as vLLM and the load (vllm-cpu.md, "Fragile"); the stack's env: forward body on.
-        gateway = RayGateway(port, Child(argv, port=port, env=stack.env(), log_path=log_path).start(60), log_path)
+        # Same session as vLLM and the load (vllm-cpu.md, "Fragile").
+        gateway = start_ray_gateway(stack, "rayvllm", "--strict-replica-id", cls=RayGateway)
         bench_vllm.wait_gateway_healthy(gateway.url, deadline_s=60)
         figures["stack_rss_gb"] = round(_rss(descendants(stack.proc.pid)) / 2**30, 1)
         client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -237,10 +233,7 @@ def test_vllm_bench_serve_gateway_vs_ray_haproxy(real: RealStack, capsys: pytest
               f"{BENCH['num_prompts']} prompts, random {BENCH['input_len']} in / {BENCH['output_len']} out, "
               f"concurrency {BENCH['max_concurrency']}; load average {os.getloadavg()[0]:.1f}\n"
               + bench_vllm.table(results))
-    for label, result in results.items():
-        assert result["failed"] == 0, f"{label}: {result['failed']} failed, e.g. {result['first_errors']}"
-        assert result["completed"] == BENCH["num_prompts"], label
-        assert result["total_output_tokens"] == BENCH["num_prompts"] * BENCH["output_len"], label
+    assert_bench_complete(results, BENCH)
     assert all(count > 0 for count in spread.values()), f"Ray's router should use both replicas: {spread}"
     real.figures["bench"] = {label: {key: round(result[key], 2) for key in
                                      ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "failed")}
@@ -336,11 +329,8 @@ def _listening_pid(port: int) -> int:
 def test_ray_replica_killed_mid_stream_is_resumed(real: RealStack) -> None:
     """Ray Serve LLM's own engine dies mid-stream (SIGKILL of the replica's process tree): with resume on, the
     client reads one uninterrupted stream whose text and usage equal the reference. Runs last: it kills."""
-    port = free_port()
-    log_path = f"{LOG_DIR}/rayvllm-resume-gateway-{port}.log"
-    argv = python_module("gateway", "serve", "--host", "127.0.0.1", "--port", str(port), "--ray-address",
-                         real.stack.address, "--strict-replica-id", "--resume-limit", "2", "--log-level", "info")
-    gateway = RayGateway(port, Child(argv, port=port, env=real.stack.env(), log_path=log_path).start(60), log_path)
+    gateway = start_ray_gateway(real.stack, "rayvllm-resume", "--strict-replica-id", "--resume-limit", "2",
+                                cls=RayGateway)
     try:
         bench_vllm.wait_gateway_healthy(gateway.url, deadline_s=60)
         body = {"model": MODEL, "prompt": "The gateway relays", "max_tokens": LONG, "temperature": 0,

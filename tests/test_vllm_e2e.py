@@ -27,7 +27,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import LOG_DIR, Gateway, Router, Stack, check_completions, wait_until
+from tests.conftest import (LOG_DIR, Gateway, Router, Stack, assert_bench_complete, check_completions,
+                            wait_until)
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_vllm", ROOT / "scripts" / "bench_vllm.py")
@@ -198,9 +199,6 @@ def test_vllm_bench_serve_through_gateway_and_direct(rig: Rig, capsys: pytest.Ca
         print(f"\nvllm bench serve, {BENCH['num_prompts']} prompts, random {BENCH['input_len']} in / "
               f"{BENCH['output_len']} out, all at once; load average {os.getloadavg()[0]:.1f}\n"
               + bench_vllm.table(results))
-    for label, result in results.items():
-        assert result["failed"] == 0, f"{label}: {result['failed']} failed, e.g. {result['first_errors']}"
-        assert result["completed"] == BENCH["num_prompts"], label
-        assert result["total_output_tokens"] == BENCH["num_prompts"] * BENCH["output_len"], label
+    assert_bench_complete(results, BENCH)
     served = [after - before for before, after in zip(per_replica_before, per_replica_after)]
     assert all(count > 0 for count in served), f"the gateway run should use both replicas: {served}"
