@@ -128,6 +128,8 @@ OPTIONS: tuple[Option, ...] = (
            "when a replica's chunks arrive back to back, read them in batches at most this far apart (fewer syscalls per chunk); tokens spaced wider are relayed at once; 0 = off"),
     Option("coalesce_min_streams", ("GATEWAY_COALESCE_MIN_STREAMS",), int, 4,
            "coalesce only while at least this many requests are in flight: when idle, every chunk goes out at once"),
+    Option("native_relay", ("GATEWAY_NATIVE_RELAY",), _bool, True,
+           "relay chunked response bodies through the C stream pump when it is built (fewer CPU cycles per token); false = every chunk through Python"),
     Option("otlp_endpoint", ("GATEWAY_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), str, "",
            "send OpenTelemetry traces to this OTLP/HTTP collector (http://host:4318, or the full .../v1/traces URL); needs the otel extra; empty = tracing off"),
     Option("trace_sample_ratio", ("GATEWAY_TRACE_SAMPLE_RATIO",), float, 0.01,
@@ -230,6 +232,7 @@ class Config:
     drain_timeout_s: float = 30.0
     coalesce_ms: float = 1.0
     coalesce_min_streams: int = 4
+    native_relay: bool = True
     otlp_endpoint: str = ""
     trace_sample_ratio: float = 0.01
     api_key: str = ""

@@ -66,6 +66,7 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = False
         self.first_byte_deadline = 0.0
         self.idle_reads = -1
+        self.fd = -1
         self.idle_since = 0.0
         self._session_key_len = len(state.session_header_key)
         # The front door (gateway/security), when configured: it also claims the Authorization (and, for
@@ -98,6 +99,8 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if transport.get_extra_info("ssl_object") is None:
+                self.fd = sock.fileno()  # the C pump may write stream bodies to it (never through TLS)
         self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         if not self.state.admit(self):
             self.respond_error(Reason.OVERLOADED, "too many connections", retry_after_s=1, close=True)
@@ -449,9 +452,10 @@ class ClientConnection(asyncio.Protocol):
                 self.respond_error(Reason.UPSTREAM_TIMEOUT, "the replica sent no response head in time", close=True)
             return
         idle = self.config.idle_timeout_s
-        if idle and not self.writing_paused:
-            if upstream.reads != self.idle_reads:
-                self.idle_reads = upstream.reads
+        if idle and not self.writing_paused and not upstream.held_by_client:
+            progress = upstream.progress
+            if progress != self.idle_reads:
+                self.idle_reads = progress
                 self.idle_since = now
             elif now - self.idle_since > idle:
                 if self.current is not None and self.current.resume is not None and self.current.resume.replying:

@@ -291,6 +291,7 @@ class Relay:
             conn.pause_reading()
 
     def exchange_ended(self, conn: UpstreamConnection) -> None:
+        conn.stop_pump()  # counts what the pump relayed; a pumped stream ending here is being cut
         client = conn.client
         if client is not None and client.current is not None:
             client.current.bytes_out += conn.bytes_in

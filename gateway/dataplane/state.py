@@ -57,6 +57,8 @@ class ServerState:
         # Cached by the server at start: asyncio.get_running_loop() costs a getpid() syscall per call.
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.all_closed = asyncio.Event()
+        # The C stream pump (upstream.py), set by the server when it is built and --native-relay is on.
+        self.pump: Any = None
         # None unless keys, CORS, an admin port or an upstream key is configured: then every request passes it.
         self.door: FrontDoor | None = None
 

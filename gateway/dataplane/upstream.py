@@ -5,6 +5,10 @@ an httpx stream: after the response head, each read from the replica is fed to
 httptools (only to find where the message ends) and the very same bytes are written
 to the client transport, chunked framing included. No re-encoding, no per-chunk
 coroutine or future: one read and one write per chunk, like HAProxy.
+
+When the C stream pump is built (_pump.c) a chunked body relayed as it is leaves this
+protocol after its head: the pump reads and writes it without a Python call per chunk,
+and hands the connection back when the response ends.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from gateway.controlplane.targets import Target
 from gateway.dataplane.request import Request
 from gateway.dataplane.state import ServerState
 
+try:
+    from gateway.dataplane import _pump
+except ImportError:  # installed without a C compiler: every chunk goes through data_received
+    _pump = None  # type: ignore[assignment]
+
 
 class PayloadSink(Protocol):
     """Where a response's payload goes when it is rewritten rather than relayed as it is (resume.py):
@@ -35,6 +44,8 @@ class Downstream(Protocol):
     transport: asyncio.Transport
     state: ServerState
     current: Request | None
+    fd: int  # the client socket, -1 when the pump must not write to it (TLS)
+    writing_paused: bool
 
     def upstream_head(self, conn: "UpstreamConnection", status: int, head: bytes, has_request_id: bool,
                       body_start: bytes, must_close: bool) -> None: ...
@@ -65,6 +76,15 @@ def _strip_headers(head: bytes, drop_framing: bool) -> bytes:
 
 MAX_HEAD_BYTES = 64 * 1024
 _monotonic = time.monotonic
+
+
+def start_pump(loop: asyncio.AbstractEventLoop, coalesce_s: float, min_streams: int) -> "_pump.Pump | None":
+    """The loop's C stream pump, watched by the loop; None when the extension is not built."""
+    if _pump is None:
+        return None
+    pump = _pump.Pump(coalesce_s, min_streams)
+    loop.add_reader(pump.fileno(), pump.run)
+    return pump
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -100,6 +120,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser_dechunks: bool | None = False  # None: the parser feeds a sink
         self._sink: PayloadSink | None = None
         self.streaming = False  # a sink gets this response's payload (a 200 chunked stream)
+        self.fd = -1
+        self.pumped: _pump.Stream | None = None  # the C pump's handle while it relays this response's body
+        self._head_keep_alive = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -108,6 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.fd = sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -148,7 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _end_coalescing(self) -> None:
         self._coalescing = False
-        if not self._held_by_client and not self.closed:
+        if not self._held_by_client and not self.closed and self.pumped is None:
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -169,6 +193,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks
     def on_headers_complete(self) -> None:
         self._head_parsed = True
+        # Kept for a body the pump relays: the parser never sees its end (already right here, unlike after feed_data).
+        self._head_keep_alive = self.parser.should_keep_alive()
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -218,25 +244,83 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_reading(self) -> None:
         """The client is not keeping up (backpressure)."""
         self._held_by_client = True
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.pumped is None:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         self._held_by_client = False
-        if self.transport is not None and not self.closed and not self._coalescing:
+        if self.transport is not None and not self.closed and not self._coalescing and self.pumped is None:
             self.transport.resume_reading()
 
     def close(self) -> None:
+        self.stop_pump()
         self.closed = True
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         """Drop the connection at once, so the replica sees the client is gone and aborts generation."""
+        self.stop_pump()
         self.closed = True
         self.client = None
         if self.transport is not None:
             self.transport.abort()
+
+    # -- the C pump (_pump.c)
+    @property
+    def progress(self) -> int:
+        """Reads of the current response so far, the pump's included (the idle timeout watches it move)."""
+        pumped = self.pumped
+        return self.reads if pumped is None else self.reads + pumped.reads
+
+    @property
+    def held_by_client(self) -> bool:
+        """The client is not reading: silence is then the client's, not the replica's."""
+        pumped = self.pumped
+        return self._held_by_client if pumped is None else pumped.blocked
+
+    def _start_pump(self, pump: "_pump.Pump", client: Downstream, body_so_far: bytes) -> None:
+        stream = pump.add(self.fd, client.fd, self._pump_ended, body_so_far)
+        if stream is None:
+            return  # framing the pump would not follow: httptools goes on deciding
+        self.pumped = stream
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def stop_pump(self) -> None:
+        """End pumping without a callback: the exchange is over (client gone, abort, timeout)."""
+        stream, self.pumped = self.pumped, None
+        if stream is not None:
+            stream.cancel()
+            self._pumped_done(stream)
+
+    def _pumped_done(self, stream: "_pump.Stream") -> None:
+        self.reads += stream.reads
+        self.bytes_in += stream.bytes_in
+        if stream.max_gap > self.max_gap:
+            self.max_gap = stream.max_gap
+        self._parser_dechunks = None  # httptools stopped mid-message: the next response gets a fresh parser
+
+    def _pump_ended(self, code: int, leftover: bytes | None) -> None:
+        stream, self.pumped = self.pumped, None
+        if stream is None:
+            return
+        self._pumped_done(stream)
+        client = self.client
+        if client is None:
+            return
+        if leftover:
+            client.transport.write(leftover)  # what the client had not taken yet: it is sent before anything else
+        if code == _pump.COMPLETE or code == _pump.COMPLETE_EXTRA:
+            self.complete = True
+            # Bytes after the end of the response: the replica is not speaking HTTP/1.1 properly, do not reuse.
+            self.keep_alive = self._head_keep_alive and code == _pump.COMPLETE
+            if not self.closed:
+                self.transport.resume_reading()  # type: ignore[union-attr]  # idle in the pool: watch for a close
+            client.upstream_complete(self)
+        elif code == _pump.CLIENT_ERROR:
+            client.transport.abort()  # as a failed write does: the client's connection_lost aborts the replica
+        else:
+            client.upstream_failed(self, "malformed" if code == _pump.MALFORMED else "lost")
 
     # -- response head
     def _slow_path(self, data: bytes, gap: float) -> None:
@@ -315,6 +399,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.keep_alive = False
         if self.complete:
             client.upstream_complete(self)
+        elif chunked and not self._dechunk and sink is None:
+            pump = client.state.pump
+            if pump is not None and client.fd >= 0 and not client.writing_paused \
+                    and not client.transport.get_write_buffer_size():
+                self._start_pump(pump, client, buffer[end + 4:])
 
 
 class _SinkFeeder:

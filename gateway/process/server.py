@@ -22,7 +22,7 @@ from gateway.dataplane.client import ClientConnection
 from gateway.dataplane.relay import Relay
 from gateway.dataplane.request import Request
 from gateway.dataplane.state import ServerState
-from gateway.dataplane.upstream import UpstreamConnection, open_upstream
+from gateway.dataplane.upstream import UpstreamConnection, open_upstream, start_pump
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import RequestTracer
@@ -186,6 +186,8 @@ class Gateway:
     async def start(self, sock: socket.socket | None = None) -> None:
         self.state.loop = loop = asyncio.get_running_loop()
         config, state, relay = self.config, self.state, self.relay
+        state.pump = start_pump(loop, config.coalesce_ms / 1000, config.coalesce_min_streams) \
+            if config.native_relay else None
 
         def protocol() -> ClientConnection:
             return ClientConnection(config, state, relay)
@@ -304,6 +306,8 @@ class Gateway:
                 target.pool.close()
         if self._server is not None:
             self._server.close()
+        if self.state.pump is not None:
+            asyncio.get_running_loop().remove_reader(self.state.pump.fileno())
         if self._admin_server is not None:
             self._admin_server.close()
             for conn in list(self.admin_state.connections):

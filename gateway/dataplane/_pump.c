@@ -1,0 +1,579 @@
+/* The stream pump: relays the chunked body of replica responses to their clients, in C.
+ *
+ * Why C, and why one epoll set of its own (bench.py --paced, perf, README "Paced LLM traffic"):
+ * on paced LLM traffic each token is one read of the replica socket and one write to the
+ * client socket, the same system calls HAProxy makes; what made the Python relay cost more
+ * per token was user space around them (uvloop's read callback, a bytes object, a Python
+ * frame, httptools, uvloop's write path: ~5 us a token of ~18). Here every stream a step
+ * made readable is served in one pass: uvloop wakes the gateway once for this epoll set
+ * (its fd is added with loop.add_reader), and `run()` reads each ready replica socket and
+ * writes the very same bytes, chunk framing included, to its client. Python sees a stream
+ * again only when it ends (complete, cut, malformed, client gone).
+ *
+ * Ownership: the pump works on dup()s of the two sockets, so a socket uvloop closes can
+ * never be reused under it; the uvloop transport of the replica connection is paused while
+ * the pump reads it, and uvloop never writes to the client while a stream is pumped.
+ * Backpressure: a short write keeps the rest here, stops reading the replica and waits for
+ * the client socket to drain (EPOLLOUT), the replica then waits in TCP flow control.
+ * Coalescing: as the Python path, a stream whose reads come back to back (gap < coalesce_s)
+ * while enough streams are pumped sleeps one window (a timerfd) so the next read takes a burst.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
+#include <fcntl.h>
+
+#define READ_SIZE 65536
+#define MAX_EVENTS 256
+#define TIMER_TAG 1u  /* epoll data of the timerfd; stream pointers are aligned, so never 1 */
+#define CLIENT_BIT 2u /* tagged pointer: the client side of a stream became writable */
+
+/* How a pumped stream ended (Python: Pump.COMPLETE and so on). */
+enum { END_COMPLETE = 0, END_COMPLETE_EXTRA, END_EOF, END_UPSTREAM_ERROR, END_MALFORMED, END_CLIENT_ERROR };
+
+/* Chunked transfer coding (RFC 9112 7.1), only to find where the message ends. */
+enum { C_SIZE, C_EXT, C_SIZE_LF, C_DATA, C_DATA_CR, C_DATA_LF, C_TRAILER_START, C_TRAILER, C_TRAILER_LF,
+       C_LAST_LF, C_DONE, C_BAD };
+
+typedef struct Pump Pump;
+
+typedef struct Stream {
+    PyObject_HEAD
+    Pump *pump;           /* strong reference while registered */
+    PyObject *on_end;     /* on_end(code, leftover bytes) */
+    int up_fd, cl_fd;     /* our dups; -1 once released */
+    int state, digits;
+    uint64_t size;
+    int armed, blocked, sleeping, done, extra;
+    double last_read, max_gap;
+    long long reads, bytes_in;
+    char *pending;
+    Py_ssize_t pending_len, pending_off;
+    struct Stream *next_sleeper;
+    double wake;
+} Stream;
+
+struct Pump {
+    PyObject_HEAD
+    int epfd, tfd;
+    double coalesce_s;
+    int min_streams;
+    int active;
+    int timer_armed;
+    Stream *sleep_head, *sleep_tail;
+    char *buf;
+};
+
+static PyTypeObject StreamType;
+static PyTypeObject PumpType;
+
+static double monotonic_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Advance the chunked parser over data[0:len]; returns the offset just past the message end, len if the
+ * message goes on, or -1 if the framing is malformed. */
+static Py_ssize_t parse_chunked(Stream *s, const char *data, Py_ssize_t len) {
+    Py_ssize_t i = 0;
+    while (i < len) {
+        char c = data[i];
+        switch (s->state) {
+        case C_SIZE: {
+            int v;
+            if (c >= '0' && c <= '9') v = c - '0';
+            else if (c >= 'a' && c <= 'f') v = c - 'a' + 10;
+            else if (c >= 'A' && c <= 'F') v = c - 'A' + 10;
+            else v = -1;
+            if (v >= 0) {
+                if (++s->digits > 15) goto bad;  /* a chunk over 2^60 bytes is not a chunk */
+                s->size = s->size * 16 + (uint64_t)v;
+            } else if (s->digits == 0) {
+                goto bad;
+            } else if (c == '\r') {
+                s->state = C_SIZE_LF;
+            } else if (c == ';' || c == ' ' || c == '\t') {
+                s->state = C_EXT;
+            } else {
+                goto bad;
+            }
+            i++;
+            break;
+        }
+        case C_EXT:
+            if (c == '\r') s->state = C_SIZE_LF;
+            else if (c == '\n') goto bad;
+            i++;
+            break;
+        case C_SIZE_LF:
+            if (c != '\n') goto bad;
+            s->state = s->size ? C_DATA : C_TRAILER_START;
+            i++;
+            break;
+        case C_DATA: {
+            uint64_t take = (uint64_t)(len - i);
+            if (take > s->size) take = s->size;
+            s->size -= take;
+            i += (Py_ssize_t)take;
+            if (s->size == 0) s->state = C_DATA_CR;
+            break;
+        }
+        case C_DATA_CR:
+            if (c != '\r') goto bad;
+            s->state = C_DATA_LF;
+            i++;
+            break;
+        case C_DATA_LF:
+            if (c != '\n') goto bad;
+            s->state = C_SIZE;
+            s->digits = 0;
+            i++;
+            break;
+        case C_TRAILER_START:
+            s->state = c == '\r' ? C_LAST_LF : C_TRAILER;
+            if (c == '\n') goto bad;
+            i++;
+            break;
+        case C_TRAILER:
+            if (c == '\r') s->state = C_TRAILER_LF;
+            else if (c == '\n') goto bad;
+            i++;
+            break;
+        case C_TRAILER_LF:
+            if (c != '\n') goto bad;
+            s->state = C_TRAILER_START;
+            i++;
+            break;
+        case C_LAST_LF:
+            if (c != '\n') goto bad;
+            s->state = C_DONE;
+            return i + 1;
+        default:
+            goto bad;
+        }
+    }
+    return len;
+bad:
+    s->state = C_BAD;
+    return -1;
+}
+
+static int epoll_set(Pump *p, int op, int fd, uint32_t events, uint64_t tag) {
+    struct epoll_event ev;
+    ev.events = events;
+    ev.data.u64 = tag;
+    return epoll_ctl(p->epfd, op, fd, &ev);
+}
+
+/* Reading the replica stops by leaving the epoll set, not by an empty event mask: epoll reports a hang-up
+ * even then, which would wake a blocked or sleeping stream's pump over and over. */
+static int arm(Pump *p, Stream *s) {
+    if (s->armed) return 0;
+    if (epoll_set(p, EPOLL_CTL_ADD, s->up_fd, EPOLLIN, (uint64_t)(uintptr_t)s) < 0) return -1;
+    s->armed = 1;
+    return 0;
+}
+
+static int disarm(Pump *p, Stream *s) {
+    if (!s->armed) return 0;
+    if (epoll_ctl(p->epfd, EPOLL_CTL_DEL, s->up_fd, NULL) < 0) return -1;
+    s->armed = 0;
+    return 0;
+}
+
+/* Stop pumping: out of the epoll set, fds closed, pending bytes returned (a new reference or NULL). */
+static PyObject *release(Stream *s) {
+    PyObject *leftover = NULL;
+    Pump *p = s->pump;
+    if (p == NULL) return NULL;
+    if (s->pending != NULL) {
+        if (s->pending_len > s->pending_off)
+            leftover = PyBytes_FromStringAndSize(s->pending + s->pending_off, s->pending_len - s->pending_off);
+        PyMem_Free(s->pending);
+        s->pending = NULL;
+    }
+    if (s->up_fd >= 0) {
+        disarm(p, s);
+        close(s->up_fd);
+        s->up_fd = -1;
+    }
+    if (s->cl_fd >= 0) {
+        if (s->blocked) epoll_ctl(p->epfd, EPOLL_CTL_DEL, s->cl_fd, NULL);
+        close(s->cl_fd);
+        s->cl_fd = -1;
+    }
+    s->blocked = 0;
+    s->sleeping = 0;  /* a sleeper left in the list is skipped when its window ends */
+    p->active--;
+    s->pump = NULL;
+    Py_DECREF(p);
+    Py_DECREF(s);  /* the pump's reference, taken in add() */
+    return leftover;
+}
+
+static void finish(Stream *s, int code) {
+    PyObject *on_end = s->on_end;
+    Py_INCREF(s);  /* release() drops the pump's reference; the callback still needs the stream */
+    PyObject *leftover = release(s);
+    s->on_end = NULL;
+    if (on_end != NULL) {
+        PyObject *r = PyObject_CallFunction(on_end, "iO", code, leftover ? leftover : Py_None);
+        if (r == NULL) PyErr_WriteUnraisable(on_end);
+        Py_XDECREF(r);
+        Py_DECREF(on_end);
+    }
+    Py_XDECREF(leftover);
+    Py_DECREF(s);
+}
+
+static void arm_timer(Pump *p, double delay) {
+    struct itimerspec it;
+    memset(&it, 0, sizeof it);
+    if (delay < 1e-6) delay = 1e-6;
+    it.it_value.tv_sec = (time_t)delay;
+    it.it_value.tv_nsec = (long)((delay - (double)it.it_value.tv_sec) * 1e9);
+    if (timerfd_settime(p->tfd, 0, &it, NULL) == 0) p->timer_armed = 1;
+}
+
+/* Back-to-back reads: sleep one window so the next read takes what piled up meanwhile. */
+static void sleep_stream(Pump *p, Stream *s, double now) {
+    if (disarm(p, s) < 0) return;
+    s->sleeping = 1;
+    s->wake = now + p->coalesce_s;
+    s->next_sleeper = NULL;
+    Py_INCREF(s);  /* the list's reference */
+    if (p->sleep_tail) p->sleep_tail->next_sleeper = s;
+    else p->sleep_head = s;
+    p->sleep_tail = s;
+    if (!p->timer_armed) arm_timer(p, p->coalesce_s);
+}
+
+static void wake_sleepers(Pump *p) {
+    uint64_t expirations;
+    ssize_t r = read(p->tfd, &expirations, sizeof expirations);
+    (void)r;
+    p->timer_armed = 0;
+    double now = monotonic_now();
+    while (p->sleep_head != NULL && p->sleep_head->wake <= now + 1e-4) {
+        Stream *s = p->sleep_head;
+        p->sleep_head = s->next_sleeper;
+        if (p->sleep_head == NULL) p->sleep_tail = NULL;
+        if (s->sleeping && s->up_fd >= 0) {
+            s->sleeping = 0;
+            if (arm(p, s) < 0) finish(s, END_UPSTREAM_ERROR);
+        }
+        Py_DECREF(s);
+    }
+    if (p->sleep_head != NULL) arm_timer(p, p->sleep_head->wake - now);
+}
+
+/* The client could not take everything: keep the rest, stop reading the replica, wait for EPOLLOUT. */
+static int block(Pump *p, Stream *s, const char *rest, Py_ssize_t n) {
+    s->pending = PyMem_Malloc((size_t)n);
+    if (s->pending == NULL) return -1;
+    memcpy(s->pending, rest, (size_t)n);
+    s->pending_len = n;
+    s->pending_off = 0;
+    s->blocked = 1;
+    if (disarm(p, s) < 0) return -1;
+    if (epoll_set(p, EPOLL_CTL_ADD, s->cl_fd, EPOLLOUT, (uint64_t)(uintptr_t)s | CLIENT_BIT) < 0) return -1;
+    return 0;
+}
+
+static void on_readable(Pump *p, Stream *s, double now) {
+    ssize_t n = read(s->up_fd, p->buf, READ_SIZE);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+        finish(s, END_UPSTREAM_ERROR);
+        return;
+    }
+    if (n == 0) {
+        finish(s, END_EOF);
+        return;
+    }
+    s->reads++;
+    s->bytes_in += n;
+    double gap = now - s->last_read;
+    if (gap > s->max_gap) s->max_gap = gap;
+    s->last_read = now;
+    Py_ssize_t end = parse_chunked(s, p->buf, n);
+    if (end < 0) {
+        finish(s, END_MALFORMED);
+        return;
+    }
+    s->done = s->state == C_DONE;
+    s->extra = s->done && end < n;
+    ssize_t w = send(s->cl_fd, p->buf, (size_t)end, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            finish(s, END_CLIENT_ERROR);
+            return;
+        }
+        w = 0;
+    }
+    if (w < end) {
+        if (block(p, s, p->buf + w, end - w) < 0) finish(s, END_CLIENT_ERROR);
+        return;
+    }
+    if (s->done) {
+        finish(s, s->extra ? END_COMPLETE_EXTRA : END_COMPLETE);
+        return;
+    }
+    if (p->coalesce_s > 0 && gap < p->coalesce_s && p->active >= p->min_streams) sleep_stream(p, s, now);
+}
+
+static void on_writable(Pump *p, Stream *s) {
+    Py_ssize_t left = s->pending_len - s->pending_off;
+    ssize_t w = send(s->cl_fd, s->pending + s->pending_off, (size_t)left, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+        finish(s, END_CLIENT_ERROR);
+        return;
+    }
+    s->pending_off += w;
+    if (s->pending_off < s->pending_len) return;
+    PyMem_Free(s->pending);
+    s->pending = NULL;
+    s->blocked = 0;
+    epoll_ctl(p->epfd, EPOLL_CTL_DEL, s->cl_fd, NULL);
+    if (s->done) {
+        finish(s, s->extra ? END_COMPLETE_EXTRA : END_COMPLETE);
+        return;
+    }
+    if (arm(p, s) < 0) finish(s, END_UPSTREAM_ERROR);
+}
+
+/* ---------------------------------------------------------------- Stream (Python side) */
+
+static void Stream_dealloc(Stream *s) {
+    if (s->pending) PyMem_Free(s->pending);
+    Py_XDECREF(s->on_end);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *Stream_cancel(Stream *s, PyObject *unused) {
+    /* Python ended the exchange (client gone, abort, shutdown): no callback, whatever was pending is dropped. */
+    Py_CLEAR(s->on_end);
+    if (s->pump != NULL) {
+        Py_INCREF(s);
+        PyObject *leftover = release(s);
+        Py_XDECREF(leftover);
+        Py_DECREF(s);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Stream_get_reads(Stream *s, void *c) { return PyLong_FromLongLong(s->reads); }
+static PyObject *Stream_get_bytes_in(Stream *s, void *c) { return PyLong_FromLongLong(s->bytes_in); }
+static PyObject *Stream_get_max_gap(Stream *s, void *c) { return PyFloat_FromDouble(s->max_gap); }
+static PyObject *Stream_get_blocked(Stream *s, void *c) { return PyBool_FromLong(s->blocked); }
+static PyObject *Stream_get_active(Stream *s, void *c) { return PyBool_FromLong(s->pump != NULL); }
+
+static PyGetSetDef Stream_getset[] = {
+    {"reads", (getter)Stream_get_reads, NULL, "reads of the replica socket so far", NULL},
+    {"bytes_in", (getter)Stream_get_bytes_in, NULL, "bytes read from the replica so far", NULL},
+    {"max_gap", (getter)Stream_get_max_gap, NULL, "largest gap between two reads, seconds", NULL},
+    {"blocked", (getter)Stream_get_blocked, NULL, "the client is not taking what the replica sends", NULL},
+    {"active", (getter)Stream_get_active, NULL, "still pumped", NULL},
+    {NULL}
+};
+
+static PyMethodDef Stream_methods[] = {
+    {"cancel", (PyCFunction)Stream_cancel, METH_NOARGS, "stop pumping this stream, without a callback"},
+    {NULL}
+};
+
+static PyTypeObject StreamType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gateway.dataplane._pump.Stream",
+    .tp_basicsize = sizeof(Stream),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One response body being pumped (made by Pump.add).",
+    .tp_dealloc = (destructor)Stream_dealloc,
+    .tp_methods = Stream_methods,
+    .tp_getset = Stream_getset,
+};
+
+/* ---------------------------------------------------------------- Pump */
+
+static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"coalesce_s", "min_streams", NULL};
+    double coalesce_s = 0.0;
+    int min_streams = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|di", kwlist, &coalesce_s, &min_streams)) return NULL;
+    Pump *p = (Pump *)type->tp_alloc(type, 0);
+    if (p == NULL) return NULL;
+    p->epfd = p->tfd = -1;
+    p->coalesce_s = coalesce_s;
+    p->min_streams = min_streams;
+    p->buf = PyMem_Malloc(READ_SIZE);
+    if (p->buf == NULL) goto fail;
+    p->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (p->epfd < 0) goto fail_errno;
+    p->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (p->tfd < 0) goto fail_errno;
+    if (epoll_set(p, EPOLL_CTL_ADD, p->tfd, EPOLLIN, TIMER_TAG) < 0) goto fail_errno;
+    return (PyObject *)p;
+fail_errno:
+    PyErr_SetFromErrno(PyExc_OSError);
+fail:
+    Py_DECREF(p);
+    return NULL;
+}
+
+static void Pump_dealloc(Pump *p) {
+    /* Streams hold a reference to their pump, so none is registered here. */
+    while (p->sleep_head != NULL) {
+        Stream *s = p->sleep_head;
+        p->sleep_head = s->next_sleeper;
+        Py_DECREF(s);
+    }
+    if (p->epfd >= 0) close(p->epfd);
+    if (p->tfd >= 0) close(p->tfd);
+    PyMem_Free(p->buf);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyObject *Pump_add(Pump *p, PyObject *args) {
+    int up_fd, cl_fd;
+    PyObject *on_end;
+    Py_buffer body;
+    if (!PyArg_ParseTuple(args, "iiOy*", &up_fd, &cl_fd, &on_end, &body)) return NULL;
+    Stream *s = PyObject_New(Stream, &StreamType);
+    if (s == NULL) {
+        PyBuffer_Release(&body);
+        return NULL;
+    }
+    s->pump = NULL;
+    s->on_end = NULL;
+    s->up_fd = s->cl_fd = -1;
+    s->state = C_SIZE;
+    s->digits = 0;
+    s->size = 0;
+    s->armed = s->blocked = s->sleeping = s->done = s->extra = 0;
+    s->reads = s->bytes_in = 0;
+    s->max_gap = 0.0;
+    s->last_read = monotonic_now();
+    s->pending = NULL;
+    s->pending_len = s->pending_off = 0;
+    s->next_sleeper = NULL;
+    /* The body bytes that came with the head were relayed already: they only move the parser. */
+    Py_ssize_t end = parse_chunked(s, body.buf, body.len);
+    int usable = end == body.len && s->state != C_DONE;
+    PyBuffer_Release(&body);
+    if (!usable) {  /* malformed or already complete: the Python path decides */
+        Py_DECREF(s);
+        Py_RETURN_NONE;
+    }
+    s->up_fd = fcntl(up_fd, F_DUPFD_CLOEXEC, 0);
+    if (s->up_fd < 0) goto fail;
+    s->cl_fd = fcntl(cl_fd, F_DUPFD_CLOEXEC, 0);
+    if (s->cl_fd < 0) goto fail;
+    if (arm(p, s) < 0) goto fail;
+    Py_INCREF(on_end);
+    s->on_end = on_end;
+    Py_INCREF(p);
+    s->pump = p;
+    p->active++;
+    Py_INCREF(s);  /* the pump's reference, dropped by release() */
+    return (PyObject *)s;
+fail:
+    PyErr_SetFromErrno(PyExc_OSError);
+    if (s->up_fd >= 0) close(s->up_fd);
+    if (s->cl_fd >= 0) close(s->cl_fd);
+    s->up_fd = s->cl_fd = -1;
+    Py_DECREF(s);
+    return NULL;
+}
+
+static PyObject *Pump_run(Pump *p, PyObject *unused) {
+    struct epoll_event events[MAX_EVENTS];
+    int n = epoll_wait(p->epfd, events, MAX_EVENTS, 0);
+    if (n < 0) {
+        if (errno == EINTR) Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    /* A callback may end other streams of this batch: hold each until the batch is done. */
+    for (int i = 0; i < n; i++) {
+        uint64_t tag = events[i].data.u64;
+        if (tag != TIMER_TAG) Py_INCREF((PyObject *)(uintptr_t)(tag & ~(uint64_t)CLIENT_BIT));
+    }
+    double now = monotonic_now();
+    for (int i = 0; i < n; i++) {
+        uint64_t tag = events[i].data.u64;
+        if (tag == TIMER_TAG) {
+            wake_sleepers(p);
+            continue;
+        }
+        Stream *s = (Stream *)(uintptr_t)(tag & ~(uint64_t)CLIENT_BIT);
+        if (s->pump == p) {
+            if (tag & CLIENT_BIT) {
+                if (s->blocked) on_writable(p, s);
+            } else if (!s->blocked && !s->sleeping) {
+                on_readable(p, s, now);
+            }
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        uint64_t tag = events[i].data.u64;
+        if (tag != TIMER_TAG) Py_DECREF((PyObject *)(uintptr_t)(tag & ~(uint64_t)CLIENT_BIT));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Pump_fileno(Pump *p, PyObject *unused) { return PyLong_FromLong(p->epfd); }
+static PyObject *Pump_get_active(Pump *p, void *c) { return PyLong_FromLong(p->active); }
+
+static PyMethodDef Pump_methods[] = {
+    {"add", (PyCFunction)Pump_add, METH_VARARGS,
+     "add(replica_fd, client_fd, on_end, body_so_far) -> Stream | None: pump this response's body from now on"},
+    {"run", (PyCFunction)Pump_run, METH_NOARGS, "serve every ready stream once (the loop's reader callback)"},
+    {"fileno", (PyCFunction)Pump_fileno, METH_NOARGS, "the epoll fd to watch for readability"},
+    {NULL}
+};
+
+static PyGetSetDef Pump_getset[] = {
+    {"active", (getter)Pump_get_active, NULL, "streams being pumped", NULL},
+    {NULL}
+};
+
+static PyTypeObject PumpType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gateway.dataplane._pump.Pump",
+    .tp_basicsize = sizeof(Pump),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Pump(coalesce_s=0.0, min_streams=0): relays chunked response bodies between sockets.",
+    .tp_new = Pump_new,
+    .tp_dealloc = (destructor)Pump_dealloc,
+    .tp_methods = Pump_methods,
+    .tp_getset = Pump_getset,
+};
+
+static struct PyModuleDef pump_module = {
+    PyModuleDef_HEAD_INIT, "_pump", "The C stream pump (see the comment at the top of _pump.c).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__pump(void) {
+    if (PyType_Ready(&StreamType) < 0 || PyType_Ready(&PumpType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&pump_module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&PumpType);
+    if (PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0) return NULL;
+    Py_INCREF(&StreamType);
+    if (PyModule_AddObject(m, "Stream", (PyObject *)&StreamType) < 0) return NULL;
+    PyModule_AddIntConstant(m, "COMPLETE", END_COMPLETE);
+    PyModule_AddIntConstant(m, "COMPLETE_EXTRA", END_COMPLETE_EXTRA);
+    PyModule_AddIntConstant(m, "EOF", END_EOF);
+    PyModule_AddIntConstant(m, "UPSTREAM_ERROR", END_UPSTREAM_ERROR);
+    PyModule_AddIntConstant(m, "MALFORMED", END_MALFORMED);
+    PyModule_AddIntConstant(m, "CLIENT_ERROR", END_CLIENT_ERROR);
+    return m;
+}
