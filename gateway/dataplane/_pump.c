@@ -20,6 +20,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
@@ -65,6 +66,7 @@ struct Pump {
     int epfd, tfd;
     double coalesce_s;
     int min_streams;
+    int in_flight;  /* the gateway's requests in flight, kept current by the relay (the coalescing threshold) */
     int active;
     int timer_armed;
     Stream *sleep_head, *sleep_tail;
@@ -327,7 +329,7 @@ static void on_readable(Pump *p, Stream *s, double now) {
         finish(s, s->extra ? END_COMPLETE_EXTRA : END_COMPLETE);
         return;
     }
-    if (p->coalesce_s > 0 && gap < p->coalesce_s && p->active >= p->min_streams) sleep_stream(p, s, now);
+    if (p->coalesce_s > 0 && gap < p->coalesce_s && p->in_flight >= p->min_streams) sleep_stream(p, s, now);
 }
 
 static void on_writable(Pump *p, Stream *s) {
@@ -540,6 +542,11 @@ static PyMethodDef Pump_methods[] = {
     {NULL}
 };
 
+static PyMemberDef Pump_members[] = {
+    {"in_flight", T_INT, offsetof(Pump, in_flight), 0, "requests in flight (set by the relay)"},
+    {NULL}
+};
+
 static PyGetSetDef Pump_getset[] = {
     {"active", (getter)Pump_get_active, NULL, "streams being pumped", NULL},
     {NULL}
@@ -555,6 +562,7 @@ static PyTypeObject PumpType = {
     .tp_dealloc = (destructor)Pump_dealloc,
     .tp_methods = Pump_methods,
     .tp_getset = Pump_getset,
+    .tp_members = Pump_members,
 };
 
 static struct PyModuleDef pump_module = {

@@ -21,6 +21,7 @@ class Stream:
 
 class Pump:
     active: int
+    in_flight: int
 
     def __init__(self, coalesce_s: float = 0.0, min_streams: int = 0) -> None: ...
 

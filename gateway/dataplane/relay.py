@@ -279,7 +279,10 @@ class Relay:
             head = head + b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
                                    for k, v in extra_headers.items())
         target.in_flight += 1
-        self.state.in_flight += 1
+        state = self.state
+        state.in_flight += 1
+        if state.pump is not None:
+            state.pump.in_flight = state.in_flight  # its coalescing threshold, as the Python path's
         request.replica_id = target.replica_id
         client.upstream = conn
         client.idle_reads = -1
@@ -298,7 +301,10 @@ class Relay:
             if conn.reads > 2:  # a stream, not a one-read answer
                 self.metrics.stream_gap(conn.target.replica_id, conn.max_gap)
         conn.target.in_flight -= 1
-        self.state.in_flight -= 1
+        state = self.state
+        state.in_flight -= 1
+        if state.pump is not None:
+            state.pump.in_flight = state.in_flight
 
     def connect_failed(self, client: "Client", request: Request, target: Target, exc: BaseException) -> None:
         log.warning("connect to replica %s (%s) failed: %r", target.replica_id, target.address, exc)
