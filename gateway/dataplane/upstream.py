@@ -155,6 +155,8 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             client.transport.write(data)
             if self.complete:
+                if len(data) > 3 and not data.endswith(b"\r\n\r\n"):
+                    self.keep_alive = False  # bytes after the end: the replica is off-protocol, do not reuse
                 client.upstream_complete(self)
             elif gap < self.coalesce_s and client.state.in_flight >= self.coalesce_min_streams:
                 self._coalesce()
@@ -285,6 +287,7 @@ class UpstreamConnection(asyncio.Protocol):
             return  # framing the pump would not follow: httptools goes on deciding
         self.pumped = stream
         self.transport.pause_reading()  # type: ignore[union-attr]
+        client.state.metrics.pumped.inc()
 
     def stop_pump(self) -> None:
         """End pumping without a callback: the exchange is over (client gone, abort, timeout)."""

@@ -130,6 +130,10 @@ class Metrics:
                                      ["replica"], registry=registry)
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being relayed now", registry=registry)
         self.connections = Gauge("gateway_client_connections", "Open client connections", registry=registry)
+        self.pumped = Counter("gateway_native_relay_streams", "Response bodies relayed by the C stream pump "
+                              "(--native-relay); the others go through Python", registry=registry)
+        self.pumping = Gauge("gateway_native_relay_active", "Response bodies in the C stream pump now",
+                             registry=registry)
         self.pool_idle = Gauge("gateway_pool_idle_connections", "Idle keep-alive connections by pool",
                                ["pool"], registry=registry)
         self.replica_up = Gauge("gateway_replica_healthy", "1 if the replica passes health checks", ["replica"],

@@ -164,6 +164,7 @@ class Gateway:
     def refresh_gauges(self, metrics: Metrics) -> None:
         metrics.in_flight.set(self.state.in_flight)
         metrics.connections.set(len(self.state.connections))
+        metrics.pumping.set(self.state.pump.active if self.state.pump is not None else 0)
         for target in self.apps.all_targets():
             metrics.pool_idle.labels(target.replica_id).set(target.pool.idle_count if target.pool is not None else 0)
             metrics.replica_up.labels(target.replica_id).set(1 if target.healthy else 0)
