@@ -17,6 +17,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /src
 
+# A C compiler for the stream pump (gateway/dataplane/_pump.c); only this stage has it.
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null \
+ && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first, from pyproject.toml alone, so that a code change reuses this layer.
 # The otel extra is in: GATEWAY_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) turns traces on.
 COPY pyproject.toml ./
@@ -31,6 +35,7 @@ COPY replicas ./replicas
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install --no-index --find-links /wheels 'gateway[otel]' \
+ && /opt/venv/bin/python -c "import gateway.dataplane._pump" \
  && /opt/venv/bin/python -m pip uninstall --quiet -y pip setuptools
 
 # ---- final: the venv only; no compilers, no build tools, no wheels, no pip cache ----

@@ -111,6 +111,7 @@ def test_chat_non_streaming(rig: Rig) -> None:
 
 
 def test_chat_streaming_with_usage(rig: Rig) -> None:
+    pumped = bench_vllm.metric(rig.gateway.metrics(), "gateway_native_relay_streams_total")
     stream = rig.client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, stream=True,
                                                 stream_options={"include_usage": True})
     chunks = list(stream)
@@ -123,6 +124,8 @@ def test_chat_streaming_with_usage(rig: Rig) -> None:
     assert usage.choices == [] and usage.usage is not None
     assert usage.usage.completion_tokens == 16  # count tokens from usage, never from events
     assert usage.usage.total_tokens == usage.usage.prompt_tokens + 16
+    # vLLM's stream (uvicorn's chunked framing) went through the C stream pump, not the Python path.
+    assert bench_vllm.metric(rig.gateway.metrics(), "gateway_native_relay_streams_total") == pumped + 1
 
 
 def test_completions_non_streaming_and_streaming(rig: Rig) -> None:
