@@ -29,6 +29,7 @@ try:
     from gateway.dataplane import _pump
 except ImportError:  # installed without a C compiler: every chunk goes through data_received
     _pump = None  # type: ignore[assignment]
+PUMP_BUILT = _pump is not None
 
 
 class PayloadSink(Protocol):

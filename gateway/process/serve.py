@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from gateway.config import Config, ConfigError
 from gateway.controlplane.apps import AppTable
+from gateway.dataplane.upstream import PUMP_BUILT
 from gateway.process.server import Gateway
 
 
@@ -30,7 +31,14 @@ def startup_line(config: Config, port: int, apps: AppTable) -> str:
     scheme = "https" if config.tls_cert else "http"
     admin = f" | admin http://{config.admin_host}:{config.admin_port}" if config.admin_port else ""
     return (f"gateway: listening on {scheme}://{config.host}:{port}{admin} | mode {config.mode} | routers {routers} | "
-            f"targets {source} | workers {config.workers} | forward body {'on' if config.forward_body else 'off'}")
+            f"targets {source} | workers {config.workers} | forward body {'on' if config.forward_body else 'off'} | "
+            f"native relay {native_relay_state(config)}")
+
+
+def native_relay_state(config: Config) -> str:
+    if not config.native_relay:
+        return "off"
+    return "on" if PUMP_BUILT else "off (the C extension is not built: every stream through Python)"
 
 
 async def serve_async(config: Config, ready_message: bool = True,
