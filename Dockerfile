@@ -28,7 +28,7 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['otel']))" > requirements.txt \
  && python -m pip wheel --wheel-dir /wheels -r requirements.txt
 
-COPY README.md ./
+COPY README.md setup.py ./
 COPY gateway ./gateway
 COPY router_client ./router_client
 COPY replicas ./replicas
