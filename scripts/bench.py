@@ -73,16 +73,17 @@ WORKLOADS = {
 }
 SLA_MS = {"unary": 200.0, "stream50": 700.0, "stream200": 700.0}
 COLORS = {"direct": "tab:blue", "haproxy": "tab:orange", "gateway": "tab:green", "gateway2": "tab:red",
-          "gateway-resume": "tab:purple"}
+          "gateway-resume": "tab:purple", "gateway-py": "tab:olive"}
 SYSTEM_LABEL = {
     "direct": "direct",
     "haproxy": "HAProxy+Lua",
     "gateway": "gateway 1w",
     "gateway2": "gateway 2w",
     "gateway-resume": "gateway 1w, resume on",
+    "gateway-py": "gateway 1w, Python relay",
 }
 # The extra flags of a system that is the gateway with a feature on (its CPU cost, side by side).
-SYSTEM_ARGS = {"gateway-resume": ["--resume-limit", "2"]}
+SYSTEM_ARGS = {"gateway-resume": ["--resume-limit", "2"], "gateway-py": ["--no-native-relay"]}
 
 
 # --------------------------------------------------------------------------- /proc helpers
@@ -679,7 +680,7 @@ def fmt(v) -> str:
 def ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]:
     idx = {(r["system"], r["workload"], r["concurrency"]): r for r in rows}
     lines, out = [], {}
-    gws = [s for s in ("gateway", "gateway2", "gateway-resume") if s in systems]
+    gws = [s for s in ("gateway", "gateway2", "gateway-resume", "gateway-py") if s in systems]
 
     def get(s, w, c, k):
         r = idx.get((s, w, c))
@@ -746,7 +747,7 @@ def paced_ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]
     lines, out = [], {}
     if "haproxy" not in systems:
         return lines, out
-    for gw in [s for s in ("gateway", "gateway2") if s in systems]:
+    for gw in [s for s in ("gateway", "gateway2", "gateway-py") if s in systems]:
         for (s, step, spr), g in sorted(idx.items(), key=lambda kv: (kv[0][1], kv[0][2])):
             if s != gw:
                 continue
@@ -898,7 +899,8 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny: 2 points, 0.5 s slices, small memory point")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     ap.add_argument("--systems", default="direct,haproxy,gateway,gateway2",
-                    help="comma list of direct,haproxy,gateway,gateway2,gateway-resume (gateway 1w with --resume-limit 2)")
+                    help="comma list of direct,haproxy,gateway,gateway2,gateway-resume (gateway 1w with --resume-limit 2),"
+                         " gateway-py (gateway 1w with --no-native-relay: the Python relay)")
     ap.add_argument("--workloads", default=None, help="comma list of unary,stream50,stream200 ('' = none: paced points only)")
     ap.add_argument("--unary-conc", default=None, help="default 1,4,16,64,256 (quick: 1,16,64)")
     ap.add_argument("--stream-conc", default=None, help="default 1,4,16,64,128 (quick: 16)")
@@ -1078,7 +1080,7 @@ def main(argv=None) -> int:
                     meta["skipped"][s] = why
                     continue
                 targets[s] = {"addrs": [("127.0.0.1", c.port)], "pid": c.pid, "router_pid": stack.router_pid}
-            elif s in ("gateway", "gateway2", "gateway-resume"):
+            elif s in ("gateway", "gateway2", "gateway-resume", "gateway-py"):
                 w = 2 if s == "gateway2" else 1
                 try:
                     c = stack.gateway("", router, reps, w, a.proxy_cpu if w == 1 else a.gw2_cpus, SYSTEM_ARGS.get(s, ()))
