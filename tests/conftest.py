@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,6 +19,13 @@ from gateway.stacks.procs import Child, free_port, python_module
 
 LOG_DIR = os.environ.get("GATEWAY_TEST_LOGS", "/tmp/gateway-test-logs")
 os.makedirs(LOG_DIR, exist_ok=True)
+
+# scripts/bench_vllm.py (real vLLM servers, `vllm bench serve`, Prometheus parsing), shared by the vLLM suites.
+_spec = importlib.util.spec_from_file_location("bench_vllm", Path(__file__).resolve().parent.parent / "scripts"
+                                               / "bench_vllm.py")
+bench_vllm: Any = sys.modules.setdefault("bench_vllm", importlib.util.module_from_spec(_spec))  # type: ignore[arg-type]
+if not hasattr(bench_vllm, "VllmServer"):
+    _spec.loader.exec_module(bench_vllm)  # type: ignore[union-attr]  # registered first: its dataclasses look it up
 
 
 def wait_until(check: Callable[[], object], deadline_s: float = 10.0, interval_s: float = 0.02, what: str = "") -> object:

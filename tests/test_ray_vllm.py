@@ -18,17 +18,14 @@ RSS about 7.6 GB while up; everything is stopped by PID at teardown.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import openai
@@ -36,14 +33,9 @@ import pytest
 
 from gateway.stacks.procs import descendants
 from gateway.stacks.ray import RayStack, vllm_python
-from tests.conftest import (LOG_DIR, Gateway, assert_bench_complete, check_completions, start_ray_gateway,
-                            wait_until)
+from tests.conftest import (LOG_DIR, Gateway, assert_bench_complete, bench_vllm, check_completions,
+                            start_ray_gateway, wait_until)
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("bench_vllm", ROOT / "scripts" / "bench_vllm.py")
-bench_vllm = sys.modules.setdefault("bench_vllm", importlib.util.module_from_spec(_spec))
-if not hasattr(bench_vllm, "VllmServer"):
-    _spec.loader.exec_module(bench_vllm)  # registered first: its dataclasses look their module up
 
 
 def _missing() -> str | None:

@@ -13,28 +13,20 @@ Needs `bash scripts/vllm_setup.sh` (about 2.5 min, 2.5 GB) and takes 2-4 min; ma
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import openai
 import pytest
 
-from tests.conftest import (LOG_DIR, Gateway, Router, Stack, assert_bench_complete, check_completions,
-                            wait_until)
+from tests.conftest import (LOG_DIR, Gateway, Router, Stack, assert_bench_complete, bench_vllm,
+                            check_completions, wait_until)
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("bench_vllm", ROOT / "scripts" / "bench_vllm.py")
-bench_vllm = sys.modules.setdefault("bench_vllm", importlib.util.module_from_spec(_spec))
-if not hasattr(bench_vllm, "VllmServer"):
-    _spec.loader.exec_module(bench_vllm)  # registered first: its dataclasses look their module up
 
 _REASON = bench_vllm.missing()
 pytestmark = [
