@@ -84,6 +84,7 @@ SYSTEM_LABEL = {
 }
 # The extra flags of a system that is the gateway with a feature on (its CPU cost, side by side).
 SYSTEM_ARGS = {"gateway-resume": ["--resume-limit", "2"], "gateway-py": ["--no-native-relay"]}
+GATEWAY_SYSTEMS = ("gateway", "gateway2", *SYSTEM_ARGS)
 
 
 # --------------------------------------------------------------------------- /proc helpers
@@ -680,7 +681,7 @@ def fmt(v) -> str:
 def ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]:
     idx = {(r["system"], r["workload"], r["concurrency"]): r for r in rows}
     lines, out = [], {}
-    gws = [s for s in ("gateway", "gateway2", "gateway-resume", "gateway-py") if s in systems]
+    gws = [s for s in GATEWAY_SYSTEMS if s in systems]
 
     def get(s, w, c, k):
         r = idx.get((s, w, c))
@@ -1080,7 +1081,7 @@ def main(argv=None) -> int:
                     meta["skipped"][s] = why
                     continue
                 targets[s] = {"addrs": [("127.0.0.1", c.port)], "pid": c.pid, "router_pid": stack.router_pid}
-            elif s in ("gateway", "gateway2", "gateway-resume", "gateway-py"):
+            elif s in GATEWAY_SYSTEMS:
                 w = 2 if s == "gateway2" else 1
                 try:
                     c = stack.gateway("", router, reps, w, a.proxy_cpu if w == 1 else a.gw2_cpus, SYSTEM_ARGS.get(s, ()))

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
 from gateway.stacks.procs import free_port
@@ -181,7 +182,6 @@ def test_streams_from_the_mock_engine_go_through_the_pump(stack: Stack) -> None:
     replica: Replica = stack.replica("a", "--itl-ms", "1")
     router = stack.router([replica])
     gateway = stack.gateway([router], [replica])
-    import openai
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="none")
     text = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
         model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True))

@@ -377,14 +377,12 @@ static PyObject *Stream_get_reads(Stream *s, void *c) { return PyLong_FromLongLo
 static PyObject *Stream_get_bytes_in(Stream *s, void *c) { return PyLong_FromLongLong(s->bytes_in); }
 static PyObject *Stream_get_max_gap(Stream *s, void *c) { return PyFloat_FromDouble(s->max_gap); }
 static PyObject *Stream_get_blocked(Stream *s, void *c) { return PyBool_FromLong(s->blocked); }
-static PyObject *Stream_get_active(Stream *s, void *c) { return PyBool_FromLong(s->pump != NULL); }
 
 static PyGetSetDef Stream_getset[] = {
     {"reads", (getter)Stream_get_reads, NULL, "reads of the replica socket so far", NULL},
     {"bytes_in", (getter)Stream_get_bytes_in, NULL, "bytes read from the replica so far", NULL},
     {"max_gap", (getter)Stream_get_max_gap, NULL, "largest gap between two reads, seconds", NULL},
     {"blocked", (getter)Stream_get_blocked, NULL, "the client is not taking what the replica sends", NULL},
-    {"active", (getter)Stream_get_active, NULL, "still pumped", NULL},
     {NULL}
 };
 

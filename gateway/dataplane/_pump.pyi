@@ -14,7 +14,6 @@ class Stream:
     bytes_in: int
     max_gap: float
     blocked: bool
-    active: bool
 
     def cancel(self) -> None: ...
 

@@ -33,7 +33,6 @@ class Client(Downstream, Protocol):
     """What the relay uses of the client connection that handed it a request."""
     closed: bool
     upstream: UpstreamConnection | None
-    writing_paused: bool
     idle_reads: int
     first_byte_deadline: float
 
@@ -279,10 +278,7 @@ class Relay:
             head = head + b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
                                    for k, v in extra_headers.items())
         target.in_flight += 1
-        state = self.state
-        state.in_flight += 1
-        if state.pump is not None:
-            state.pump.in_flight = state.in_flight  # its coalescing threshold, as the Python path's
+        self.state.exchange_started()
         request.replica_id = target.replica_id
         client.upstream = conn
         client.idle_reads = -1
@@ -301,10 +297,7 @@ class Relay:
             if conn.reads > 2:  # a stream, not a one-read answer
                 self.metrics.stream_gap(conn.target.replica_id, conn.max_gap)
         conn.target.in_flight -= 1
-        state = self.state
-        state.in_flight -= 1
-        if state.pump is not None:
-            state.pump.in_flight = state.in_flight
+        self.state.exchange_ended()
 
     def connect_failed(self, client: "Client", request: Request, target: Target, exc: BaseException) -> None:
         log.warning("connect to replica %s (%s) failed: %r", target.replica_id, target.address, exc)

@@ -62,6 +62,16 @@ class ServerState:
         # None unless keys, CORS, an admin port or an upstream key is configured: then every request passes it.
         self.door: FrontDoor | None = None
 
+    def exchange_started(self) -> None:
+        self.in_flight += 1
+        if self.pump is not None:
+            self.pump.in_flight = self.in_flight  # the pump's coalescing threshold, as the Python path's
+
+    def exchange_ended(self) -> None:
+        self.in_flight -= 1
+        if self.pump is not None:
+            self.pump.in_flight = self.in_flight
+
     def admit(self, conn: Connection) -> bool:
         if len(self.connections) >= self.max_connections:
             return False

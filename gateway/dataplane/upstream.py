@@ -118,7 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._dechunk = False  # HTTP/1.0 client: it cannot read chunked framing
         self._close_delimited = False
         self._early_body: list[bytes] = []
-        self._parser_dechunks: bool | None = False  # None: the parser feeds a sink
+        self._parser_dechunks: bool | None = False  # None: not a plain parser (a sink's, or one the pump left)
         self._sink: PayloadSink | None = None
         self.streaming = False  # a sink gets this response's payload (a 200 chunked stream)
         self.fd = -1
