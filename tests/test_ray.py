@@ -207,6 +207,9 @@ def test_redeploy_traffic_follows(cluster: Cluster) -> None:
     cluster.figures["redeploy"] = {"deploy_s": round(deployed_at - t0, 1),
                                    "follow_after_deploy_returned_s": round(followed_at - deployed_at, 2),
                                    "requests_during": len(during), "failures_during": dict(failures)}
+    # The old replicas' per-replica series left /-/metrics with them (Ray's churn must not grow the series).
+    metrics = gw.metrics()
+    assert not [line for line in metrics.splitlines() if any(f'"{rid}"' in line for rid in old_ids)]
     new_ports = {t["address"] for t in gw.routes()["targets"]}
     assert not new_ports & {t["address"] for t in old}, "Ray moves ports on a redeploy"
     # The gateway process never restarted.

@@ -183,6 +183,19 @@ class Metrics:
     def stream_gap(self, replica: str, seconds: float) -> None:
         self.chunk_gap.observe(self.chunk_gap.child(replica), seconds)
 
+    # -- per-replica series: only for replicas in the target set (Ray replaces replicas, with new ids, on every
+    # redeploy, autoscale and crash; a series per replica ever seen would grow without bound).
+    def forget_replicas(self, live: set[str]) -> None:
+        """Remove every per-replica series (and pool series) whose replica is not in `live`."""
+        for metric in (self.upstream_deaths, self.replica_failures, self.ejections, self.replica_ejected,
+                       self.replica_up, self.pool_idle):
+            for labels in list(metric._metrics):  # prometheus-client has no public listing of a metric's children
+                if labels[0] not in live:
+                    metric.remove(*labels)
+        for histogram in (self.ttfb, self.chunk_gap):
+            for labels in [labels for labels in histogram.children if labels[0] not in live]:
+                del histogram.children[labels]
+
     def render(self, refresh: Callable[["Metrics"], None] | None = None) -> bytes:
         if refresh is not None:
             refresh(self)

@@ -121,6 +121,8 @@ class Gateway:
                 app.router.close()
             if self.models is not None:
                 self.models.forget(app)
+        if removed:
+            self.metrics.forget_replicas(self._metric_series())
 
     def _listener(self, app: App) -> Callable[[list[Target], list[Target]], None]:
         return lambda added, removed: self._targets_changed(app, added, removed)
@@ -138,6 +140,8 @@ class Gateway:
         fallback = targets.fallback
         if fallback is not None and fallback.pool is None:
             fallback.pool = self._new_pool(fallback)
+        if removed:
+            self.metrics.forget_replicas(self._metric_series())
 
     def _new_pool(self, target: Target) -> KeepAlivePool[UpstreamConnection]:
         coalesce_s = self.config.coalesce_ms / 1000
@@ -172,6 +176,19 @@ class Gateway:
         for router in self.routers():
             for (host, port), pool in router.pools().items():
                 metrics.pool_idle.labels(f"router:{host}:{port}").set(pool.idle_count)
+        # Also here, not only when a replica leaves: a stream that outlived its replica's removal adds its series
+        # back when it ends.
+        metrics.forget_replicas(self._metric_series())
+
+    def _metric_series(self) -> set[str]:
+        """The replica (and pool) label values of series worth keeping: the current targets, fallbacks, routers."""
+        live = {target.replica_id for target in self.apps.all_targets()}
+        for app in self.apps:
+            if app.targets.fallback is not None:
+                live.add(app.targets.fallback.replica_id)
+        for router in self.routers():
+            live.update(f"router:{host}:{port}" for host, port in router.pools())
+        return live
 
     def _router_counts(self) -> tuple[int, list[tuple[str, str, bool, int]]]:
         truncations, calls = 0, []
