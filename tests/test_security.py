@@ -332,3 +332,38 @@ def test_unusable_key_and_certificate_files_are_one_clear_line(tmp_path: Path) -
                                 timeout=30)
         assert result.returncode == 2, (args, result.stderr)
         assert expected in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_sighup_during_a_keys_stream_keeps_its_counts(tmp_path: Path, stack: Stack) -> None:
+    """Issue 25: a key's in-flight count and request bucket live per key name, so a reload mid-stream neither
+    wedges the key (the stream ends on the same counters it started on) nor refills its bucket."""
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text(keys_toml(KEYS, LIMITS))
+    replica = stack.replica("r1", "--itl-ms", "20")
+    gateway = stack.gateway([], [replica], "--api-keys-file", str(keys_file))
+    one = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS["one"], max_retries=0)
+    slow = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS["slow"], max_retries=0)
+
+    def reload(times: int) -> None:
+        before = gateway.log().count("keys reloaded")
+        gateway.child.signal(signal.SIGHUP)
+        wait_until(lambda: gateway.log().count("keys reloaded") == before + 1, what=f"reload {times}")
+
+    slow.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=1)  # its one request
+    stream = one.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=150, stream=True)
+    chunks = iter(stream)
+    assert next(chunks)
+    # The reloaded file changes the keys' other fields; the limits that count stay as they were.
+    keys_file.write_text(keys_toml(KEYS, {**LIMITS, "one": "max_in_flight = 1\nrps = 1000\n"}))
+    for times in range(3):
+        reload(times)
+        with pytest.raises(openai.RateLimitError):  # the stream still counts against the reloaded key
+            one.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=1)
+        with pytest.raises(openai.RateLimitError):  # a reload is not a refill
+            slow.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=1)
+    assert list(chunks)[-1].choices[0].finish_reason == "length"
+    # The stream gave its slot back to the key it was counted on: admitted again, and after more reloads too.
+    for times in range(3, 5):
+        assert one.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=1).choices
+        reload(times)
+    assert one.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=1).choices

@@ -44,10 +44,11 @@ class Request:
         # Set by the tracer for a sampled request only (observability/tracing.py); None costs nothing.
         self.trace: object | None = None
         # Set only when the front door is on (gateway/security): the client's Origin and the API key its
-        # Authorization matched (anything with a `name`; counted against its in-flight limit while key_counted).
+        # Authorization matched (anything with a `name`), and the per-name counters it is counted against while
+        # in flight (key_counted: given back to that same object at the end, whatever reloads happened meanwhile).
         self.origin: bytes | None = None
         self.key: Any = None
-        self.key_counted = False
+        self.key_counted: Any = None
         # What goes to the replica: the client's URL and body, unless a resume rewrote them.
         self.upstream_url: bytes | None = None
         self.upstream_body = body

@@ -20,6 +20,7 @@ from gateway.dataplane.reasons import Reason, error_response
 from gateway.dataplane.request import Request
 from gateway.security.cors import Cors
 from gateway.security.keys import ApiKey, KeyRing, KeysError, load_keys
+from gateway.security.limits import KeyStates
 
 if TYPE_CHECKING:
     from gateway.dataplane.relay import Client
@@ -41,6 +42,9 @@ class FrontDoor:
     def __init__(self, config: Config):
         self.config = config
         self.keys: KeyRing = load_keys(config.api_key, config.api_keys_file)
+        # What each key name has used: outlives reloads (a request gives back to the state it took from).
+        self.states = KeyStates()
+        self.states.attach(self.keys.keys)
         self.cors = Cors(config.cors_origins, config.session_header) if config.cors_origins else None
         self.admin_elsewhere = bool(config.admin_port)
         self.upstream_auth = (b"authorization", b"Bearer " + config.upstream_api_key.encode("latin-1")) \
@@ -77,7 +81,8 @@ class FrontDoor:
         except KeysError as exc:
             log.error("keys not reloaded, the previous %d keys stay: %s", len(self.keys), exc)
             return
-        self.keys = self.keys.replaced_by(fresh)
+        self.states.attach(fresh.keys)
+        self.keys = fresh
         log.info("keys reloaded: %d keys", len(self.keys))
 
     # -- per request (only when the door exists)
@@ -105,17 +110,18 @@ class FrontDoor:
             if key.models is not None and request.body and not self._model_allowed(key.models, request.body):
                 client.respond_error(Reason.MODEL_NOT_ALLOWED)
                 return False
-            if key.max_in_flight and key.in_flight >= key.max_in_flight:
-                client.respond_error(Reason.RATE_LIMITED, f"key {key.name!r} has {key.in_flight} requests in flight, "
-                                     f"its limit", retry_after_s=1)
+            state = key.state
+            if state.max_in_flight and state.in_flight >= state.max_in_flight:
+                client.respond_error(Reason.RATE_LIMITED, f"key {key.name!r} has {state.in_flight} requests in "
+                                     f"flight, its limit", retry_after_s=1)
                 return False
-            wait = key.take(time.monotonic())
+            wait = state.take_request(time.monotonic())
             if wait:
-                client.respond_error(Reason.RATE_LIMITED, f"key {key.name!r} is over its rate of {key.rps:g}/s",
+                client.respond_error(Reason.RATE_LIMITED, f"key {key.name!r} is over its rate of {state.rps:g}/s",
                                      retry_after_s=max(1, math.ceil(wait)))
                 return False
-            key.in_flight += 1
-            request.key_counted = True
+            state.in_flight += 1
+            request.key_counted = state
         if self.upstream_auth is not None:
             request.headers.append(self.upstream_auth)
         return True
@@ -129,9 +135,10 @@ class FrontDoor:
         return isinstance(model, str) and model in models
 
     def finished(self, request: Request) -> None:
-        if request.key_counted:
-            request.key.in_flight -= 1
-            request.key_counted = False
+        state = request.key_counted
+        if state is not None:
+            state.in_flight -= 1  # the state it was counted against, whatever reloads happened since
+            request.key_counted = None
 
     def response_headers(self, request: Request | None) -> bytes:
         if self.cors is None or request is None:

@@ -4,7 +4,8 @@ A key is never stored in clear: the keys file holds the SHA-256 of each key, and
 presented key is hashed and looked up by digest. The lookup is a dict probe on the
 digest followed by `hmac.compare_digest`, so its timing depends on the digest of
 what the caller sent, never on how many leading characters of a real key they got
-right. Limits are per key: a token bucket (rps, burst) and a cap on requests in flight.
+right. Limits are per key: a token bucket (rps, burst) and a cap on requests in flight; their
+counters live per key name in limits.py, so a reload changes the limits and keeps the counts.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import hashlib
 import hmac
 import math
 import secrets
-import time
 import tomllib
 from dataclasses import dataclass, field
+from typing import Any
 
 # Names a key may carry: they reach logs and metric labels, so keep them plain.
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -27,39 +28,19 @@ class KeysError(ValueError):
 
 @dataclass
 class ApiKey:
+    """One key as the keys file describes it. What it has used lives in `state`, shared by every
+    ApiKey of the same name across reloads (limits.py)."""
     name: str
     digest: bytes
     rps: float = 0.0  # 0 = no rate limit
     burst: float = 0.0
     max_in_flight: int = 0  # 0 = no limit
     models: frozenset[str] | None = None  # None = every model
-    tokens: float = field(default=0.0, repr=False)
-    updated: float = field(default=0.0, repr=False)
-    in_flight: int = field(default=0, repr=False)
+    state: Any = field(default=None, repr=False, compare=False)  # limits.KeyState, set by KeyStates.attach
 
     def __post_init__(self) -> None:
         if self.rps and not self.burst:
             self.burst = max(1.0, self.rps)
-        self.tokens = self.burst
-        self.updated = time.monotonic()
-
-    def take(self, now: float) -> float:
-        """Take one token; 0 when granted, else the seconds until a token will be there."""
-        if not self.rps:
-            return 0.0
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rps)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rps
-
-    def carry_over(self, old: "ApiKey") -> None:
-        """A reload keeps what the key has used: a SIGHUP must not refill buckets or forget streams."""
-        self.in_flight = old.in_flight
-        if self.rps and old.rps:
-            self.tokens = min(self.burst, old.tokens)
-            self.updated = old.updated
 
 
 def digest_of(key: str | bytes) -> bytes:
@@ -95,13 +76,6 @@ class KeyRing:
         if key is not None and hmac.compare_digest(key.digest, digest):
             return key
         return None
-
-    def replaced_by(self, new: "KeyRing") -> "KeyRing":
-        old = {key.name: key for key in self.keys}
-        for key in new.keys:
-            if key.name in old:
-                key.carry_over(old[key.name])
-        return new
 
 
 def check_name(name: object, where: str) -> str:
