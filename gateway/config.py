@@ -1,9 +1,10 @@
 """The gateway's configuration, in one place.
 
 Every setting has one row in OPTIONS: its flag, the env vars it reads (Ray's
-own name where one exists), its type, default and help. The flags, the env,
-the config file and `gateway serve --help` are all generated from that table,
-so they cannot drift apart. Precedence: flag > env > config file > default.
+own name where one exists), its type, default and help. The Config dataclass,
+the flags, the env, the config file, `gateway serve --help` and the docs'
+configuration reference are all generated from that table, so they cannot
+drift apart. Precedence: flag > env > config file > default.
 """
 
 from __future__ import annotations
@@ -193,63 +194,13 @@ def parse_replica(text: str) -> ReplicaSpec:
     return ReplicaSpec(replica_id or f"{host}:{port}", host, port)
 
 
-@dataclass
-class Config:
-    """Everything the gateway process needs, resolved and validated."""
+# The Python type of each option's value, from the parser that makes it.
+_TYPES: dict[Callable[[Any], Any], Any] = {str: str, int: int, float: float, _bool: bool, _seconds: float,
+                                           _list: list[str]}
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    routers: list[str] = field(default_factory=list)
-    replicas: list[str] = field(default_factory=list)
-    ray_address: str = ""
-    app: str = ""
-    node_ip: str = ""
-    route_by_model: bool = False
-    strict_replica_id: bool = False
-    forward_body: bool = False
-    router_body_cap: int = 8 * MiB
-    router_timeout_s: float = 5.0
-    session_header: str = "x-session-id"
-    router_idle_s: float = 4.0
-    upstream_idle_s: float = 4.0
-    connect_timeout_s: float = 5.0
-    first_byte_timeout_s: float = 600.0
-    idle_timeout_s: float = 600.0
-    client_timeout_s: float = 90.0
-    header_timeout_s: float = 10.0
-    max_header_bytes: int = 64 * 1024
-    max_body_bytes: int = 64 * MiB
-    max_connections: int = 4096
-    max_in_flight: int = 0
-    max_in_flight_per_replica: int = 0
-    health_path: str = "/health"
-    health_interval_s: float = 5.0
-    health_fast_interval_s: float = 0.25
-    health_fall: int = 2
-    health_rise: int = 2
-    health_timeout_s: float = 2.0
-    drain_timeout_s: float = 30.0
-    coalesce_ms: float = 1.0
-    coalesce_min_streams: int = 4
-    native_relay: bool = True
-    otlp_endpoint: str = ""
-    trace_sample_ratio: float = 0.01
-    api_key: str = ""
-    api_keys_file: str = ""
-    upstream_api_key: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
-    admin_port: int = 0
-    admin_host: str = "127.0.0.1"
-    cors_origins: list[str] = field(default_factory=list)
-    resume_limit: int = 0
-    outlier_failures: int = 5
-    outlier_ejection_s: float = 10.0
-    outlier_max_ejection_s: float = 300.0
-    access_log: bool = True
-    log_level: str = "info"
+
+class _ConfigMethods:
+    """What a Config can do; its fields are made from OPTIONS below (one row per option, defaults there)."""
 
     @property
     def router_addresses(self) -> list[tuple[str, int]]:
@@ -324,6 +275,19 @@ class Config:
 
     def with_changes(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def _field(option: Option) -> Any:
+    if isinstance(option.default, list):
+        return field(default_factory=lambda default=option.default: list(default))
+    return field(default=option.default)
+
+
+# One field per row of OPTIONS, its default taken from the row: adding an option is adding its row.
+Config = dataclasses.make_dataclass(
+    "Config", [(option.name, _TYPES.get(option.kind, Any), _field(option)) for option in OPTIONS],
+    bases=(_ConfigMethods,),
+    namespace={"__doc__": "Everything the gateway process needs, resolved and validated.", "__module__": __name__})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

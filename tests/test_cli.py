@@ -151,3 +151,19 @@ def test_gateway_up_vllm_backend_explains_what_is_missing(tmp_path) -> None:
     assert result.returncode == 1
     assert "bin/python is missing: run `bash scripts/vllm_setup.sh`" in result.stderr
     assert "starting a private Ray head" not in result.stdout
+
+
+def test_config_fields_come_from_the_options_table() -> None:
+    # Defaults are written once, in OPTIONS; the Config dataclass is made from it, each default of its option's type.
+    import dataclasses
+
+    from gateway.config import _TYPES, OPTIONS, Config
+
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    assert list(fields) == [option.name for option in OPTIONS]
+    config = Config()
+    for option in OPTIONS:
+        assert option.kind in _TYPES, f"{option.name}: add its parser's type to config._TYPES"
+        kind = _TYPES[option.kind]
+        assert isinstance(getattr(config, option.name), getattr(kind, "__origin__", kind)), option.name
+        assert getattr(config, option.name) == option.default
