@@ -157,6 +157,8 @@ OPTIONS: tuple[Option, ...] = (
            "first ejection's length; each further ejection in a row (no success in between) adds as much again"),
     Option("outlier_max_ejection_s", ("GATEWAY_OUTLIER_MAX_EJECTION_S",), _seconds, 300.0, "longest ejection"),
     Option("access_log", ("GATEWAY_ACCESS_LOG",), _bool, True, "one JSON line per request on stdout (written off the event loop)"),
+    Option("access_log_buffer_bytes", ("GATEWAY_ACCESS_LOG_BUFFER_BYTES",), int, 8 * MiB,
+           "most access-log bytes held for a slow or gone stdout reader; past it lines are dropped and counted (gateway_access_log_dropped_lines)"),
     Option("log_level", ("GATEWAY_LOG_LEVEL",), str, "info", "debug, info, warning or error"),
 )
 
@@ -256,6 +258,8 @@ class _ConfigMethods:
             raise ConfigError(f"admin port {self.admin_port} is out of range")
         if self.admin_port and self.admin_port == self.port:
             raise ConfigError("the admin port must differ from the public port")
+        if self.access_log_buffer_bytes <= 0:
+            raise ConfigError("access_log_buffer_bytes must be > 0")
         if self.resume_limit < 0:
             raise ConfigError("resume_limit must be >= 0")
         if self.outlier_failures < 0:

@@ -138,6 +138,10 @@ class Metrics:
                                ["pool"], registry=registry)
         self.replica_up = Gauge("gateway_replica_healthy", "1 if the replica passes health checks", ["replica"],
                                 registry=registry)
+        # The access log's own health (observability/access_log.py): lines lost to a slow or gone stdout reader.
+        self.access_log_dropped = Counter("gateway_access_log_dropped_lines", "Access-log lines dropped: stdout's "
+                                          "reader is gone (EPIPE) or too slow for the bounded buffer",
+                                          registry=registry)
         self._request_children: dict[tuple[str, int, str, str], Counter] = {}
         self._ok = self.router_latency.child("ok")
         self._failed = self.router_latency.child("failed")

@@ -60,7 +60,8 @@ class Gateway:
                                         on_eject=lambda target: self.metrics.ejections.labels(target.replica_id).inc())
         self.relay = Relay(config, self.state, self.apps, self.admin.serve, self.health.mark_down,
                            self.models.listing if self.models is not None else None, self.outliers.failed)
-        self.access_log = AccessLog(config.access_log)
+        self.access_log = AccessLog(config.access_log, max_buffer_bytes=config.access_log_buffer_bytes,
+                                    on_drop=self.metrics.access_log_dropped.inc)
         self.tracer: RequestTracer | None = None
         if config.otlp_traces_url:
             self.tracer = self.state.tracer = RequestTracer(config.otlp_traces_url, config.trace_sample_ratio)
