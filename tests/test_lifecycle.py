@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
 
 import httpx
+import pytest
+
+from gateway.config import ConfigError, resolve
 
 from gateway.stacks.procs import port_open
 from tests.conftest import CHAT, read_until_close, wait_until
@@ -64,3 +68,55 @@ def test_two_workers_share_the_port(stack) -> None:
     assert len(pids) == 2
     gateway.child.signal(signal.SIGTERM)
     assert gateway.child.proc.wait(timeout=10) == 0
+
+
+def test_sigterm_mid_upload_serves_that_request(stack) -> None:
+    replica = stack.replica("a")
+    gateway = stack.gateway([stack.router([replica])], [replica])
+    body = json.dumps(CHAT).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
+    # 100 Continue: the gateway has the head, so the request is under way; half the body follows, then SIGTERM.
+    assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    sock.sendall(body[:10])
+    gateway.child.signal(signal.SIGTERM)
+    wait_until(lambda: not port_open("127.0.0.1", gateway.port), deadline_s=5, what="the listener closed")
+    sock.sendall(body[10:])  # the upload finishes after the gateway stopped accepting
+    answer = read_until_close(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"connection: close" in answer.lower() and b'"finish_reason":"length"' in answer
+    assert gateway.child.proc.wait(timeout=10) == 0
+
+
+def test_min_draining_period_is_a_minimum_served_while_unready(stack) -> None:
+    """Ray's RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S: new clients are served (never refused) while /-/ready says 503,
+    for at least that long; a stream longer than the period still finishes (it is no maximum)."""
+    replica = stack.replica("a", "--itl-ms", "40")
+    gateway = stack.gateway([stack.router([replica])], [replica], env={"RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "2"})
+    sock = open_stream(gateway.port, 100)  # ~4 s: outlives the 2 s period
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    signalled = time.monotonic()
+    gateway.child.signal(signal.SIGTERM)
+    # Every probe is accepted (a refusal would raise here): 200 until the signal lands, then 503 draining.
+    probe = wait_until(lambda: (r := httpx.get(f"{gateway.url}/-/ready", timeout=5)).status_code == 503 and r,
+                       what="/-/ready answering 503")
+    assert probe.headers["x-serve-reason"] == "draining"
+    served = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, timeout=10)  # a new client, still served
+    assert served.status_code == 200 and served.headers["connection"] == "close"
+    wait_until(lambda: not port_open("127.0.0.1", gateway.port), deadline_s=10, what="accepting to stop")
+    assert time.monotonic() - signalled >= 2.0
+    rest = read_until_close(sock)
+    sock.close()
+    assert rest.count(b"data: {") >= 90 and rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert gateway.child.proc.wait(timeout=10) == 0
+    assert replica.stats()["aborted"] == 0
+
+
+def test_drain_options_take_rays_names_and_the_timeout_bounds_the_minimum() -> None:
+    config = resolve(None, {"GATEWAY_REPLICAS": "http://127.0.0.1:1", "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "5",
+                            "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": "120"})
+    assert (config.min_draining_s, config.drain_timeout_s) == (5.0, 120.0)
+    with pytest.raises(ConfigError, match="must be between 0 and drain_timeout_s"):
+        resolve(None, {"GATEWAY_REPLICAS": "http://127.0.0.1:1", "GATEWAY_MIN_DRAINING_S": "40"})

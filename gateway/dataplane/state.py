@@ -21,6 +21,7 @@ class Connection(Protocol):
     transport: asyncio.Transport
     current: Request | None
     pending: deque[Request]
+    in_head: bool  # a request is being received (head or body): the drain lets it finish
 
     def check_timeouts(self, now: float) -> None: ...
 

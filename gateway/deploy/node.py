@@ -111,8 +111,8 @@ class NodeGateway:
         return None
 
     def _drain_current(self) -> None:
-        """SIGTERM the running gateway (it stops accepting at once and drains), wait until its port is
-        free, and let it finish its streams in the background."""
+        """SIGTERM the running gateway (it keeps accepting for its --min-draining-s, then stops and drains),
+        wait until its port is free, and let it finish its streams in the background."""
         proc = self.proc
         self.proc = None
         if proc is None or proc.poll() is not None:
@@ -120,7 +120,9 @@ class NodeGateway:
         proc.send_signal(signal.SIGTERM)
         self.draining.append(proc)
         host = self._connect_host()
-        deadline = time.monotonic() + 10.0
+        from gateway.config import _seconds
+
+        deadline = time.monotonic() + 10.0 + _seconds(self._flag("--min-draining-s") or 0)
         while time.monotonic() < deadline and proc.poll() is None and _port_open(host, self.port):
             time.sleep(0.02)
 

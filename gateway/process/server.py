@@ -287,25 +287,38 @@ class Gateway:
                     target.pool.expire()
 
     async def drain(self) -> None:
-        """Stop accepting, report unready, let streams in flight finish (up to the drain timeout)."""
-        state = self.state
+        """SIGTERM: report unready at once, keep accepting for the minimum draining period (a load balancer needs
+        a few failed checks of /-/ready before it stops sending), then stop accepting and let the requests in flight
+        finish, uploads included; `drain_timeout_s` from the signal bounds all of it (HAProxy's hard-stop-after)."""
+        state, config = self.state, self.config
         if state.draining:
             return
-        state.draining = True
-        log.info("draining: %d connections, %d requests in flight", len(state.connections), state.in_flight)
+        state.draining = True  # /-/ready answers 503; every answer from now on closes its connection
+        started = time.monotonic()
+        log.info("draining: /-/ready answers 503; accepting for %.1f s more, then finishing %d requests in flight "
+                 "(at most %.1f s in all)", config.min_draining_s, state.in_flight, config.drain_timeout_s)
+        if config.min_draining_s > 0:
+            # A minimum, whatever is in flight: new clients are served (with `connection: close`) until it ends.
+            await asyncio.sleep(config.min_draining_s)
         if self._server is not None:
             self._server.close()
+        log.info("draining: stopped accepting; %d connections, %d requests in flight", len(state.connections),
+                 state.in_flight)
         for conn in list(state.connections):
-            if conn.current is None and not conn.pending:
-                # Idle keep-alive: nothing is lost by closing it now. Over TLS nothing is left to flush either, and
-                # a graceful close would wait on a close_notify the idle client never sends: close at once.
+            # Idle keep-alive: nothing is lost by closing it now. A connection in the middle of sending a request
+            # (head or body: in_head until the message is complete) is not idle: its request is served.
+            if conn.current is None and not conn.pending and not conn.in_head:
+                # Over TLS nothing is left to flush either, and a graceful close would wait on a close_notify the
+                # idle client never sends: close at once.
                 if self.tls is not None:
                     conn.transport.abort()
                 else:
                     conn.transport.close()
         if state.connections:
+            state.all_closed.clear()  # it may have been set during the minimum period, before later clients came
+            remaining = max(0.0, config.drain_timeout_s - (time.monotonic() - started))
             try:
-                await asyncio.wait_for(state.all_closed.wait(), self.config.drain_timeout_s)
+                await asyncio.wait_for(state.all_closed.wait(), remaining)
             except TimeoutError:
                 log.warning("drain timeout: closing %d connections with requests in flight", len(state.connections))
                 for conn in list(state.connections):
