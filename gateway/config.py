@@ -105,6 +105,8 @@ OPTIONS: tuple[Option, ...] = (
            "longest wait for a replica's response head (a long queue before the first token is normal for LLMs); 0 = none"),
     Option("idle_timeout_s", ("GATEWAY_IDLE_TIMEOUT_S",), _seconds, 600.0,
            "longest silence inside a response stream before the gateway gives up on the replica; 0 = none"),
+    Option("tunnel_timeout_s", ("GATEWAY_TUNNEL_TIMEOUT_S",), _seconds, 3600.0,
+           "a WebSocket tunnel with no byte in either direction this long is closed (HAProxy's `timeout tunnel`); 0 = none"),
     Option("client_timeout_s", ("GATEWAY_CLIENT_TIMEOUT_S",), _seconds, 90.0,
            "close client keep-alive connections idle this long (Ray's keep_alive_timeout_s)"),
     Option("header_timeout_s", ("GATEWAY_HEADER_TIMEOUT_S",), _seconds, 10.0,
@@ -267,6 +269,8 @@ class _ConfigMethods:
                               f"({self.drain_timeout_s:g}): the drain timeout bounds the whole drain")
         if self.access_log_buffer_bytes <= 0:
             raise ConfigError("access_log_buffer_bytes must be > 0")
+        if self.tunnel_timeout_s < 0:
+            raise ConfigError("tunnel_timeout_s must be >= 0")
         if self.resume_limit < 0:
             raise ConfigError("resume_limit must be >= 0")
         if self.outlier_failures < 0:

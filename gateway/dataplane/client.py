@@ -19,6 +19,7 @@ import httptools
 
 from gateway.dataplane.reasons import Reason, error_response
 from gateway.dataplane.request import Request
+from gateway.dataplane.tunnel import Tunnel
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -76,6 +77,9 @@ class ClientConnection(asyncio.Protocol):
         self._auth: bytes | None = None
         self._origin: bytes | None = None
         self._key: object = None
+        # A WebSocket upgrade: client bytes read past its head, then the tunnel once the replica answered 101.
+        self.tunnel: Tunnel | None = None
+        self._early = b""
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -92,6 +96,7 @@ class ClientConnection(asyncio.Protocol):
         self._content_length = 0
         self._reject: Reason | None = None
         self._discard_body = False
+        self._upgrade: bytes | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -110,8 +115,14 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = time.monotonic() + self.config.header_timeout_s
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._reject_now(Reason.BAD_REQUEST, "protocol upgrades are not supported")
+        except httptools.HttpParserUpgrade as exc:
+            if self._upgrade is None:
+                self._reject_now(Reason.BAD_REQUEST, "protocol upgrades other than websocket are not supported")
+                return
+            # The request is dispatched; what follows its head belongs to the tunnel, if the replica accepts.
+            self._early = data[exc.args[0]:]
+            self.reading_paused = True
+            self.transport.pause_reading()
         except httptools.HttpParserError as exc:
             reason = self._reject or Reason.BAD_REQUEST
             self._reject_now(reason, None if self._reject else f"malformed HTTP request: {exc}")
@@ -174,6 +185,8 @@ class ClientConnection(asyncio.Protocol):
                 self._auth = value
             elif lower == b"origin":
                 self._origin = value
+            elif lower == b"upgrade":
+                self._upgrade = value
             return
         if lower[:15] == _ROUTER_OWNED_PREFIX:
             return
@@ -205,6 +218,11 @@ class ClientConnection(asyncio.Protocol):
             self._discard_body = key is None and door.needs_key
         if self._expect_continue:
             self.transport.write(_CONTINUE)
+        if self._upgrade is not None and (not self.parser.should_upgrade() or self._upgrade.lower() != b"websocket"
+                                          or self.parser.get_method() != b"GET"):
+            # Only WebSocket upgrades are tunnelled (RFC 6455 section 4.1: a GET); h2c and others are refused by
+            # data_received (a plain GET with a stray Upgrade header is just a GET: the header is not forwarded).
+            self._upgrade = None
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -217,6 +235,8 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.in_head = False
         parser = self.parser
+        if parser.should_upgrade() and self._upgrade is None:
+            return  # an upgrade we refuse: answered 400 by data_received, never forwarded
         request = Request(
             parser.get_method(), self._url, parser.get_http_version(), self._headers,
             b"".join(self._body) if len(self._body) != 1 else self._body[0],
@@ -227,6 +247,9 @@ class ClientConnection(asyncio.Protocol):
         if self.door is not None:
             request.key, request.origin = self._key, self._origin
             self._auth = self._origin = self._key = None
+        if self._upgrade is not None:
+            request.upgrade = b"websocket"
+            request.keep_alive = False  # refused by the replica (no 101): nothing more can be read on this connection
         if self.current is None:
             self.deadline = None
             self.current = request
@@ -312,6 +335,46 @@ class ClientConnection(asyncio.Protocol):
             request.keep_alive = False
             extra += b"connection: close\r\n"
         self.transport.write(b"%s%s\r\n%s" % (head, extra, body_start))
+
+    def upstream_upgraded(self, conn: "UpstreamConnection", head: bytes, rest: bytes) -> None:
+        """The replica switched protocols (101) for a WebSocket upgrade: join the two connections (tunnel.py).
+        `head` ends with its last header's CRLF; `rest` is what the replica sent after it."""
+        request = self.current
+        assert request is not None and conn.transport is not None
+        self.upstream = None
+        conn.client = None
+        conn.closed = True  # the tunnel owns its socket now: never pooled, never resumed by a coalescing timer
+        request.status = 101
+        request.first_byte_s = time.monotonic() - request.started
+        extra = b"" if b"\nx-request-id:" in head.lower() else b"x-request-id: %s\r\n" % request.request_id
+        if self.door is not None:
+            extra += self.door.response_headers(request)
+        self.transport.write(b"%s%s\r\n" % (head, extra))
+        request.bytes_out = len(head) + len(extra) + 2
+        metrics = self.state.metrics
+
+        def ended(tunnel: Tunnel) -> None:
+            self.relay.exchange_ended(conn)
+            metrics.tunnels_active.dec()
+            metrics.tunnels.labels(tunnel.why).inc()
+            metrics.tunnel_bytes_moved(*tunnel.take_bytes())
+            request.bytes_in = tunnel.bytes_in
+            request.bytes_out += tunnel.bytes_out
+            if tunnel.why in ("timeout", "drain"):
+                request.reason = Reason.UPSTREAM_TIMEOUT.value if tunnel.why == "timeout" else Reason.DRAINING.value
+            if self.current is request:
+                self.current = None
+                self.state.request_finished(request)
+
+        def client_lost() -> None:
+            self.closed = True
+            self.state.closed(self)
+
+        self.tunnel = tunnel = Tunnel(self.transport, conn.transport, self.config.tunnel_timeout_s, ended,
+                                      client_lost, self.state.loop)
+        metrics.tunnels_active.inc()
+        early, self._early = self._early, b""
+        tunnel.start(to_client=rest, to_upstream=early)
 
     def upstream_complete(self, conn: "UpstreamConnection") -> None:
         request = self.current
@@ -434,6 +497,11 @@ class ClientConnection(asyncio.Protocol):
     # -- the gateway's periodic sweep
     def check_timeouts(self, now: float) -> None:
         if self.closed:
+            return
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.check_timeouts(now)
+            self.state.metrics.tunnel_bytes_moved(*tunnel.take_bytes())
             return
         if self.deadline is not None and now > self.deadline:
             if self.in_head:

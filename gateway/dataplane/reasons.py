@@ -39,6 +39,7 @@ class Reason(str, enum.Enum):
     UNAUTHORIZED = "unauthorized"
     MODEL_NOT_ALLOWED = "model_not_allowed"
     RATE_LIMITED = "rate_limited"
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
 
 
 # status, OpenAI error type, default message
@@ -66,6 +67,7 @@ _DETAILS: dict[Reason, tuple[int, str, str]] = {
                           "missing or invalid API key: send 'Authorization: Bearer <key>'"),
     Reason.MODEL_NOT_ALLOWED: (403, "permission_error", "this API key may not use the requested model"),
     Reason.RATE_LIMITED: (429, "rate_limit_error", "this API key is over its request limit"),
+    Reason.ORIGIN_NOT_ALLOWED: (403, "permission_error", "this origin may not open a WebSocket here (--cors-origins)"),
 }
 # The OpenAI error code where it differs from our reason name (the SDKs and clients key on OpenAI's).
 _CODES = {Reason.UNAUTHORIZED: "invalid_api_key"}

@@ -145,7 +145,7 @@ class Relay:
             # Scaled to zero: only the fallback Serve proxy can wake the app; the router would hang (ray-serve.md §e).
             self.connect_to(client, request, targets.fallback, None)
             return
-        if request.method == b"POST" and targets.routers:
+        if targets.routers and (request.method == b"POST" or request.upgrade is not None and request.session):
             started = time.monotonic()
             app.router.start(request.body, request.request_id, request.session, request.content_type,
                              lambda decision, error: self.on_decision(client, request, app, failed, started, decision,
@@ -339,6 +339,8 @@ def build_head(request: Request, target: Target) -> bytes:
     if not request.has_host:
         parts.append(b"host: %s\r\n" % target.address.encode())
     parts.append(b"x-request-id: %s\r\n" % request.request_id)
+    if request.upgrade is not None:
+        parts.append(b"connection: upgrade\r\nupgrade: %s\r\n" % request.upgrade)
     if request.upstream_body or request.method in (b"POST", b"PUT", b"PATCH"):
         parts.append(b"content-length: %d\r\n" % len(request.upstream_body))
     return b"".join(parts)

@@ -14,7 +14,7 @@ class Request:
         "method", "url", "version", "headers", "body", "keep_alive", "request_id", "session", "content_type",
         "has_host", "started", "router_s", "first_byte_s", "status", "reason", "replica_id", "bytes_out",
         "retries", "upstream_head", "extra_headers", "trace", "origin", "key", "key_counted",
-        "upstream_url", "upstream_body", "resume", "resume_refused", "resumes",
+        "upstream_url", "upstream_body", "resume", "resume_refused", "resumes", "upgrade", "bytes_in",
     )
 
     def __init__(self, method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -55,6 +55,9 @@ class Request:
         self.resume: ResumeStream | None = None
         self.resume_refused: str | None = None  # why this stream would not be resumed, counted if it breaks
         self.resumes = 0
+        # A WebSocket upgrade (the Upgrade header's value), tunnelled after the replica's 101 (tunnel.py).
+        self.upgrade: bytes | None = None
+        self.bytes_in = 0  # a tunnel's bytes from the client to the replica
 
     @property
     def path(self) -> bytes:
@@ -62,7 +65,7 @@ class Request:
 
     def log_record(self) -> dict[str, object]:
         now = time.monotonic()
-        return {
+        record = {
             "request_id": self.request_id.decode("latin-1"),
             "method": self.method.decode("latin-1"),
             "path": self.path.decode("latin-1", "replace"),
@@ -77,3 +80,7 @@ class Request:
             "total_ms": round((now - self.started) * 1000, 3),
             "key": self.key.name if self.key is not None else None,
         }
+        if self.upgrade is not None:  # a tunnel: total_ms is its duration, bytes go replica to client
+            record["upgrade"] = self.upgrade.decode("latin-1")
+            record["bytes_in"] = self.bytes_in
+        return record

@@ -53,6 +53,8 @@ class Downstream(Protocol):
 
     def upstream_complete(self, conn: "UpstreamConnection") -> None: ...
 
+    def upstream_upgraded(self, conn: "UpstreamConnection", head: bytes, rest: bytes) -> None: ...
+
     def upstream_failed(self, conn: "UpstreamConnection", why: str) -> None: ...
 
 
@@ -350,6 +352,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             client.upstream_failed(self, "malformed")
+            return
+        except httptools.HttpParserUpgrade:
+            # 101 Switching Protocols: only the answer to a WebSocket upgrade the client asked for (tunnel.py).
+            request = client.current
+            end = buffer.find(b"\r\n\r\n")
+            if request is None or request.upgrade is None or self.parser.get_status_code() != 101 or end < 0:
+                client.upstream_failed(self, "malformed")
+                return
+            self.got_bytes = True
+            client.upstream_upgraded(self, buffer[:end + 2], buffer[end + 4:])
             return
         if not self._head_parsed:
             if len(buffer) > MAX_HEAD_BYTES:

@@ -142,6 +142,14 @@ class Metrics:
         self.access_log_dropped = Counter("gateway_access_log_dropped_lines", "Access-log lines dropped: stdout's "
                                           "reader is gone (EPIPE) or too slow for the bounded buffer",
                                           registry=registry)
+        # WebSocket tunnels (dataplane/tunnel.py): opened, ended by how, bytes each way (counted by the sweep).
+        self.tunnels_active = Gauge("gateway_tunnels_active", "WebSocket tunnels open now", registry=registry)
+        self.tunnels = Counter("gateway_tunnels", "WebSocket tunnels ended, by how: client_closed, upstream_closed, "
+                               "timeout (--tunnel-timeout-s), drain", ["outcome"], registry=registry)
+        self.tunnel_bytes = Counter("gateway_tunnel_bytes", "Bytes relayed through WebSocket tunnels: in = client to "
+                                    "replica, out = replica to client", ["direction"], registry=registry)
+        self._tunnel_in = self.tunnel_bytes.labels("in")
+        self._tunnel_out = self.tunnel_bytes.labels("out")
         self._request_children: dict[tuple[str, int, str, str], Counter] = {}
         self._ok = self.router_latency.child("ok")
         self._failed = self.router_latency.child("failed")
@@ -183,6 +191,12 @@ class Metrics:
 
     def replica_failure(self, replica: str) -> None:
         self.replica_failures.labels(replica).inc()
+
+    def tunnel_bytes_moved(self, bytes_in: int, bytes_out: int) -> None:
+        if bytes_in:
+            self._tunnel_in.inc(bytes_in)
+        if bytes_out:
+            self._tunnel_out.inc(bytes_out)
 
     def stream_gap(self, replica: str, seconds: float) -> None:
         self.chunk_gap.observe(self.chunk_gap.child(replica), seconds)

@@ -322,7 +322,11 @@ class Gateway:
             except TimeoutError:
                 log.warning("drain timeout: closing %d connections with requests in flight", len(state.connections))
                 for conn in list(state.connections):
-                    conn.transport.abort()
+                    tunnel = getattr(conn, "tunnel", None)  # a WebSocket tunnel: both of its ends go
+                    if tunnel is not None:
+                        tunnel.abort("drain")
+                    else:
+                        conn.transport.abort()
 
     async def close(self) -> None:
         self.state.serving = False

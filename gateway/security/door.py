@@ -93,6 +93,12 @@ class FrontDoor:
             # not 204, since respond() always frames with Content-Length (which a 204 must not carry).
             client.respond(200, [], b"")
             return False
+        if request.upgrade is not None and self.cors is not None and request.origin is not None \
+                and not self.cors.headers(request.origin):
+            # Browsers do not apply CORS to WebSockets: the server must check the Origin of a handshake itself
+            # (RFC 6455 section 10.2), or any page could open one with the user's credentials.
+            client.respond_error(Reason.ORIGIN_NOT_ALLOWED)
+            return False
         url = request.url
         if url[:3] == b"/-/":
             path = request.path
