@@ -156,7 +156,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("cors_origins", ("GATEWAY_CORS_ORIGINS",), _list, [],
            "origins browsers may call the gateway from (comma-separated, or *); the gateway answers preflights itself"),
     Option("resume_limit", ("GATEWAY_RESUME_LIMIT",), int, 0,
-           "times one streamed completion may be resumed on another replica when its replica dies mid-stream (token-exact, see README); 0 = off"),
+           "times one streamed completion may be resumed on another replica when its replica dies mid-stream (token-exact, see docs/resume.md); 0 = off"),
     Option("outlier_failures", ("GATEWAY_OUTLIER_FAILURES",), int, 5,
            "passive outlier ejection: a replica failing this many requests in a row (connect failure, cut stream, engine error, 5xx) leaves rotation for a while; 0 = off"),
     Option("outlier_ejection_s", ("GATEWAY_OUTLIER_EJECTION_S",), _seconds, 10.0,
