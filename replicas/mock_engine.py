@@ -1,6 +1,7 @@
 """An OpenAI-compatible stand-in for one vLLM replica, byte-faithful on the wire.
 
-The framing copies vLLM 0.32 behind uvicorn (shared/reference/vllm-cpu.md):
+The framing copies vLLM 0.32 behind uvicorn (vllm/entrypoints/openai/chat_completion/serving.py and
+completion/serving.py, as seen byte for byte on a raw socket):
 `data: <compact JSON>\\n\\n` events each in their own HTTP chunk, the chat role
 chunk first, `finish_reason` riding on the last content delta, the optional
 usage chunk with `choices: []`, then `data: [DONE]`; errors are plain JSON

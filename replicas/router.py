@@ -3,8 +3,8 @@
 `POST /internal/route` (body optional) answers 200 with the flat JSON
 `{"host": str, "port": int, "replica_id": str}`; errors are FastAPI-style
 `{"detail": str}`: 400 for a payload the policy cannot read, 503 when there is
-no replica at all. `GET /health` is `{"status": "ok"}`. See
-shared/reference/ray-serve.md section (a) for the original.
+no replica at all. `GET /health` is `{"status": "ok"}`. The original:
+LLMRouter in ray/llm/_internal/serve/core/ingress/router.py (Ray 2.60.0).
 
 Test hooks Ray does not have: `GET /-/stats` (`POST /-/reset`) and `--fault`.
 

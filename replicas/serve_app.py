@@ -6,7 +6,8 @@
     python -m replicas.serve_app shutdown [--address ...]
     python -m replicas.serve_app status|kill REPLICA_ID [--address ...]   (helpers for tests and humans)
 
-Shape (ray-serve.md §a): the server deployment is the app's ingress and serves
+Shape (as Ray 2.60.0's ray/llm/_internal/serve/core/ingress/builder.py wires direct streaming): the
+server deployment is the app's ingress and serves
 OpenAI-compatible HTTP on each replica's direct-ingress port; Ray's own
 `LLMRouter` (ray.llm._internal.serve.core.ingress.router) is attached as the
 app's ingress request router with the private `Application._with_ingress_request_router`,
@@ -45,7 +46,7 @@ APP_NAME = "llm"
 SERVER_NAME = "MockLLMServer"
 ROUTER_NAME = "LLMRouter"
 
-# Policy name -> Ray's request router class (ray-serve.md §a).
+# Policy name -> Ray's request router class (import paths as of Ray 2.60.0).
 POLICIES = {
     "round_robin": "ray.serve.experimental.round_robin_router.RoundRobinRouter",
     "consistent_hash": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
@@ -224,7 +225,7 @@ def _router_config(policy: str):
 
 def _attach_llm_router(server_app):
     """Ray's LLMRouter as the ingress request router, with the options Ray's builder uses."""
-    # Needs pyarrow: router.py -> lora_utils -> cloud_filesystem (ray-serve.md §d).
+    # Needs pyarrow (Ray 2.60.0): router.py -> ray.llm._internal.common.utils.lora_utils -> cloud_filesystem.
     from ray.llm._internal.serve.core.ingress.router import LLMRouter
 
     router = serve.deployment(LLMRouter, name=ROUTER_NAME, max_ongoing_requests=1000,
@@ -248,7 +249,8 @@ def build_mock_app(policy: str = "round_robin", replicas: int = 2, min_replicas:
 
 
 # --------------------------------------------------------------------------- the vLLM backend
-# vLLM's environment on CPU (shared/reference/vllm-cpu.md): 1 GiB of KV cache, loopback only, no hub, no telemetry.
+# vLLM's environment on CPU (docs/contributing.md, "Real vLLM on CPU"): 1 GiB of KV cache, loopback only,
+# no hub, no telemetry.
 # It reaches the replica and vLLM's engine processes through the LLMConfig's runtime_env.
 VLLM_CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -312,7 +314,8 @@ def connect(address: str):
     import ray
 
     if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
-        # Else Ray rewrites a loopback address to the routable IP (ray-serve.md §d).
+        # Else Ray rewrites a loopback address to the routable IP
+        # (ray/_private/services.py get_node_ip_address, Ray 2.60.0).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)

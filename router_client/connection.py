@@ -87,7 +87,8 @@ class BufferedHTTPConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        # should_keep_alive() is only right inside this callback (relay-performance.md, gotchas).
+        # should_keep_alive() is only right inside this callback: once feed_data() returns, httptools 0.6 (llhttp)
+        # has reset the parser for the next message and it reports False, which would close every pooled connection.
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         status = self._parser.get_status_code()
         headers = [] if status == 200 else _head_headers(self._first_bytes)

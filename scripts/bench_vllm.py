@@ -5,7 +5,7 @@
     .venv/bin/python scripts/bench_vllm.py     # about 2-3 min on the 2-core box
     .venv/bin/python scripts/bench_vllm.py --systems direct,gateway --num-prompts 32 --out bench-results/vllm
 
-It starts, all in this process's session (see shared/reference/vllm-cpu.md, "Fragile": a
+It starts, all in this process's session (see docs/contributing.md, "Real vLLM on CPU": a
 setsid-ed client or server makes streams arrive in one burst on this 2-core box):
   * two real vLLM OpenAI servers on the tiny model, Workers pinned to CPU 0 and CPU 1,
   * the standalone router (round robin) over both,
@@ -52,7 +52,7 @@ MAX_MODEL_LEN = 512
 # Each server must answer /health within this (36-77 s on a quiet box; far more when the 2 cores are shared).
 STARTUP_DEADLINE_S = float(os.environ.get("VLLM_STARTUP_DEADLINE_S", "180"))
 
-# The environment of the verified recipe (shared/reference/vllm-cpu.md, "Server").
+# vLLM's environment on CPU (docs/contributing.md, "Real vLLM on CPU").
 VLLM_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_HOST_IP": "127.0.0.1",

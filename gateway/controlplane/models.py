@@ -3,7 +3,8 @@
 On every change of an app's replicas (a discovery update) the catalog GETs `/v1/models` from one
 of the app's replicas, straight at its direct-ingress port, like a health check. Never from the
 fallback proxy and never while an app has no replica: a request there would wake an app scaled
-to zero (ray-serve.md §e). Between updates nothing is sent, so the catalog adds no steady load
+to zero (Ray 2.60.0: a queued request pushes a cold-start metric, RouterMetricsManager.wrap_queued_request
+in ray/serve/_private/router.py). Between updates nothing is sent, so the catalog adds no steady load
 and does not keep replicas from scaling down.
 """
 

@@ -1,6 +1,7 @@
 """Routers, replicas and the fallback proxy of every Ray Serve application, followed live.
 
-The gateway becomes a Ray driver (ray-serve.md §c): it finds the Serve controller,
+The gateway becomes a Ray driver (private Ray 2.60.0 APIs: ServeController.get_target_groups in
+ray/serve/_private/controller.py, LongPollClient in ray/serve/_private/long_poll.py): it finds the Serve controller,
 reads `get_target_groups(from_proxy_manager=True)` once, then follows Ray's own
 long poll on TARGET_GROUPS and FALLBACK_TARGETS, the two keys HAProxyManager
 follows. Like HAProxyManager it follows every application (one `App` per HTTP
@@ -113,7 +114,8 @@ class RayDiscovery:
         host, port = _split_address(self.address)
         await self._check_reachable(host, port)
         if host in ("127.0.0.1", "localhost", "::1"):
-            # Otherwise Ray rewrites a loopback address to the routable IP (ray-serve.md §d).
+            # Otherwise Ray rewrites a loopback address to the routable IP
+            # (ray/_private/services.py get_node_ip_address, Ray 2.60.0).
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         try:
             import ray

@@ -68,7 +68,8 @@ class TargetSet:
         self._by_address: dict[tuple[str, int], Target] = {}
         self.targets: list[Target] = []
         self.routers: list[tuple[str, int]] = list(routers)
-        # Ray's head-node Serve proxy: where POSTs go when an app is scaled to zero (ray-serve.md §e).
+        # Ray's head-node Serve proxy: where POSTs go when an app is scaled to zero, as Ray's HAProxy sends them to
+        # its `backup` server (ray/serve/_private/haproxy_templates.py, Ray 2.60.0).
         self.fallback: Target | None = None
         # Ray reuses ports 150 s after release, possibly for another replica: then an id must match exactly.
         self.strict_replica_id = strict_replica_id

@@ -170,7 +170,9 @@ def _connect(address: str) -> Any:
         raise ConfigError("Ray Client (ray://) is not supported: give the GCS address host:port")
     host = address.rsplit(":", 1)[0]
     if host in ("127.0.0.1", "localhost"):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # ray-serve.md §d
+        # Else Ray replaces a loopback node IP with the routable one
+        # (ray/_private/services.py get_node_ip_address, Ray 2.60.0).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:

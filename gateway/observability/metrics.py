@@ -2,7 +2,8 @@
 
 Hot-path updates go through label children resolved once and cached, because
 `.labels(...)` costs more than the increment itself. Router metric names follow
-Ray's HAProxy ingress-router metrics (ray-serve.md §b) so dashboards carry over.
+Ray's HAProxy ingress-router metrics (serve_haproxy_ingress_router_*, ray/serve/_private/haproxy_metrics.py,
+Ray 2.60.0) so dashboards carry over.
 """
 
 from __future__ import annotations

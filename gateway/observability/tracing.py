@@ -108,7 +108,7 @@ class RequestTracer:
         # the SDK's would wait up to 30 s for a dead collector; close() bounds the wait.
         # Its per-post timeout is the SDK's (10 s, OTEL_EXPORTER_OTLP_TRACES_TIMEOUT): it only holds that thread.
         # Batches of 64, not the SDK's 512: the SDK's encoder holds the GIL ~20 us a span, and 10 ms of that
-        # stalled the event loop enough to move the p99 at saturation (README, Tracing: cost).
+        # stalled the event loop enough to move the p99 at saturation (docs/operating.md, Tracing: cost).
         batch = os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
         self._processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint),
                                              max_export_batch_size=None if batch else _EXPORT_BATCH)

@@ -1,6 +1,6 @@
 """A multi-node Ray cluster on one machine: each node a `ray start` on its own loopback address.
 
-The recipe is ray-serve.md §g: no node on 127.0.0.1 (head 127.0.0.11, workers 127.0.0.12,
+The recipe (docs/contributing.md, "Ray on one machine"): no node on 127.0.0.1 (head 127.0.0.11, workers 127.0.0.12,
 127.0.0.13, ...), a separate temp dir and port set per node (two nodes sharing one temp dir
 race on the plasma socket), and per worker node its own Serve proxy/HAProxy ports. Each node
 is a `RayStack`, stopped by its own PIDs, so a node can leave (and another join) mid-test.

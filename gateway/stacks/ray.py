@@ -1,6 +1,6 @@
 """`gateway up --ray`: a private local Ray head, the Serve app with Ray's LLMRouter, and the gateway.
 
-The recipe is ray-serve.md §d: node IP 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
+The recipe (docs/contributing.md, "Ray on one machine"): node IP 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
 HAProxy mode with direct ingress, HAProxy files and Ray's temp dir in one private
 directory, and non-default ports everywhere, so that this stack never collides
 with another Ray on the machine.
@@ -80,8 +80,8 @@ class RayStack:
     python: str = sys.executable
     extra_env: dict[str, str] = field(default_factory=dict)  # more environment for the head and the drivers
     draining_s: float = 2.0  # RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (Ray's default 30)
-    # A multi-node cluster on one machine (ray-serve.md §g): each node on its own loopback address,
-    # none on 127.0.0.1, a worker joining the head's GCS address.
+    # A multi-node cluster on one machine (docs/contributing.md, "Ray on one machine"): each node on its own
+    # loopback address, none on 127.0.0.1, a worker joining the head's GCS address.
     node_ip: str = "127.0.0.1"
     join: str = ""
     root: str = ""
@@ -127,7 +127,8 @@ class RayStack:
         return self.ports["http"]
 
     def env(self) -> dict[str, str]:
-        """The environment of `ray start` and of every driver that deploys (ray-serve.md §b, §d)."""
+        """The environment of `ray start` and of every driver that deploys: Ray's HAProxy-mode settings
+        (ray/serve/_private/constants.py, Ray 2.60.0) pointed into our private directory."""
         hap = os.path.join(self.root, "hap")
         p = self.ports
         multi_node = {} if self.node_ip == "127.0.0.1" else {
@@ -231,7 +232,8 @@ class RayStack:
 
     def strays(self) -> list[int]:
         """Our processes that left the head's tree. A SIGKILLed vLLM front end orphans its EngineCore and Worker
-        (vllm-cpu.md; ~2 GB, reparented to init), and `ray.kill` is a SIGKILL: the safety net, by PID, for them.
+        (vLLM 0.32 on CPU, docs/contributing.md "Real vLLM on CPU"; ~2 GB, reparented to init), and `ray.kill`
+        is a SIGKILL: the safety net, by PID, for them.
         They carry this stack's environment, which names our private directory."""
         mark = f"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC={self.root}/hap/haproxy.cfg".encode()
         found = []

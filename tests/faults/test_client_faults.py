@@ -26,7 +26,7 @@ def test_disconnect_reaches_the_engine_within_100ms(stack) -> None:
     wait_until(lambda: replica.stats()["aborted"] == 1, deadline_s=5, interval_s=0.005, what="abort at the replica")
     elapsed = time.monotonic() - closed
     print(f"\nabort reached the engine {elapsed * 1000:.1f} ms after the client closed")
-    # Measured ~5-20 ms on a quiet machine (README, Reliability); the bound leaves room for a loaded CI box.
+    # Measured ~5-20 ms on a quiet machine (docs/operating.md, Reliability); the bound leaves room for a loaded CI box.
     assert elapsed < 1.0
 
 

@@ -1,7 +1,7 @@
 """Load under faults: 1,000 concurrent streams for 60 s while a replica is killed and restarted.
 
 Asserts: no request lost apart from those in flight on the killed replica, bounded memory, no leaked
-file descriptors or connections. Prints the figures that go into the README's Reliability table.
+file descriptors or connections. Prints the figures that go into the Reliability table (docs/operating.md).
 Marked `soak` (about 80 s): `pytest -m soak -s`.
 """
 
