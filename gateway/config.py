@@ -144,7 +144,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_key", ("GATEWAY_API_KEY",), str, "",
            "one API key clients must send as 'Authorization: Bearer KEY' (like vLLM's --api-key); its name is 'default'"),
     Option("api_keys_file", ("GATEWAY_API_KEYS_FILE",), str, "",
-           "TOML file of [[keys]] (name, sha256, optional rps, burst, max_in_flight, models); reloaded on SIGHUP"),
+           "TOML file of [[keys]] (name, sha256, optional rps, burst, max_in_flight, models, tokens_per_minute, tokens_per_day); reloaded on SIGHUP"),
+    Option("token_accounting", ("GATEWAY_TOKEN_ACCOUNTING",), _bool, False,
+           "count every completion's prompt and completion tokens per key and model (gateway_tokens_total, /-/usage, "
+           "the access log); always on for keys with a token budget. Metered streams stay off the C pump for now"),
+    Option("token_default_max_tokens", ("GATEWAY_TOKEN_DEFAULT_MAX_TOKENS",), int, 1024,
+           "completion tokens a token budget reserves for a request that sets no max_tokens"),
+    Option("token_minute_s", ("GATEWAY_TOKEN_MINUTE_S",), _seconds, 60.0,
+           "length of the tokens_per_minute window (shorter only to test budgets)"),
+    Option("token_state_file", ("GATEWAY_TOKEN_STATE_FILE",), str, "",
+           "file keeping today's token totals across restarts (default $XDG_STATE_HOME or ~/.local/state, "
+           "then gateway/tokens-PORT.json)"),
+    Option("quota_ledger", ("GATEWAY_QUOTA_LEDGER",), _bool, True,
+           "with --ray-address: keys' limits hold for the whole cluster, lent out by one quota ledger actor"),
     Option("upstream_api_key", ("GATEWAY_UPSTREAM_API_KEY",), str, "",
            "Authorization sent to replicas (a vLLM started with --api-key); the client's own never reaches them"),
     Option("tls_cert", ("GATEWAY_TLS_CERT",), str, "", "PEM certificate chain: the public listener speaks HTTPS (TLS 1.2+); reloaded on SIGHUP"),
@@ -236,7 +248,7 @@ class _ConfigMethods:
     def front_door(self) -> bool:
         """Whether requests pass the security checks at all: off, the data plane pays nothing for them."""
         return bool(self.api_key or self.api_keys_file or self.upstream_api_key or self.cors_origins
-                    or self.admin_port)
+                    or self.admin_port or self.token_accounting)
 
     @property
     def mode(self) -> str:

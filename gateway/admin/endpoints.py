@@ -44,7 +44,10 @@ class Admin:
             Route("/-/ready", self.ready),
             Route("/-/routes", self.routes),
             Route("/-/metrics", self.prometheus),
+            Route("/-/usage", self.usage_report),
         ])
+        self.usage: Any = None  # observability.usage.UsageBook, set by the process
+        self.door: Any = None  # security.door.FrontDoor when configured
         self.app.add_exception_handler(404, self.not_found)
 
     async def healthz(self, request: StarletteRequest) -> Response:
@@ -91,6 +94,20 @@ class Admin:
     async def prometheus(self, request: StarletteRequest) -> Response:
         return Response(self.metrics.render(self.refresh_gauges), media_type=self.metrics.content_type)
 
+    async def usage_report(self, request: StarletteRequest) -> Response:
+        """Tokens per key and model: since start, this UTC minute, this UTC day (and each key's budgets)."""
+        door = self.door
+        if door is not None and door.needs_key and request.scope.get("gateway.key") is None:
+            # Also on the admin listener, which checks no key for its other endpoints: usage is per customer.
+            header = request.headers.get("authorization")
+            if door.authenticate(header.encode("latin-1") if header else None) is None:
+                return error_response(Reason.UNAUTHORIZED)
+        body = self.usage.report() if self.usage is not None else {"keys": {}}
+        body["pid"] = os.getpid()
+        if door is not None:
+            body["budgets"] = door.budgets()
+        return Response(orjson.dumps(body), media_type="application/json")
+
     async def not_found(self, request: StarletteRequest, exc: Exception) -> Response:
         return error_response(Reason.NOT_FOUND, f"no gateway endpoint {request.url.path}")
 
@@ -110,6 +127,7 @@ class Admin:
             "client": None,
             "server": None,
             "app": self.app,
+            "gateway.key": request.key,  # matched by the public listener's front door (None on the admin listener)
         }
         sent_body = False
         status = 500

@@ -40,6 +40,7 @@ class Reason(str, enum.Enum):
     MODEL_NOT_ALLOWED = "model_not_allowed"
     RATE_LIMITED = "rate_limited"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    TOKEN_LIMITED = "token_limited"
 
 
 # status, OpenAI error type, default message
@@ -68,9 +69,10 @@ _DETAILS: dict[Reason, tuple[int, str, str]] = {
     Reason.MODEL_NOT_ALLOWED: (403, "permission_error", "this API key may not use the requested model"),
     Reason.RATE_LIMITED: (429, "rate_limit_error", "this API key is over its request limit"),
     Reason.ORIGIN_NOT_ALLOWED: (403, "permission_error", "this origin may not open a WebSocket here (--cors-origins)"),
+    Reason.TOKEN_LIMITED: (429, "rate_limit_error", "this API key is over its token budget"),
 }
 # The OpenAI error code where it differs from our reason name (the SDKs and clients key on OpenAI's).
-_CODES = {Reason.UNAUTHORIZED: "invalid_api_key"}
+_CODES = {Reason.UNAUTHORIZED: "invalid_api_key", Reason.TOKEN_LIMITED: "rate_limit_exceeded"}
 
 
 def status_of(reason: Reason) -> int:

@@ -281,6 +281,7 @@ class Relay:
         self.state.exchange_started()
         request.replica_id = target.replica_id
         client.upstream = conn
+        conn.meter = request.meter
         client.idle_reads = -1
         timeout = self.config.first_byte_timeout_s
         client.first_byte_deadline = time.monotonic() + timeout if timeout else 0.0

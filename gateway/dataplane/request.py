@@ -15,6 +15,7 @@ class Request:
         "has_host", "started", "router_s", "first_byte_s", "status", "reason", "replica_id", "bytes_out",
         "retries", "upstream_head", "extra_headers", "trace", "origin", "key", "key_counted",
         "upstream_url", "upstream_body", "resume", "resume_refused", "resumes", "upgrade", "bytes_in",
+        "meter", "reservation",
     )
 
     def __init__(self, method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -49,6 +50,10 @@ class Request:
         self.origin: bytes | None = None
         self.key: Any = None
         self.key_counted: Any = None
+        # Token accounting (observability/usage.py), set by the front door for a completion it counts: the meter
+        # the response is read through, and the key's budget reservation settled with its count at the end.
+        self.meter: Any = None
+        self.reservation: Any = None
         # What goes to the replica: the client's URL and body, unless a resume rewrote them.
         self.upstream_url: bytes | None = None
         self.upstream_body = body
@@ -79,6 +84,8 @@ class Request:
             "ttfb_ms": round(self.first_byte_s * 1000, 3) if self.first_byte_s else None,
             "total_ms": round((now - self.started) * 1000, 3),
             "key": self.key.name if self.key is not None else None,
+            "prompt_tokens": self.meter.prompt if self.meter is not None else None,
+            "completion_tokens": self.meter.completion if self.meter is not None else None,
         }
         if self.upgrade is not None:  # a tunnel: total_ms is its duration, bytes go replica to client
             record["upgrade"] = self.upgrade.decode("latin-1")

@@ -17,7 +17,7 @@ import asyncio
 import re
 import socket
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 
@@ -125,6 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.streaming = False  # a sink gets this response's payload (a 200 chunked stream)
         self.fd = -1
         self.pumped: _pump.Stream | None = None  # the C pump's handle while it relays this response's body
+        self.meter: Any = None  # the request's token meter (observability/usage.py): every body read goes through it
         self._head_keep_alive = False
 
     # -- asyncio.Protocol
@@ -156,7 +157,8 @@ class UpstreamConnection(asyncio.Protocol):
             except httptools.HttpParserError:
                 client.upstream_failed(self, "malformed")
                 return
-            client.transport.write(data)
+            meter = self.meter
+            client.transport.write(data if meter is None else meter.feed(data))
             if self.complete:
                 if len(data) > 3 and not data.endswith(b"\r\n\r\n"):
                     self.keep_alive = False  # bytes after the end: the replica is off-protocol, do not reuse
@@ -405,6 +407,11 @@ class UpstreamConnection(asyncio.Protocol):
         if head.startswith(b"HTTP/1.0 "):
             head = b"HTTP/1.1 " + head[9:]  # we speak 1.1 to the client; framing is handled above
         body_start = b"" if self.streaming else b"".join(self._early_body) if self._dechunk else buffer[end + 4:]
+        meter = self.meter
+        if meter is not None:
+            # Metered only when the body goes through data_received as it is (not a resume's, not de-chunked).
+            meter.head(status if sink is None and not dechunk_client else 0, chunked)
+            body_start = meter.feed(body_start)
         client.upstream_head(self, status, head, b"\nx-request-id:" in lower, body_start,
                              must_close=self._close_delimited or dechunk_client)
         if self.client is not client:
@@ -415,7 +422,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.keep_alive = False
         if self.complete:
             client.upstream_complete(self)
-        elif chunked and not self._dechunk and sink is None:
+        elif chunked and not self._dechunk and sink is None and meter is None:
             pump = client.state.pump
             if pump is not None and client.fd >= 0 and not client.writing_paused \
                     and not client.transport.get_write_buffer_size():

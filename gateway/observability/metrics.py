@@ -151,6 +151,13 @@ class Metrics:
                                     "replica, out = replica to client", ["direction"], registry=registry)
         self._tunnel_in = self.tunnel_bytes.labels("in")
         self._tunnel_out = self.tunnel_bytes.labels("out")
+        # Token accounting (observability/usage.py), counted once per request at its end.
+        self.tokens = Counter("gateway_tokens", "Tokens of completions relayed, from the replica's usage (a stream "
+                              "cut short: what reached the client), by API key name, model and kind",
+                              ["key", "model", "kind"], registry=registry)
+        self.ledger_up = Gauge("gateway_quota_ledger_up", "1 while the cluster's quota ledger lends this gateway its "
+                               "keys' limits; 0: each gateway holds an equal share", registry=registry)
+        self._token_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self._request_children: dict[tuple[str, int, str, str], Counter] = {}
         self._ok = self.router_latency.child("ok")
         self._failed = self.router_latency.child("failed")
@@ -162,6 +169,14 @@ class Metrics:
         if child is None:
             child = self._request_children[key] = self.requests.labels(route, str(status), reason, key_name)
         child.inc()
+
+    def tokens_used(self, key: str, model: str, prompt: int, completion: int) -> None:
+        children = self._token_children.get((key, model))
+        if children is None:
+            children = self._token_children[(key, model)] = (self.tokens.labels(key, model, "prompt"),
+                                                             self.tokens.labels(key, model, "completion"))
+        children[0].inc(prompt)
+        children[1].inc(completion)
 
     def first_byte(self, replica: str, seconds: float) -> None:
         self.ttfb.observe(self.ttfb.child(replica), seconds)

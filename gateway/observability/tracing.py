@@ -52,6 +52,7 @@ class Traced(Protocol):
     retries: int
     resumes: int
     trace: Any
+    meter: Any  # token counts (usage.py) when the request was metered
 
 
 class _Trace:
@@ -174,6 +175,7 @@ class RequestTracer:
                 # Resumes are counted by the resume feature when it is there; until then a request has none.
                 "gateway.resumes": request.resumes,
                 "gateway.response_bytes": request.bytes_out,
+                **self._usage(request.meter),
             }, kind=self._server, status=error or self._unset, start_time=start_ns, end_time=end_ns,
             instrumentation_scope=self._scope)]
 
@@ -197,6 +199,14 @@ class RequestTracer:
             else:  # no response head: the whole wait was for the first byte
                 child("replica first byte", self._client, replica, routed_ns, end_ns, bool(reason))
         return spans
+
+    @staticmethod
+    def _usage(meter: Any) -> dict[str, Any]:
+        """Token counts under OpenTelemetry's GenAI names (gen_ai.usage.*: prompt = input, completion = output)."""
+        if meter is None or not meter.total:
+            return {}
+        return {"gen_ai.usage.input_tokens": meter.prompt, "gen_ai.usage.output_tokens": meter.completion,
+                "gen_ai.request.model": meter.ask.model}
 
     # -- lifecycle
     def close(self, timeout_s: float = 2.0) -> None:

@@ -26,6 +26,7 @@ from gateway.dataplane.upstream import UpstreamConnection, open_upstream, start_
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import RequestTracer
+from gateway.observability.usage import UsageBook, default_state_file
 from gateway.security.door import FrontDoor
 from gateway.security.keys import KeysError
 from gateway.security.tls import TlsError, TlsFiles
@@ -37,6 +38,7 @@ log = logging.getLogger("gateway")
 # Timeouts (router, first byte, idle, slowloris) are enforced at this granularity.
 SWEEP_INTERVAL_S = 0.1
 TLS_SHUTDOWN_TIMEOUT_S = 10.0
+USAGE_SAVE_S = 5.0  # how often today's token totals reach the state file (and at exit)
 
 
 class Gateway:
@@ -65,18 +67,24 @@ class Gateway:
         self.tracer: RequestTracer | None = None
         if config.otlp_traces_url:
             self.tracer = self.state.tracer = RequestTracer(config.otlp_traces_url, config.trace_sample_ratio)
+        # Token totals per key and model (/-/usage, gateway_tokens_total); today's survive a restart in a file.
+        self.usage = UsageBook(config.token_state_file or default_state_file(config.port))
+        self.usage.listeners.append(self.metrics.tokens_used)
+        self.admin.usage = self.usage
         try:
-            self.door = FrontDoor(config) if config.front_door else None
+            self.door = FrontDoor(config, self.usage) if config.front_door else None
             self.tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
         except (KeysError, TlsError) as exc:
             raise ConfigError(str(exc)) from None
         self.state.door = self.door
+        self.admin.door = self.door
         # The admin listener's connections are its own: never counted, drained or checked with the public ones.
         self.admin_state = ServerState(self.metrics, config.max_connections, config.session_header,
                                        self.request_finished)
         self._admin_server: asyncio.base_events.Server | None = None
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
+        self._usage_saved = 0.0
         self.metrics.router_counts.read = self._router_counts
         self.apps.listeners.append(self._apps_changed)
         self._apps_changed(list(self.apps), [])
@@ -151,10 +159,16 @@ class Gateway:
 
     # -- requests (called through the server state)
     def request_finished(self, request: Request) -> None:
+        key = request.key
+        meter = request.meter
+        if meter is not None:
+            meter.end()  # before the trace and the access log, which show its counts
+            if meter.total:
+                self.usage.record(key.name if key is not None else "", meter.ask.model, meter.prompt,
+                                  meter.completion)
         if request.trace is not None:
             self.tracer.finish(request)  # type: ignore[union-attr]
         route = "admin" if request.url.startswith(b"/-/") else "proxy"
-        key = request.key
         if key is not None:
             if self.door is not None:
                 self.door.finished(request)
@@ -272,6 +286,9 @@ class Gateway:
 
     def _sweep_once(self, now: float, expire_pools: bool) -> None:
         self.access_log.flush()
+        if self._usage_saved + USAGE_SAVE_S <= now:
+            self._usage_saved = now
+            self.usage.save()
         routers = self.routers()
         for router in routers:
             router.expire(now)
@@ -349,6 +366,7 @@ class Gateway:
             for conn in list(self.admin_state.connections):
                 conn.transport.close()
         self.access_log.close()
+        self.usage.save()
         if self.tracer is not None:
             # The SDK's flush blocks (HTTP in its thread): off the loop, and bounded.
             await asyncio.to_thread(self.tracer.close)

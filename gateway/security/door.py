@@ -19,7 +19,9 @@ from gateway.config import Config
 from gateway.dataplane.reasons import Reason, error_response
 from gateway.dataplane.request import Request
 from gateway.security.cors import Cors
+from gateway.security.budgets import TokenBudget
 from gateway.security.keys import ApiKey, KeyRing, KeysError, load_keys
+from gateway.observability.usage import StreamMeter, UsageBook, ask
 from gateway.security.limits import KeyStates
 
 if TYPE_CHECKING:
@@ -39,11 +41,13 @@ def _error(reason: Reason, message: str | None = None, *, retry_after_s: int | N
 
 
 class FrontDoor:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, usage: UsageBook | None = None):
         self.config = config
         self.keys: KeyRing = load_keys(config.api_key, config.api_keys_file)
+        self.usage = usage
+        self.accounting = config.token_accounting
         # What each key name has used: outlives reloads (a request gives back to the state it took from).
-        self.states = KeyStates()
+        self.states = KeyStates(config.token_minute_s, usage.day_tokens if usage is not None else lambda name: 0)
         self.states.attach(self.keys.keys)
         self.cors = Cors(config.cors_origins, config.session_header) if config.cors_origins else None
         self.admin_elsewhere = bool(config.admin_port)
@@ -126,11 +130,38 @@ class FrontDoor:
                 client.respond_error(Reason.RATE_LIMITED, f"key {key.name!r} is over its rate of {state.rps:g}/s",
                                      retry_after_s=max(1, math.ceil(wait)))
                 return False
+            if (state.tokens is not None or self.accounting) and not self._meter(client, request, state.tokens):
+                return False
             state.in_flight += 1
             request.key_counted = state
+        elif self.accounting:
+            self._meter(client, request, None)
         if self.upstream_auth is not None:
             request.headers.append(self.upstream_auth)
         return True
+
+    def _meter(self, client: "Client", request: Request, budget: TokenBudget | None) -> bool:
+        """Count the request's tokens (a completion only) and reserve its worst case on the key's budget."""
+        asked = ask(request.method, request.path, request.body)
+        if asked is None:
+            return True
+        what, body = asked
+        if budget is not None:
+            reservation, wait, which = budget.reserve(what.worst_case(self.config.token_default_max_tokens))
+            if reservation is None:
+                limit = budget.per_minute if which == "minute" else budget.per_day
+                client.respond_error(Reason.TOKEN_LIMITED, f"key {request.key.name!r} is over its "
+                                     f"tokens_per_{which} of {limit}", retry_after_s=max(1, math.ceil(wait)))
+                return False
+            request.reservation = (budget, reservation)
+        request.meter = StreamMeter(what)
+        if body is not None:
+            request.upstream_body = body  # the stream now asks for its usage chunk (the client will not see it)
+        return True
+
+    def budgets(self) -> dict[str, object]:
+        """Each configured key's token budgets and what is used of them now (for /-/usage)."""
+        return {key.name: key.state.tokens.describe() for key in self.keys.keys if key.state.tokens is not None}
 
     @staticmethod
     def _model_allowed(models: frozenset[str], body: bytes) -> bool:
@@ -141,6 +172,11 @@ class FrontDoor:
         return isinstance(model, str) and model in models
 
     def finished(self, request: Request) -> None:
+        held = request.reservation
+        if held is not None:
+            request.reservation = None
+            meter = request.meter
+            held[0].settle(held[1], meter.total if meter is not None else 0)
         state = request.key_counted
         if state is not None:
             state.in_flight -= 1  # the state it was counted against, whatever reloads happened since

@@ -36,6 +36,8 @@ class ApiKey:
     burst: float = 0.0
     max_in_flight: int = 0  # 0 = no limit
     models: frozenset[str] | None = None  # None = every model
+    tokens_per_minute: int = 0  # prompt + completion tokens; 0 = no budget (budgets.py)
+    tokens_per_day: int = 0
     state: Any = field(default=None, repr=False, compare=False)  # limits.KeyState, set by KeyStates.attach
 
     def __post_init__(self) -> None:
@@ -57,6 +59,8 @@ def toml_entry(name: str, key: str) -> str:
             f'# rps = 5            # requests per second (token bucket)\n'
             f'# burst = 10         # bucket size\n'
             f'# max_in_flight = 4  # requests at once\n'
+            f'# tokens_per_minute = 100000  # prompt + completion tokens\n'
+            f'# tokens_per_day = 5000000\n'
             f'# models = ["my-model"]\n')
 
 
@@ -103,7 +107,8 @@ def parse_keys(data: dict, source: str) -> list[ApiKey]:
         where = f"{source}, keys[{index}]"
         if not isinstance(entry, dict):
             raise KeysError(f"{where}: not a table")
-        unknown = set(entry) - {"name", "sha256", "rps", "burst", "max_in_flight", "models"}
+        unknown = set(entry) - {"name", "sha256", "rps", "burst", "max_in_flight", "models", "tokens_per_minute",
+                                "tokens_per_day"}
         if unknown:
             raise KeysError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         name = check_name(entry.get("name"), where)
@@ -132,7 +137,9 @@ def parse_keys(data: dict, source: str) -> list[ApiKey]:
         names.add(name)
         digests.add(digest)
         keys.append(ApiKey(name, digest, rps, burst, int(_number(entry, "max_in_flight", where, int)),
-                           frozenset(models) if models is not None else None))
+                           frozenset(models) if models is not None else None,
+                           tokens_per_minute=int(_number(entry, "tokens_per_minute", where, int)),
+                           tokens_per_day=int(_number(entry, "tokens_per_day", where, int))))
     return keys
 
 

@@ -9,7 +9,10 @@ neither strand a count on a key object nobody looks at any more nor refill a buc
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from gateway.security.budgets import TokenBudget
 
 if TYPE_CHECKING:
     from gateway.security.keys import ApiKey
@@ -18,7 +21,7 @@ if TYPE_CHECKING:
 class KeyState:
     """The live counters of one key name. `configure` takes new limits from a reload, keeping the counts."""
 
-    __slots__ = ("name", "in_flight", "rps", "burst", "max_in_flight", "level", "updated")
+    __slots__ = ("name", "in_flight", "rps", "burst", "max_in_flight", "level", "updated", "tokens")
 
     def __init__(self, name: str):
         self.name = name
@@ -28,6 +31,7 @@ class KeyState:
         self.max_in_flight = 0
         self.level = 0.0  # requests left in the bucket
         self.updated = time.monotonic()
+        self.tokens: TokenBudget | None = None  # tokens_per_minute / tokens_per_day, when the key has either
 
     def configure(self, key: "ApiKey") -> None:
         if key.rps and not self.rps:
@@ -54,8 +58,10 @@ class KeyState:
 class KeyStates:
     """Every key name seen since start, and its state: a name that leaves the keys file and comes back keeps it."""
 
-    def __init__(self) -> None:
+    def __init__(self, minute_s: float = 60.0, day_used: Callable[[str], int] = lambda name: 0):
         self.by_name: dict[str, KeyState] = {}
+        self.minute_s = minute_s
+        self.day_used = day_used  # what a key used earlier today (the usage state file), for a new budget
 
     def attach(self, keys: "list[ApiKey]") -> None:
         """Point each key of a freshly loaded file at its name's state, with the file's limits."""
@@ -64,4 +70,12 @@ class KeyStates:
             if state is None:
                 state = self.by_name[key.name] = KeyState(key.name)
             state.configure(key)
+            if key.tokens_per_minute or key.tokens_per_day:
+                if state.tokens is None:
+                    state.tokens = TokenBudget(key.tokens_per_minute, key.tokens_per_day, self.minute_s,
+                                               self.day_used(key.name))
+                else:
+                    state.tokens.configure(key.tokens_per_minute, key.tokens_per_day)
+            else:
+                state.tokens = None  # reservations in flight settle on the budget object they hold
             key.state = state

@@ -1,0 +1,461 @@
+"""Token accounting: what each completion cost, in prompt and completion tokens, per key and model.
+
+Read from the replica's own `usage` (vLLM's numbers, never a tokenizer of ours):
+
+* a non-streamed answer carries it in its JSON body;
+* a stream carries it in a last chunk (`"choices":[]`, then `"usage":{...}`) when the request
+  says `stream_options.include_usage`. When the client did not ask for it, the gateway asks
+  for it (`ask()` rewrites the upstream body) and removes that chunk from what the client
+  receives (`StreamMeter`). vLLM then also moves the final `system_fingerprint` from the last
+  content chunk to the usage chunk (vllm/entrypoints/openai/chat_completion/serving.py and
+  completion/serving.py, 0.32: "Stamp the fingerprint on terminal chunks only ... When
+  include_usage is on, the trailing usage chunk ... is the true final message"), so the
+  meter holds the chunks that carry a `finish_reason` until the usage chunk comes, and puts
+  the fingerprint back on them: the client gets the bytes it would have got without us.
+* a stream cut short has no usage chunk: its completion tokens are the content events that
+  reached the client (vLLM sends one event per engine step, one token each without
+  speculative decoding), its prompt the estimate admission made (`Ask.prompt_estimate`).
+
+The C pump (--native-relay) relays a stream without a Python call per chunk; a metered stream
+stays in Python until the pump reports usage itself (`PUMP_INTERFACE` below). Totals per key
+and model (since start, this UTC minute, this UTC day) are kept by `UsageBook`, which also
+keeps the day's totals in a small state file so they survive a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("gateway.usage")
+
+# What the C pump needs to meter a stream itself (issue 20); until it offers it, metered streams stay in Python:
+# - `Pump.add(..., meter=True, strip_usage=bool)`: recognise SSE events; with strip_usage drop the usage chunk
+#   (`"choices":[]` + `"usage":{`) and put its `"system_fingerprint"` back on the chunks with a finish_reason;
+# - at the end, `Stream.usage` = (prompt_tokens, completion_tokens) from the usage chunk or None, and
+#   `Stream.events` = content events relayed; Python then calls `StreamMeter.pumped(stream.usage, stream.events)`.
+PUMP_INTERFACE = ("usage", "events")
+
+_ACCOUNTED = (b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings")
+_USAGE_CHUNK = b'"choices":[]'  # vLLM's usage chunk has no choices (and only it, in a vLLM stream)
+_FINISHED = b'"finish_reason":"'  # a choice that ends here (null otherwise)
+_FINGERPRINT = re.compile(rb'"system_fingerprint":("(?:[^"\\]|\\.)*")')
+_EVENT = b"data: {"
+_MAX_HELD = 1 << 20  # a "stream" whose frames never end is not vLLM's: stop filtering, pass it through
+_MAX_UNARY = 8 << 20  # non-streamed bodies kept to read their usage (vLLM's are a few KB)
+BYTES_PER_TOKEN = 3  # prompt estimate before the replica counts: a little more tokens than English text has
+
+
+class Ask:
+    """What one completion request asks for, read from its body once at admission."""
+
+    __slots__ = ("model", "stream", "chat", "strip", "max_tokens", "prompt_estimate")
+
+    def __init__(self, model: str, stream: bool, chat: bool, strip: bool, max_tokens: int | None,
+                 prompt_estimate: int):
+        self.model = model
+        self.stream = stream
+        self.chat = chat
+        self.strip = strip  # we asked for the usage chunk: the client must not see it
+        self.max_tokens = max_tokens
+        self.prompt_estimate = prompt_estimate
+
+    def worst_case(self, default_max_tokens: int) -> int:
+        """The most tokens this request can cost: its prompt estimate plus the completion it allows."""
+        return self.prompt_estimate + (self.max_tokens if self.max_tokens is not None else default_max_tokens)
+
+
+def _text_bytes(value: object) -> int:
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, list):
+        if value and all(isinstance(item, int) for item in value):
+            return len(value) * BYTES_PER_TOKEN  # token ids: one token each
+        return sum(_text_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_text_bytes(item) for key, item in value.items() if key in ("content", "text", "input"))
+    return 0
+
+
+def estimate_prompt(document: dict[str, Any]) -> int:
+    """Prompt tokens, estimated from the text a request sends (the replica's count replaces it at the end)."""
+    messages = document.get("messages")
+    if isinstance(messages, list):
+        text = sum(_text_bytes(message) for message in messages)
+        return math.ceil(text / BYTES_PER_TOKEN) + 8 * len(messages)  # + each message's chat-template tokens
+    return math.ceil(_text_bytes(document.get("prompt", document.get("input"))) / BYTES_PER_TOKEN) + 1
+
+
+def ask(method: bytes, path: bytes, body: bytes) -> tuple[Ask, bytes | None] | None:
+    """The request's Ask, and the body to send instead (the stream now asks for usage) or None; None if not
+    a completion we count (then nothing about the request changes)."""
+    if method != b"POST" or not path.endswith(_ACCOUNTED) or not body:
+        return None
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None  # the replica answers it with a 400
+    if not isinstance(document, dict):
+        return None
+    model = document.get("model")
+    model = model if isinstance(model, str) else ""
+    chat = path.endswith(b"/chat/completions")
+    stream = document.get("stream") is True and not path.endswith(b"/embeddings")
+    limit = document.get("max_completion_tokens") if chat else None
+    if limit is None:
+        limit = document.get("max_tokens")
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)
+    max_tokens = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 else None
+    if path.endswith(b"/embeddings"):
+        max_tokens = 0
+    n = document.get("n")
+    if isinstance(n, int) and n > 1 and max_tokens is not None:
+        max_tokens *= n
+    new_body = None
+    strip = False
+    if stream:
+        options = document.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            options = dict(options) if isinstance(options, dict) else {}
+            options["include_usage"] = True
+            options["continuous_usage_stats"] = False  # one usage chunk, never usage on every chunk
+            document["stream_options"] = options
+            new_body = orjson.dumps(document)
+            strip = True
+    return Ask(model, stream, chat, strip, max_tokens, estimate_prompt(document)), new_body
+
+
+def usage_of(document: object) -> tuple[int, int] | None:
+    usage = document.get("usage") if isinstance(document, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+class StreamMeter:
+    """One request's count, filled from the replica's response as it is relayed.
+
+    The data path calls `head()` with the response head, passes every read of the body through
+    `feed()` (which returns what the client gets), and `end()` once when the exchange is over.
+    """
+
+    __slots__ = ("ask", "prompt", "completion", "exact", "events", "_on", "_stream", "_parts", "_size", "_tail",
+                 "_held", "_plain")
+
+    def __init__(self, ask: Ask):
+        self.ask = ask
+        self.prompt = 0
+        self.completion = 0
+        self.exact = False  # the replica's own numbers (else: what reached the client, estimated)
+        self.events = 0
+        self._on = False
+        self._stream = False
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._tail = b""
+        self._held: list[bytes] = []
+        self._plain = False  # gave up filtering (not vLLM's framing): relay as it comes
+
+    def head(self, status: int, chunked: bool) -> None:
+        """A new response head (a retry starts over): count only a 200."""
+        self._on = status == 200
+        self._stream = chunked and self.ask.stream
+        self._parts = []
+        self._size = 0
+        self._tail = b""
+        self._held = []
+        self.events = 0
+        self.exact = False
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._on or not data:
+            return data
+        if not self._stream:
+            if self._size < _MAX_UNARY:
+                self._parts.append(data)
+                self._size += len(data)
+            return data
+        if self._plain:
+            return data
+        if self._tail or self._held or _USAGE_CHUNK in data or (self.ask.strip and _FINISHED in data) \
+                or not data.endswith(b"\n\r\n"):
+            return self._walk(data)
+        # The common read: whole chunks, none of them special (a chunk ends `\n\n\r\n`, the last `\r\n\r\n`:
+        # JSON never holds a raw CR, so a read ending so ends on a chunk boundary).
+        self.events += data.count(_EVENT)
+        return data
+
+    def _walk(self, data: bytes) -> bytes:
+        """Chunk by chunk: the rare reads (a usage chunk, a finish, a chunk split across reads)."""
+        buffer = self._tail + data if self._tail else data
+        self._tail = b""
+        out: list[bytes] = []
+        pos, size_of = 0, len(buffer)
+        while pos < size_of:
+            eol = buffer.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            try:
+                size = int(buffer[pos:eol].split(b";", 1)[0], 16)
+            except ValueError:
+                return self._give_up(out, buffer[pos:])
+            if size == 0:  # the last chunk (and trailers): the response ends, nothing may stay held
+                out += self._held
+                self._held = []
+                out.append(buffer[pos:])
+                pos = size_of
+                break
+            end = eol + 4 + size
+            if end > size_of:
+                break
+            self._chunk(buffer[pos:end], buffer[eol + 2:end - 2], out)
+            pos = end
+        if pos < size_of:
+            self._tail = buffer[pos:]
+            if len(self._tail) > _MAX_HELD:
+                tail, self._tail = self._tail, b""
+                return self._give_up(out, tail)
+        return b"".join(out)
+
+    def _give_up(self, out: list[bytes], rest: bytes) -> bytes:
+        self._plain = True
+        out += self._held
+        self._held = []
+        out.append(rest)
+        return b"".join(out)
+
+    def _chunk(self, frame: bytes, payload: bytes, out: list[bytes]) -> None:
+        if _USAGE_CHUNK in payload:
+            start = payload.find(b"data: ")
+            try:
+                counts = usage_of(orjson.loads(payload[start + 6:].strip())) if start >= 0 else None
+            except orjson.JSONDecodeError:
+                counts = None
+            if counts is not None:
+                self.prompt, self.completion = counts
+                self.exact = True
+            if self.ask.strip and counts is not None:
+                found = _FINGERPRINT.search(payload)
+                fingerprint = found.group(1) if found else None
+                for held in self._held:
+                    out.append(_with_fingerprint(held, fingerprint) if fingerprint else held)
+                self._held = []
+                return  # the client did not ask for it
+            out += self._held
+            self._held = []
+            out.append(frame)
+            return
+        self.events += payload.count(_EVENT)
+        if self.ask.strip and (self._held or _FINISHED in payload) and not payload.startswith(b"data: [DONE]"):
+            self._held.append(frame)  # until the usage chunk says which fingerprint it carried
+            return
+        out += self._held
+        self._held = []
+        out.append(frame)
+
+    def pumped(self, usage: tuple[int, int] | None, events: int) -> None:
+        """The C pump relayed the stream (PUMP_INTERFACE): its counts."""
+        self.events += events
+        if usage is not None:
+            self.prompt, self.completion = usage
+            self.exact = True
+
+    def end(self) -> None:
+        """The exchange is over: settle the counts (the replica's, else what reached the client)."""
+        if not self._on:
+            return
+        self._on = False
+        if not self._stream:
+            parts, self._parts = self._parts, []
+            if parts:
+                try:
+                    counts = usage_of(orjson.loads(b"".join(parts)))
+                except orjson.JSONDecodeError:
+                    counts = None
+                if counts is not None:
+                    self.prompt, self.completion = counts
+                    self.exact = True
+            return
+        if not self.exact and self.events:
+            # Cut short: the content events the client got (chat's first event only names the role).
+            self.completion = max(0, self.events - (1 if self.ask.chat else 0))
+            self.prompt = self.ask.prompt_estimate
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+def _with_fingerprint(frame: bytes, fingerprint: bytes) -> bytes:
+    """A finishing chunk as vLLM writes it when no usage chunk follows: with the fingerprint, re-framed."""
+    start = frame.find(b"\r\n") + 2
+    payload = frame[start:-2]
+    if b'"system_fingerprint"' in payload or not payload.endswith(b"}\n\n") or _FINISHED not in payload:
+        return frame
+    payload = payload[:-3] + b',"system_fingerprint":' + fingerprint + b"}\n\n"
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+# -- totals per key and model
+def _utc_minute(now: float) -> int:
+    return int(now // 60)
+
+
+def _utc_day(now: float) -> int:
+    return int(now // 86400)
+
+
+class _Counts:
+    __slots__ = ("requests", "prompt", "completion")
+
+    def __init__(self, requests: int = 0, prompt: int = 0, completion: int = 0):
+        self.requests, self.prompt, self.completion = requests, prompt, completion
+
+    def add(self, prompt: int, completion: int) -> None:
+        self.requests += 1
+        self.prompt += prompt
+        self.completion += completion
+
+    def as_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, "prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                "total_tokens": self.prompt + self.completion}
+
+
+def default_state_file(port: int) -> str:
+    """Where the day's totals are kept when --token-state-file is not given: $XDG_STATE_HOME (or
+    ~/.local/state, or the temp dir when there is no home) /gateway/tokens-PORT.json."""
+    base = os.environ.get("XDG_STATE_HOME") or (os.path.join(os.path.expanduser("~"), ".local", "state")
+                                                if os.path.expanduser("~") != "~" else tempfile.gettempdir())
+    return os.path.join(base, "gateway", f"tokens-{port}.json")
+
+
+class UsageBook:
+    """Totals per (key, model): since this process started, this UTC minute, this UTC day.
+
+    The day's totals are written to `state_file` (every few seconds and at exit, atomically) and read back
+    at start when the file is of the same UTC day, so a restart does not forget what a key used today. With
+    --workers every worker adds its own part of the day to the same file, under a lock.
+    """
+
+    def __init__(self, state_file: str = "", clock: Any = time.time):
+        self.clock = clock
+        self.total: dict[tuple[str, str], _Counts] = {}
+        self.minute: dict[tuple[str, str], _Counts] = {}
+        self.day: dict[tuple[str, str], _Counts] = {}
+        self.started = clock()
+        now = self.started
+        self.minute_index = _utc_minute(now)
+        self.day_index = _utc_day(now)
+        self.state_file = state_file
+        self._unsaved: dict[tuple[str, str], _Counts] = {}  # this process's part since the last save
+        self.listeners: list[Any] = []  # called with (key, model, prompt, completion) for every count
+        if state_file:
+            self._load()
+
+    def _roll(self, now: float) -> None:
+        minute = _utc_minute(now)
+        if minute != self.minute_index:
+            self.minute_index = minute
+            self.minute = {}
+        day = _utc_day(now)
+        if day != self.day_index:
+            self.save()  # yesterday's part goes to yesterday
+            self.day_index = day
+            self.day = {}
+
+    def record(self, key: str, model: str, prompt: int, completion: int) -> None:
+        self._roll(self.clock())
+        label = (key, model)
+        for table in (self.total, self.minute, self.day, self._unsaved):
+            counts = table.get(label)
+            if counts is None:
+                counts = table[label] = _Counts()
+            counts.add(prompt, completion)
+        for listener in self.listeners:
+            listener(key, model, prompt, completion)
+
+    def day_tokens(self, key: str) -> int:
+        """What `key` used today (UTC), every model, including what the state file brought back."""
+        self._roll(self.clock())
+        return sum(c.prompt + c.completion for (name, _), c in self.day.items() if name == key)
+
+    def report(self, key: str | None = None) -> dict[str, Any]:
+        """The /-/usage body: every key (or one), per model."""
+        now = self.clock()
+        self._roll(now)
+        keys: dict[str, Any] = {}
+        for period, table in (("since_start", self.total), ("minute", self.minute), ("day", self.day)):
+            for (name, model), counts in table.items():
+                if key is not None and name != key:
+                    continue
+                models = keys.setdefault(name, {})
+                models.setdefault(model, {})[period] = counts.as_dict()
+        for models in keys.values():
+            for periods in models.values():
+                for period in ("since_start", "minute", "day"):
+                    periods.setdefault(period, _Counts().as_dict())
+        return {"started": int(self.started), "minute_start": self.minute_index * 60, "day_start":
+                self.day_index * 86400, "keys": keys}
+
+    # -- the day's state file
+    def _load(self) -> None:
+        try:
+            with open(self.state_file, "rb") as handle:
+                data = json.loads(handle.read() or b"{}")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("token state file %s unreadable, the day starts from 0: %s", self.state_file, exc)
+            return
+        if data.get("day") != self.day_index:
+            return
+        for entry in data.get("usage", []):
+            try:
+                label = (str(entry["key"]), str(entry["model"]))
+                self.day[label] = _Counts(int(entry["requests"]), int(entry["prompt_tokens"]),
+                                          int(entry["completion_tokens"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+
+    def save(self) -> None:
+        """Add this process's part of the day to the state file (lock, read, add, write, rename)."""
+        if not self.state_file or not self._unsaved:
+            return
+        unsaved, self._unsaved = self._unsaved, {}
+        day = self.day_index
+        try:
+            import fcntl
+
+            os.makedirs(os.path.dirname(self.state_file) or ".", exist_ok=True)
+            with open(self.state_file + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    with open(self.state_file, "rb") as handle:
+                        data = json.loads(handle.read() or b"{}")
+                except (FileNotFoundError, ValueError):
+                    data = {}
+                rows = {(e["key"], e["model"]): e for e in data.get("usage", [])} if data.get("day") == day else {}
+                for (key, model), counts in unsaved.items():
+                    row = rows.setdefault((key, model), {"key": key, "model": model, "requests": 0,
+                                                         "prompt_tokens": 0, "completion_tokens": 0})
+                    row["requests"] += counts.requests
+                    row["prompt_tokens"] += counts.prompt
+                    row["completion_tokens"] += counts.completion
+                temporary = f"{self.state_file}.{os.getpid()}.tmp"
+                with open(temporary, "w") as handle:
+                    json.dump({"day": day, "usage": list(rows.values())}, handle)
+                os.replace(temporary, self.state_file)
+        except OSError as exc:
+            log.warning("token state file %s not written: %s", self.state_file, exc)

@@ -1,0 +1,160 @@
+"""Token accounting and token budgets over real sockets, against the mock engine (which reports usage as vLLM).
+
+The gateway's counts must be the replica's own `usage`; a stream whose client did not ask for usage gets the
+bytes it would have got without the gateway; budgets answer 429 `token_limited` with a Retry-After that holds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.security.keys import digest_of
+from tests.conftest import CHAT, Stack, wait_until
+
+KEY = "sk-tokens-0123456789"
+
+
+def raw_stream(port: int, path: str, body: dict, request_id: bytes, headers: bytes = b"") -> bytes:
+    """The response body of a streamed POST as it arrives on the socket, chunk framing and all."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+        conn.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-request-id: %s\r\n%s"
+                     b"content-length: %d\r\n\r\n%s" % (path.encode(), request_id, headers, len(data), data))
+        out = b""
+        while not out.endswith(b"\r\n0\r\n\r\n"):
+            piece = conn.recv(65536)
+            if not piece:
+                break
+            out += piece
+    return re.sub(rb'"created":\d+', b'"created":0', out.partition(b"\r\n\r\n")[2])
+
+
+def usage_of(gateway_url: str, key: str | None = None) -> dict:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(f"{gateway_url}/-/usage", headers=headers, timeout=5).json()
+
+
+def test_counts_are_the_replicas_usage_and_streams_stay_byte_exact(stack: Stack, tmp_path: Path) -> None:
+    replica = stack.replica("r1", "--itl-ms", "2")
+    gateway = stack.gateway([], [replica], "--token-accounting", "--token-state-file", str(tmp_path / "t.json"))
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="none", max_retries=0)
+    expected = [0, 0]
+
+    def add(usage: object) -> None:
+        expected[0] += usage.prompt_tokens  # type: ignore[attr-defined]
+        expected[1] += usage.completion_tokens  # type: ignore[attr-defined]
+
+    add(client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=7).usage)
+    add(client.completions.create(model="mock", prompt="hello world again", max_tokens=5).usage)
+    for create, kwargs in ((client.chat.completions.create, {"messages": CHAT["messages"]}),
+                           (client.completions.create, {"prompt": "a longer prompt of a few words"})):
+        chunks = list(create(model="mock", max_tokens=9, stream=True, stream_options={"include_usage": True},
+                             **kwargs))
+        assert chunks[-1].usage is not None  # the client asked: it gets the usage chunk
+        add(chunks[-1].usage)
+        plain = list(create(model="mock", max_tokens=9, stream=True, **kwargs))
+        assert all(chunk.usage is None and chunk.choices for chunk in plain)  # it did not: it never sees one
+        add(chunks[-1].usage)  # the same request: the same usage
+    # Byte for byte what the replica sends (same id through x-request-id, `created` aside), framing included.
+    for path, body in (("/v1/chat/completions", {**CHAT, "stream": True, "max_tokens": 6}),
+                       ("/v1/completions", {"model": "mock", "prompt": "hi", "max_tokens": 4, "stream": True}),
+                       ("/v1/chat/completions", {**CHAT, "stream": True, "max_tokens": 3,
+                                                 "stream_options": {"include_usage": False}})):
+        assert raw_stream(gateway.port, path, body, b"same-id") == raw_stream(replica.port, path, body, b"same-id")
+        direct = raw_stream(replica.port, path, {**body, "stream_options": {"include_usage": True}}, b"u")
+        expected[0] += int(re.search(rb'"prompt_tokens":(\d+)', direct).group(1))
+        expected[1] += int(re.search(rb'"completion_tokens":(\d+)', direct).group(1))
+    report = usage_of(gateway.url)["keys"][""]["mock"]
+    for period in ("since_start", "minute", "day"):
+        assert (report[period]["prompt_tokens"], report[period]["completion_tokens"]) == tuple(expected), period
+    metrics = gateway.metrics()
+    assert f'gateway_tokens_total{{key="",kind="prompt",model="mock"}} {expected[0]}.0' in metrics
+    assert f'gateway_tokens_total{{key="",kind="completion",model="mock"}} {expected[1]}.0' in metrics
+    wait_until(lambda: '"completion_tokens":9' in gateway.log(), what="the counts in the access log")
+
+
+def test_a_stream_cut_short_counts_what_reached_the_client(stack: Stack) -> None:
+    replica = stack.replica("r1", "--itl-ms", "2")
+    gateway = stack.gateway([], [replica], "--token-accounting")
+    with pytest.raises(httpx.RemoteProtocolError):  # the client sees the stream break
+        httpx.post(f"{gateway.url}/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 20},
+                   headers={"x-mock-fault": "die-mid-stream", "x-mock-after": "6"}, timeout=10)
+    wait_until(lambda: usage_of(gateway.url)["keys"], what="the cut stream's count")
+    report = usage_of(gateway.url)["keys"][""]["mock"]["since_start"]
+    assert report["completion_tokens"] == 5  # six events out: the role event and five tokens
+    assert report["prompt_tokens"] > 0  # the admission estimate (the replica never said)
+
+
+def keys_file(path: Path, extra: str) -> Path:
+    path.write_text(f'[[keys]]\nname = "budget"\nsha256 = "{digest_of(KEY).hex()}"\n{extra}\n')
+    return path
+
+
+def test_tokens_per_minute_answers_429_token_limited_then_admits_again(stack: Stack, tmp_path: Path) -> None:
+    replica = stack.replica("r1", "--itl-ms", "1")
+    # A 6 s "minute" (slots of 0.1 s), so the test waits seconds, not a minute.
+    gateway = stack.gateway([], [replica], "--api-keys-file", str(keys_file(tmp_path / "k.toml",
+                                                                            "tokens_per_minute = 100")),
+                            "--token-minute-s", "6", "--token-state-file", str(tmp_path / "t.json"))
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+    # Each request reserves its prompt estimate + max_tokens (40) and settles at its real usage (6 + 40).
+    for _ in range(2):
+        assert client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=40).usage
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=40)
+    response = info.value.response
+    assert response.headers["x-serve-reason"] == "token_limited"
+    assert info.value.code == "rate_limit_exceeded"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+    retry_after = int(response.headers["retry-after"])
+    assert 1 <= retry_after <= 6
+    refused_at = time.monotonic()
+    # Admitted again once Retry-After has passed (polled with a deadline; never before the window frees).
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=40)
+
+    def admitted() -> bool:
+        try:
+            client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=40)
+            return True
+        except openai.RateLimitError:
+            return False
+
+    wait_until(admitted, deadline_s=retry_after + 2, interval_s=0.1, what="the window to free up")
+    assert time.monotonic() - refused_at <= retry_after + 1
+    budgets = usage_of(gateway.url, KEY)["budgets"]["budget"]
+    assert budgets["tokens_per_minute"] == 100 and budgets["minute_used"] <= 100
+    # /-/usage needs a key when keys are on.
+    assert httpx.get(f"{gateway.url}/-/usage", timeout=5).status_code == 401
+
+
+def test_tokens_per_day_survive_a_restart(stack: Stack, tmp_path: Path) -> None:
+    replica = stack.replica("r1", "--itl-ms", "1")
+    state = tmp_path / "tokens.json"
+    keys = keys_file(tmp_path / "k.toml", "tokens_per_day = 60")
+    args = ("--api-keys-file", str(keys), "--token-state-file", str(state))
+    gateway = stack.gateway([], [replica], *args)
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+    used = client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=30).usage.total_tokens
+    gateway.child.signal(signal.SIGTERM)
+    assert gateway.child.stop() == 0
+    assert json.loads(state.read_text())["usage"][0]["completion_tokens"] == 30
+    gateway = stack.gateway([], [replica], *args)
+    day = usage_of(gateway.url, KEY)["keys"]["budget"]["mock"]["day"]
+    assert day["total_tokens"] == used
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=30)
+    assert info.value.response.headers["x-serve-reason"] == "token_limited"
+    midnight = 86400 - time.time() % 86400
+    assert abs(int(info.value.response.headers["retry-after"]) - midnight) <= 5
+    assert client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=5).usage
