@@ -158,6 +158,10 @@ class Metrics:
         self.ledger_up = Gauge("gateway_quota_ledger_up", "1 while the cluster's quota ledger lends this gateway its "
                                "keys' limits; 0: each gateway holds an equal share", registry=registry)
         self._token_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        # Accept side (process/refusal.py): clients answered 503 because the connection cap was reached; `limit`
+        # says which cap: max_connections, or the lower one the file descriptor limit holds.
+        self.connections_refused = Counter("gateway_connections_refused", "New clients answered 503 overloaded at "
+                                           "accept: the connection cap was reached", ["limit"], registry=registry)
         self._request_children: dict[tuple[str, int, str, str], Counter] = {}
         self._ok = self.router_latency.child("ok")
         self._failed = self.router_latency.child("failed")

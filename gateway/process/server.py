@@ -27,6 +27,8 @@ from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import RequestTracer
 from gateway.observability.usage import UsageBook, default_state_file
+from gateway.process.limits import connection_cap
+from gateway.process.refusal import Refusal, Refusals
 from gateway.security.door import FrontDoor
 from gateway.security.keys import KeysError
 from gateway.security.tls import TlsError, TlsFiles
@@ -219,10 +221,28 @@ class Gateway:
     async def start(self, sock: socket.socket | None = None) -> None:
         self.state.loop = loop = asyncio.get_running_loop()
         config, state, relay = self.config, self.state, self.relay
+        # Raise the fd limit and accept no more clients than it holds: past that, a clean 503 (process/limits.py).
+        state.max_connections = connection_cap(config.max_connections)
         state.pump = start_pump(loop, config.coalesce_ms / 1000, config.coalesce_min_streams) \
             if config.native_relay else None
 
-        def protocol() -> ClientConnection:
+        refusals = Refusals(self.metrics)
+        why = "max_connections" if state.max_connections >= config.max_connections else "fd_limit"
+        accepting = 0
+
+        def accepted() -> None:
+            nonlocal accepting
+            accepting = 0
+
+        def protocol() -> ClientConnection | Refusal:
+            # Decided at accept, counting the connections accepted in this loop iteration whose connection_made has
+            # not run yet (uvloop and asyncio both defer it): a client past the cap gets a 503 it can read.
+            nonlocal accepting
+            if len(state.connections) + accepting >= state.max_connections:
+                return refusals.new(why, len(state.connections), state.max_connections)
+            if not accepting:
+                loop.call_soon(accepted)
+            accepting += 1
             return ClientConnection(config, state, relay)
 
         # A TLS handshake is part of sending the request head: a stalled one is cut at header_timeout_s.
