@@ -325,7 +325,59 @@ class MockEngine:
             if method != "GET":
                 return self._json(responder, 405, openai_error("Method Not Allowed", 405, "MethodNotAllowed"), echo)
             return self._json(responder, 200, self._models_body, echo, fault)
+        if path == "/v1/responses" or path.startswith("/v1/responses/"):
+            try:
+                return await self._responses(request, responder, echo)
+            except BadRequest as exc:
+                return self._json(responder, 400, openai_error(str(exc), 400, "BadRequestError"), echo)
         return self._json(responder, 404, openai_error("Not Found", 404, "NotFoundError"), echo)
+
+    # -- the Responses API: state kept in this process, as vLLM's `response_store` (VLLM_ENABLE_RESPONSES_API_STORE)
+    async def _responses(self, request: Request, responder: Responder, echo: bytes) -> str:
+        store: dict[str, dict] = self.__dict__.setdefault("response_store", {})
+        if request.method == "GET":
+            stored = store.get(request.path.split("/")[3])
+            if stored is None:
+                return self._json(responder, 404, _not_found(request.path.split("/")[3]), echo)
+            return self._json(responder, 200, orjson.dumps(stored["response"]), echo)
+        body = orjson.loads(request.body or b"null")
+        if not isinstance(body, dict) or request.path != "/v1/responses":
+            raise BadRequest("POST /v1/responses takes a JSON object")
+        previous = body.get("previous_response_id")
+        history: list = []
+        if previous is not None:
+            if previous not in store:
+                return self._json(responder, 404, _not_found(previous), echo)  # vLLM's answer on the wrong replica
+            history = store[previous]["messages"]
+        given = body.get("input")
+        messages = history + ([{"role": "user", "content": given}] if isinstance(given, str) else list(given or []))
+        n = int(body.get("max_output_tokens") or self.config.max_tokens_default)
+        tokens = greedy_ids(prompt_ids(True, {"messages": messages}), n)
+        ident = body.get("request_id") or f"resp_{random.getrandbits(128):032x}"
+        text = "".join(TOKENS[t] for t in tokens)
+        message = {"type": "message", "id": f"msg_{random.getrandbits(64):016x}", "role": "assistant",
+                   "status": "completed", "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        response = {"id": ident, "object": "response", "created_at": int(time.time()), "model": self.config.model,
+                    "status": "completed", "output": [message], "previous_response_id": previous,
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                    "usage": {"input_tokens": len(messages), "output_tokens": n, "total_tokens": len(messages) + n}}
+        if body.get("store", True):
+            store[ident] = {"response": response, "messages": messages + [{"role": "assistant", "content": text}]}
+        if not body.get("stream"):
+            return self._json(responder, 200, orjson.dumps(response), echo)
+        itl = _number(body.get("itl_ms"), self.config.itl_ms, "itl_ms") / 1000.0
+        responder.start_stream(200, self._sse_headers + echo if echo else self._sse_headers)
+        events = [("response.created", {"response": {**response, "status": "in_progress", "output": []}})]
+        events += [("response.output_text.delta", {"item_id": message["id"], "output_index": 0, "content_index": 0,
+                                                   "delta": TOKENS[t], "logprobs": []}) for t in tokens]
+        events.append(("response.completed", {"response": response}))
+        for number, (kind, event) in enumerate(events):
+            if number > 1 and itl and not await responder.sleep(itl):
+                return ABORTED
+            await responder.write(b"event: %s\ndata: %s\n\n" % (kind.encode(), orjson.dumps(
+                {"type": kind, "sequence_number": number, **event})))
+        responder.end()
+        return COMPLETED
 
     def _json(self, responder: Responder, status: int, body: bytes, echo: bytes, fault: str | None = None) -> str:
         if fault == "die-mid-stream":
@@ -587,6 +639,11 @@ class _StepClock:
             self.next_at = now + self.period
         self.handle = self.loop.call_at(self.next_at, self._tick)
 
+
+
+def _not_found(response_id: str) -> bytes:
+    return orjson.dumps({"error": {"message": f"Response with id '{response_id}' not found.",
+                                   "type": "invalid_request_error", "param": "response_id", "code": 404}})
 
 
 def _die_after(raw: bytes | None, start: int, chat: bool) -> int:

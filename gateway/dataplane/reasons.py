@@ -41,6 +41,8 @@ class Reason(str, enum.Enum):
     RATE_LIMITED = "rate_limited"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     TOKEN_LIMITED = "token_limited"
+    # Responses API affinity (dataplane/responses.py).
+    RESPONSE_REPLICA_GONE = "response_replica_gone"
 
 
 # status, OpenAI error type, default message
@@ -68,6 +70,9 @@ _DETAILS: dict[Reason, tuple[int, str, str]] = {
                           "missing or invalid API key: send 'Authorization: Bearer <key>'"),
     Reason.MODEL_NOT_ALLOWED: (403, "permission_error", "this API key may not use the requested model"),
     Reason.RATE_LIMITED: (429, "rate_limit_error", "this API key is over its request limit"),
+    Reason.RESPONSE_REPLICA_GONE: (404, "invalid_request_error",
+                                   "the replica that stored this response is gone, and the response with it; "
+                                   "start over without previous_response_id"),
     Reason.ORIGIN_NOT_ALLOWED: (403, "permission_error", "this origin may not open a WebSocket here (--cors-origins)"),
     Reason.TOKEN_LIMITED: (429, "rate_limit_error", "this API key is over its token budget"),
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Protocol
@@ -19,6 +20,7 @@ import orjson
 from gateway.controlplane.targets import Target
 from gateway.dataplane.reasons import GatewayError, Reason
 from gateway.dataplane.request import Request
+from gateway.dataplane.responses import Affinity
 from gateway.dataplane.resume import COMPLETIONS, plan
 from gateway.dataplane.upstream import Downstream, UpstreamConnection
 from router_client import Decision, RouterError
@@ -70,6 +72,9 @@ class Relay:
         self.mark_down = mark_down
         # Passive outlier ejection: every request that fails on a replica is reported (never a success).
         self.outlier_failed = replica_failed
+        # Responses API affinity: a random secret still pins follow-ups that come back to this gateway process.
+        self.affinity = Affinity(config.cluster_secret.encode() or os.urandom(32)) \
+            if config.responses_affinity else None
 
     def dispatch(self, client: "Client", request: Request) -> None:
         door = self.state.door
@@ -91,6 +96,8 @@ class Relay:
             return
         if self.config.resume_limit:
             request.resume = plan(request, self.config.resume_limit)
+        if self.affinity is not None and b"/v1/responses" in request.url:
+            request.affinity = self.affinity.plan(request.method, request.path, request.body)
         self.route(client, request, None)
 
     def app_by_model(self, request: Request) -> "App | None":
@@ -141,6 +148,15 @@ class Relay:
             self.fail(client, request, GatewayError(Reason.NOT_FOUND, "no application serves this path"))
             return
         targets = app.targets
+        affinity = request.affinity
+        if affinity is not None and affinity.pinned is not None:
+            # The replica that stored the response is the only one that can continue it (responses.py).
+            target = targets.get(affinity.pinned)
+            if target is None:
+                self.fail(client, request, GatewayError(Reason.RESPONSE_REPLICA_GONE))
+                return
+            self.connect_to(client, request, target, None)
+            return
         if not targets.targets and targets.fallback is not None:
             # Scaled to zero: only the fallback Serve proxy can wake the app; the router would hang (ray-serve.md §e).
             self.connect_to(client, request, targets.fallback, None)
@@ -270,6 +286,12 @@ class Relay:
 
     def start_exchange(self, client: "Client", request: Request, target: Target,
                        conn: UpstreamConnection, extra_headers: dict[str, str] | None) -> None:
+        affinity = request.affinity
+        if affinity is not None:
+            body = affinity.body_for(target.replica_id)  # the response id names this replica
+            if body is not None:
+                request.upstream_body = body
+                request.upstream_head = b""
         head = request.upstream_head
         if not head:
             head = request.upstream_head = build_head(request, target)

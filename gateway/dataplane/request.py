@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gateway.dataplane.responses import ResponsesRequest
     from gateway.dataplane.resume import ResumeStream
 
 
@@ -15,7 +16,7 @@ class Request:
         "has_host", "started", "router_s", "first_byte_s", "status", "reason", "replica_id", "bytes_out",
         "retries", "upstream_head", "extra_headers", "trace", "origin", "key", "key_counted",
         "upstream_url", "upstream_body", "resume", "resume_refused", "resumes", "upgrade", "bytes_in",
-        "meter", "reservation",
+        "meter", "reservation", "affinity",
     )
 
     def __init__(self, method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -63,6 +64,7 @@ class Request:
         # A WebSocket upgrade (the Upgrade header's value), tunnelled after the replica's 101 (tunnel.py).
         self.upgrade: bytes | None = None
         self.bytes_in = 0  # a tunnel's bytes from the client to the replica
+        self.affinity: ResponsesRequest | None = None  # a Responses API request (responses.py)
 
     @property
     def path(self) -> bytes:

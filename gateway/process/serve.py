@@ -86,6 +86,9 @@ def run_serve(config: Config) -> int:
 
     if config.workers == 1:
         return uvloop.run(serve_async(config))
+    if not config.cluster_secret:
+        # One secret for all the workers (drawn before they fork): a Responses API id made by one is read by all.
+        config = config.with_changes(cluster_secret=os.urandom(32).hex())
     return _run_workers(config)
 
 
