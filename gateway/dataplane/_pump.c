@@ -13,6 +13,9 @@
  * Ownership: the pump works on dup()s of the two sockets, so a socket uvloop closes can
  * never be reused under it; the uvloop transport of the replica connection is paused while
  * the pump reads it, and uvloop never writes to the client while a stream is pumped.
+ * An epoll registration belongs to the open file, not to our dup: closing the dup does not
+ * remove it while uvloop's fd is open. So a stream leaves the epoll set before its memory may
+ * go, and a stream whose EPOLL_CTL_DEL failed is kept (a "zombie", retried) rather than freed.
  * Backpressure: a short write keeps the rest here, stops reading the replica and waits for
  * the client socket to drain (EPOLLOUT), the replica then waits in TCP flow control.
  * Coalescing: as the Python path, a stream whose reads come back to back (gap < coalesce_s)
@@ -20,7 +23,12 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#if PY_VERSION_HEX < 0x030C0000
+/* Python 3.12 moved the member types into Python.h as Py_T_* and deprecated structmember.h's T_* names;
+ * 3.11 has only the old header. */
 #include <structmember.h>
+#define Py_T_INT T_INT
+#endif
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
@@ -35,13 +43,34 @@
 #define MAX_EVENTS 256
 #define TIMER_TAG 1u  /* epoll data of the timerfd; stream pointers are aligned, so never 1 */
 #define CLIENT_BIT 2u /* tagged pointer: the client side of a stream became writable */
+/* A chunk-size line (size and extensions) longer than this is refused, as Go's net/http does
+ * (net/http/internal/chunked.go, maxLineLength = 4096): extensions are never used by a replica and
+ * only cost us bytes to skip. */
+#define MAX_CHUNK_LINE 4096
+/* Trailer section cap: the same as the response head's (upstream.py, MAX_HEAD_BYTES). */
+#define MAX_TRAILER_BYTES 65536
 
 /* How a pumped stream ended (Python: Pump.COMPLETE and so on). */
-enum { END_COMPLETE = 0, END_COMPLETE_EXTRA, END_EOF, END_UPSTREAM_ERROR, END_MALFORMED, END_CLIENT_ERROR };
+enum { END_COMPLETE = 0, END_COMPLETE_EXTRA, END_EOF, END_UPSTREAM_ERROR, END_MALFORMED, END_CLIENT_ERROR,
+       END_PUMP_ERROR };
 
 /* Chunked transfer coding (RFC 9112 7.1), only to find where the message ends. */
 enum { C_SIZE, C_EXT, C_SIZE_LF, C_DATA, C_DATA_CR, C_DATA_LF, C_TRAILER_START, C_TRAILER, C_TRAILER_LF,
        C_LAST_LF, C_DONE, C_BAD };
+
+/* ---------------------------------------------------------------- fault injection (tests only)
+ * _pump._fault(name, count) makes the next `count` calls of one system call fail (-1: every call), so the
+ * tests can reach the error paths that a healthy kernel never takes. */
+enum { F_EPOLL_ADD, F_EPOLL_DEL, F_EPOLL_WAIT, F_ALLOC, F_COUNT };
+static const char *const fault_names[F_COUNT] = {"epoll_add", "epoll_del", "epoll_wait", "alloc"};
+static int faults[F_COUNT];
+
+static int faulty(int which) {
+    int n = faults[which];
+    if (n == 0) return 0;
+    if (n > 0) faults[which] = n - 1;
+    return 1;
+}
 
 typedef struct Pump Pump;
 
@@ -49,15 +78,17 @@ typedef struct Stream {
     PyObject_HEAD
     Pump *pump;           /* strong reference while registered */
     PyObject *on_end;     /* on_end(code, leftover bytes) */
+    PyObject *weakrefs;
     int up_fd, cl_fd;     /* our dups; -1 once released */
-    int state, digits;
+    int state, digits, line;
     uint64_t size;
-    int armed, blocked, sleeping, done, extra;
+    int armed, cl_armed, blocked, sleeping, done, extra, zombie;
     double last_read, max_gap;
     long long reads, bytes_in;
     char *pending;
     Py_ssize_t pending_len, pending_off;
     struct Stream *next_sleeper;
+    struct Stream *prev, *next;  /* the pump's registered streams, or its zombies */
     double wake;
 } Stream;
 
@@ -69,7 +100,10 @@ struct Pump {
     int in_flight;  /* the gateway's requests in flight, kept current by the relay (the coalescing threshold) */
     int active;
     int timer_armed;
+    int broken;     /* epoll_wait failed: every stream was ended, nothing is watched any more */
     Stream *sleep_head, *sleep_tail;
+    Stream *streams;  /* registered (each holds a reference of ours) */
+    Stream *zombies;  /* released, but still in the epoll set (EPOLL_CTL_DEL failed): kept alive, retried */
     char *buf;
 };
 
@@ -80,6 +114,20 @@ static double monotonic_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void list_push(Stream **head, Stream *s) {
+    s->prev = NULL;
+    s->next = *head;
+    if (*head) (*head)->prev = s;
+    *head = s;
+}
+
+static void list_remove(Stream **head, Stream *s) {
+    if (s->prev) s->prev->next = s->next;
+    else *head = s->next;
+    if (s->next) s->next->prev = s->prev;
+    s->prev = s->next = NULL;
 }
 
 /* Advance the chunked parser over data[0:len]; returns the offset just past the message end, len if the
@@ -95,9 +143,12 @@ static Py_ssize_t parse_chunked(Stream *s, const char *data, Py_ssize_t len) {
             else if (c >= 'a' && c <= 'f') v = c - 'a' + 10;
             else if (c >= 'A' && c <= 'F') v = c - 'A' + 10;
             else v = -1;
+            if (++s->line > MAX_CHUNK_LINE) goto bad;
             if (v >= 0) {
-                if (++s->digits > 15) goto bad;  /* a chunk over 2^60 bytes is not a chunk */
+                /* The value is bounded, not the digit count: zero padding is valid (RFC 9112 7.1). */
+                if (s->size >> 56) goto bad;  /* a chunk of 2^60 bytes or more is not a chunk */
                 s->size = s->size * 16 + (uint64_t)v;
+                s->digits = 1;
             } else if (s->digits == 0) {
                 goto bad;
             } else if (c == '\r') {
@@ -111,6 +162,7 @@ static Py_ssize_t parse_chunked(Stream *s, const char *data, Py_ssize_t len) {
             break;
         }
         case C_EXT:
+            if (++s->line > MAX_CHUNK_LINE) goto bad;
             if (c == '\r') s->state = C_SIZE_LF;
             else if (c == '\n') goto bad;
             i++;
@@ -118,6 +170,7 @@ static Py_ssize_t parse_chunked(Stream *s, const char *data, Py_ssize_t len) {
         case C_SIZE_LF:
             if (c != '\n') goto bad;
             s->state = s->size ? C_DATA : C_TRAILER_START;
+            s->line = 0;
             i++;
             break;
         case C_DATA: {
@@ -137,21 +190,23 @@ static Py_ssize_t parse_chunked(Stream *s, const char *data, Py_ssize_t len) {
             if (c != '\n') goto bad;
             s->state = C_SIZE;
             s->digits = 0;
+            s->line = 0;
             i++;
             break;
         case C_TRAILER_START:
-            s->state = c == '\r' ? C_LAST_LF : C_TRAILER;
-            if (c == '\n') goto bad;
-            i++;
-            break;
         case C_TRAILER:
-            if (c == '\r') s->state = C_TRAILER_LF;
-            else if (c == '\n') goto bad;
-            i++;
-            break;
         case C_TRAILER_LF:
-            if (c != '\n') goto bad;
-            s->state = C_TRAILER_START;
+            if (++s->line > MAX_TRAILER_BYTES) goto bad;  /* `line` counts the whole trailer section here */
+            if (s->state == C_TRAILER_START) {
+                if (c == '\n') goto bad;
+                s->state = c == '\r' ? C_LAST_LF : C_TRAILER;
+            } else if (s->state == C_TRAILER) {
+                if (c == '\r') s->state = C_TRAILER_LF;
+                else if (c == '\n') goto bad;
+            } else {
+                if (c != '\n') goto bad;
+                s->state = C_TRAILER_START;
+            }
             i++;
             break;
         case C_LAST_LF:
@@ -170,9 +225,26 @@ bad:
 
 static int epoll_set(Pump *p, int op, int fd, uint32_t events, uint64_t tag) {
     struct epoll_event ev;
+    if (op == EPOLL_CTL_ADD && faulty(F_EPOLL_ADD)) {
+        errno = ENOMEM;
+        return -1;
+    }
     ev.events = events;
     ev.data.u64 = tag;
     return epoll_ctl(p->epfd, op, fd, &ev);
+}
+
+static int epoll_del(Pump *p, int fd) {
+    if (faulty(F_EPOLL_DEL)) {
+        errno = ENOMEM;
+        return -1;
+    }
+    return epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL);
+}
+
+static void *pump_alloc(size_t n) {
+    if (faulty(F_ALLOC)) return NULL;
+    return PyMem_Malloc(n);
 }
 
 /* Reading the replica stops by leaving the epoll set, not by an empty event mask: epoll reports a hang-up
@@ -186,12 +258,34 @@ static int arm(Pump *p, Stream *s) {
 
 static int disarm(Pump *p, Stream *s) {
     if (!s->armed) return 0;
-    if (epoll_ctl(p->epfd, EPOLL_CTL_DEL, s->up_fd, NULL) < 0) return -1;
+    if (epoll_del(p, s->up_fd) < 0) return -1;
     s->armed = 0;
     return 0;
 }
 
-/* Stop pumping: out of the epoll set, fds closed, pending bytes returned (a new reference or NULL). */
+static int disarm_client(Pump *p, Stream *s) {
+    if (!s->cl_armed) return 0;
+    if (epoll_del(p, s->cl_fd) < 0) return -1;
+    s->cl_armed = 0;
+    return 0;
+}
+
+/* Close what left the epoll set; 0 once nothing of the stream is registered any more. */
+static int close_unregistered(Stream *s) {
+    if (s->up_fd >= 0 && !s->armed) {
+        close(s->up_fd);
+        s->up_fd = -1;
+    }
+    if (s->cl_fd >= 0 && !s->cl_armed) {
+        close(s->cl_fd);
+        s->cl_fd = -1;
+    }
+    return s->armed || s->cl_armed;
+}
+
+/* Stop pumping: out of the epoll set, fds closed, pending bytes returned (a new reference or NULL).
+ * A stream that cannot leave the epoll set stays alive among the pump's zombies, so the kernel never
+ * hands us a pointer to freed memory. */
 static PyObject *release(Stream *s) {
     PyObject *leftover = NULL;
     Pump *p = s->pump;
@@ -202,23 +296,32 @@ static PyObject *release(Stream *s) {
         PyMem_Free(s->pending);
         s->pending = NULL;
     }
-    if (s->up_fd >= 0) {
-        disarm(p, s);
-        close(s->up_fd);
-        s->up_fd = -1;
-    }
-    if (s->cl_fd >= 0) {
-        if (s->blocked) epoll_ctl(p->epfd, EPOLL_CTL_DEL, s->cl_fd, NULL);
-        close(s->cl_fd);
-        s->cl_fd = -1;
-    }
+    disarm(p, s);
+    disarm_client(p, s);
     s->blocked = 0;
     s->sleeping = 0;  /* a sleeper left in the list is skipped when its window ends */
+    list_remove(&p->streams, s);
     p->active--;
     s->pump = NULL;
+    if (close_unregistered(s)) {
+        s->zombie = 1;
+        list_push(&p->zombies, s);  /* the pump's reference moves to the zombie list */
+        return leftover;
+    }
     Py_DECREF(p);
     Py_DECREF(s);  /* the pump's reference, taken in add() */
     return leftover;
+}
+
+/* A zombie's fd reported an event: try again to take it out of the epoll set. */
+static void bury(Pump *p, Stream *s) {
+    if (s->armed && epoll_del(p, s->up_fd) == 0) s->armed = 0;
+    if (s->cl_armed && epoll_del(p, s->cl_fd) == 0) s->cl_armed = 0;
+    if (close_unregistered(s)) return;
+    s->zombie = 0;
+    list_remove(&p->zombies, s);
+    Py_DECREF(p);
+    Py_DECREF(s);
 }
 
 static void finish(Stream *s, int code) {
@@ -247,7 +350,7 @@ static void arm_timer(Pump *p, double delay) {
 
 /* Back-to-back reads: sleep one window so the next read takes what piled up meanwhile. */
 static void sleep_stream(Pump *p, Stream *s, double now) {
-    if (disarm(p, s) < 0) return;
+    if (disarm(p, s) < 0) return;  /* still armed: it simply reads again, uncoalesced */
     s->sleeping = 1;
     s->wake = now + p->coalesce_s;
     s->next_sleeper = NULL;
@@ -256,6 +359,16 @@ static void sleep_stream(Pump *p, Stream *s, double now) {
     else p->sleep_head = s;
     p->sleep_tail = s;
     if (!p->timer_armed) arm_timer(p, p->coalesce_s);
+}
+
+static void drop_sleepers(Pump *p) {
+    while (p->sleep_head != NULL) {
+        Stream *s = p->sleep_head;
+        p->sleep_head = s->next_sleeper;
+        s->next_sleeper = NULL;
+        Py_DECREF(s);
+    }
+    p->sleep_tail = NULL;
 }
 
 static void wake_sleepers(Pump *p) {
@@ -268,30 +381,33 @@ static void wake_sleepers(Pump *p) {
         Stream *s = p->sleep_head;
         p->sleep_head = s->next_sleeper;
         if (p->sleep_head == NULL) p->sleep_tail = NULL;
-        if (s->sleeping && s->up_fd >= 0) {
+        if (s->sleeping && s->pump == p) {
             s->sleeping = 0;
-            if (arm(p, s) < 0) finish(s, END_UPSTREAM_ERROR);
+            if (arm(p, s) < 0) finish(s, END_PUMP_ERROR);
         }
         Py_DECREF(s);
     }
     if (p->sleep_head != NULL) arm_timer(p, p->sleep_head->wake - now);
 }
 
-/* The client could not take everything: keep the rest, stop reading the replica, wait for EPOLLOUT. */
+/* The client could not take everything: keep the rest, stop reading the replica, wait for EPOLLOUT.
+ * -1: the pump itself failed (memory, epoll); the caller ends the stream with END_PUMP_ERROR. */
 static int block(Pump *p, Stream *s, const char *rest, Py_ssize_t n) {
-    s->pending = PyMem_Malloc((size_t)n);
+    if (disarm(p, s) < 0) return -1;
+    s->pending = pump_alloc((size_t)n);
     if (s->pending == NULL) return -1;
     memcpy(s->pending, rest, (size_t)n);
     s->pending_len = n;
     s->pending_off = 0;
-    s->blocked = 1;
-    if (disarm(p, s) < 0) return -1;
     if (epoll_set(p, EPOLL_CTL_ADD, s->cl_fd, EPOLLOUT, (uint64_t)(uintptr_t)s | CLIENT_BIT) < 0) return -1;
+    s->cl_armed = 1;
+    s->blocked = 1;
     return 0;
 }
 
 static void on_readable(Pump *p, Stream *s, double now) {
-    ssize_t n = read(s->up_fd, p->buf, READ_SIZE);
+    /* MSG_DONTWAIT as on the send side: the fd's blocking mode is uvloop's to set, not ours to trust. */
+    ssize_t n = recv(s->up_fd, p->buf, READ_SIZE, MSG_DONTWAIT);
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
         finish(s, END_UPSTREAM_ERROR);
@@ -322,7 +438,7 @@ static void on_readable(Pump *p, Stream *s, double now) {
         w = 0;
     }
     if (w < end) {
-        if (block(p, s, p->buf + w, end - w) < 0) finish(s, END_CLIENT_ERROR);
+        if (block(p, s, p->buf + w, end - w) < 0) finish(s, END_PUMP_ERROR);
         return;
     }
     if (s->done) {
@@ -345,20 +461,46 @@ static void on_writable(Pump *p, Stream *s) {
     PyMem_Free(s->pending);
     s->pending = NULL;
     s->blocked = 0;
-    epoll_ctl(p->epfd, EPOLL_CTL_DEL, s->cl_fd, NULL);
+    if (disarm_client(p, s) < 0) {
+        finish(s, END_PUMP_ERROR);
+        return;
+    }
     if (s->done) {
         finish(s, s->extra ? END_COMPLETE_EXTRA : END_COMPLETE);
         return;
     }
-    if (arm(p, s) < 0) finish(s, END_UPSTREAM_ERROR);
+    if (arm(p, s) < 0) finish(s, END_PUMP_ERROR);
 }
 
 /* ---------------------------------------------------------------- Stream (Python side) */
 
+static int Stream_traverse(Stream *s, visitproc visit, void *arg) {
+    Py_VISIT(s->on_end);
+    Py_VISIT((PyObject *)s->pump);
+    return 0;
+}
+
+static int Stream_clear(Stream *s) {
+    /* Only an unreachable cycle gets here: end the stream as cancel() would. */
+    Py_CLEAR(s->on_end);
+    if (s->pump != NULL) {
+        Py_INCREF(s);
+        PyObject *leftover = release(s);
+        Py_XDECREF(leftover);
+        Py_DECREF(s);
+    }
+    return 0;
+}
+
 static void Stream_dealloc(Stream *s) {
+    PyObject_GC_UnTrack(s);
+    if (s->weakrefs != NULL) PyObject_ClearWeakRefs((PyObject *)s);
+    /* A registered stream or a zombie is referenced by its pump, so it is never freed while in the epoll set. */
+    if (s->up_fd >= 0) close(s->up_fd);
+    if (s->cl_fd >= 0) close(s->cl_fd);
     if (s->pending) PyMem_Free(s->pending);
     Py_XDECREF(s->on_end);
-    Py_TYPE(s)->tp_free((PyObject *)s);
+    PyObject_GC_Del(s);
 }
 
 static PyObject *Stream_cancel(Stream *s, PyObject *unused) {
@@ -377,12 +519,14 @@ static PyObject *Stream_get_reads(Stream *s, void *c) { return PyLong_FromLongLo
 static PyObject *Stream_get_bytes_in(Stream *s, void *c) { return PyLong_FromLongLong(s->bytes_in); }
 static PyObject *Stream_get_max_gap(Stream *s, void *c) { return PyFloat_FromDouble(s->max_gap); }
 static PyObject *Stream_get_blocked(Stream *s, void *c) { return PyBool_FromLong(s->blocked); }
+static PyObject *Stream_get_registered(Stream *s, void *c) { return PyBool_FromLong(s->armed || s->cl_armed); }
 
 static PyGetSetDef Stream_getset[] = {
     {"reads", (getter)Stream_get_reads, NULL, "reads of the replica socket so far", NULL},
     {"bytes_in", (getter)Stream_get_bytes_in, NULL, "bytes read from the replica so far", NULL},
     {"max_gap", (getter)Stream_get_max_gap, NULL, "largest gap between two reads, seconds", NULL},
     {"blocked", (getter)Stream_get_blocked, NULL, "the client is not taking what the replica sends", NULL},
+    {"registered", (getter)Stream_get_registered, NULL, "one of its sockets is in the pump's epoll set", NULL},
     {NULL}
 };
 
@@ -395,9 +539,13 @@ static PyTypeObject StreamType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "gateway.dataplane._pump.Stream",
     .tp_basicsize = sizeof(Stream),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    /* GC-tracked: a stream holds its on_end callback, which (a bound method of the connection) holds it. */
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "One response body being pumped (made by Pump.add).",
     .tp_dealloc = (destructor)Stream_dealloc,
+    .tp_traverse = (traverseproc)Stream_traverse,
+    .tp_clear = (inquiry)Stream_clear,
+    .tp_weaklistoffset = offsetof(Stream, weakrefs),
     .tp_methods = Stream_methods,
     .tp_getset = Stream_getset,
 };
@@ -415,7 +563,10 @@ static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     p->coalesce_s = coalesce_s;
     p->min_streams = min_streams;
     p->buf = PyMem_Malloc(READ_SIZE);
-    if (p->buf == NULL) goto fail;
+    if (p->buf == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     p->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (p->epfd < 0) goto fail_errno;
     p->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -429,13 +580,51 @@ fail:
     return NULL;
 }
 
-static void Pump_dealloc(Pump *p) {
-    /* Streams hold a reference to their pump, so none is registered here. */
-    while (p->sleep_head != NULL) {
-        Stream *s = p->sleep_head;
-        p->sleep_head = s->next_sleeper;
+/* End every stream without a callback and drop the zombies: closing the epoll fd takes every registration
+ * with it, so their memory may go. */
+static void Pump_release_all(Pump *p) {
+    while (p->streams != NULL) {
+        Stream *s = p->streams;
+        Py_INCREF(s);
+        Py_CLEAR(s->on_end);
+        PyObject *leftover = release(s);
+        Py_XDECREF(leftover);
         Py_DECREF(s);
     }
+    drop_sleepers(p);
+}
+
+static int Pump_traverse(Pump *p, visitproc visit, void *arg) {
+    for (Stream *s = p->streams; s != NULL; s = s->next) Py_VISIT((PyObject *)s);
+    for (Stream *s = p->zombies; s != NULL; s = s->next) Py_VISIT((PyObject *)s);
+    for (Stream *s = p->sleep_head; s != NULL; s = s->next_sleeper) Py_VISIT((PyObject *)s);
+    return 0;
+}
+
+static void bury_all(Pump *p) {
+    if (p->epfd >= 0) {
+        close(p->epfd);
+        p->epfd = -1;
+    }
+    while (p->zombies != NULL) {
+        Stream *s = p->zombies;
+        s->armed = s->cl_armed = 0;  /* the epoll set is gone */
+        bury(p, s);
+    }
+}
+
+static int Pump_clear(Pump *p) {
+    Py_INCREF(p);  /* releasing the streams drops their references to us */
+    Pump_release_all(p);
+    bury_all(p);
+    Py_DECREF(p);
+    return 0;
+}
+
+static void Pump_dealloc(Pump *p) {
+    PyObject_GC_UnTrack(p);
+    /* Registered streams and zombies hold a reference to their pump, so there are none left here. */
+    drop_sleepers(p);
     if (p->epfd >= 0) close(p->epfd);
     if (p->tfd >= 0) close(p->tfd);
     PyMem_Free(p->buf);
@@ -447,24 +636,36 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
     PyObject *on_end;
     Py_buffer body;
     if (!PyArg_ParseTuple(args, "iiOy*", &up_fd, &cl_fd, &on_end, &body)) return NULL;
-    Stream *s = PyObject_New(Stream, &StreamType);
+    if (!PyCallable_Check(on_end)) {
+        PyBuffer_Release(&body);
+        PyErr_SetString(PyExc_TypeError, "on_end must be callable");
+        return NULL;
+    }
+    if (p->broken || p->epfd < 0) {  /* the Python path relays it */
+        PyBuffer_Release(&body);
+        Py_RETURN_NONE;
+    }
+    Stream *s = PyObject_GC_New(Stream, &StreamType);
     if (s == NULL) {
         PyBuffer_Release(&body);
         return NULL;
     }
     s->pump = NULL;
     s->on_end = NULL;
+    s->weakrefs = NULL;
     s->up_fd = s->cl_fd = -1;
     s->state = C_SIZE;
-    s->digits = 0;
+    s->digits = s->line = 0;
     s->size = 0;
-    s->armed = s->blocked = s->sleeping = s->done = s->extra = 0;
+    s->armed = s->cl_armed = s->blocked = s->sleeping = s->done = s->extra = s->zombie = 0;
     s->reads = s->bytes_in = 0;
     s->max_gap = 0.0;
     s->last_read = monotonic_now();
     s->pending = NULL;
     s->pending_len = s->pending_off = 0;
-    s->next_sleeper = NULL;
+    s->next_sleeper = s->prev = s->next = NULL;
+    s->wake = 0.0;
+    PyObject_GC_Track(s);
     /* The body bytes that came with the head were relayed already: they only move the parser. */
     Py_ssize_t end = parse_chunked(s, body.buf, body.len);
     int usable = end == body.len && s->state != C_DONE;
@@ -483,23 +684,48 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
     Py_INCREF(p);
     s->pump = p;
     p->active++;
+    list_push(&p->streams, s);
     Py_INCREF(s);  /* the pump's reference, dropped by release() */
     return (PyObject *)s;
 fail:
+    PyErr_SetFromErrno(PyExc_OSError);  /* before close() can change errno */
+    Py_DECREF(s);  /* closes the dups */
+    return NULL;
+}
+
+/* epoll_wait failed (not EINTR): nothing this pump holds can be served any more. Every stream ends with
+ * END_PUMP_ERROR, the timer leaves the set so the pump's fd never turns readable again (uvloop would call
+ * run() on every pass otherwise), later add()s return None (the Python path), and the error is raised once. */
+static PyObject *Pump_fail(Pump *p) {
+    PyObject *type, *value, *tb;
     PyErr_SetFromErrno(PyExc_OSError);
-    if (s->up_fd >= 0) close(s->up_fd);
-    if (s->cl_fd >= 0) close(s->cl_fd);
-    s->up_fd = s->cl_fd = -1;
-    Py_DECREF(s);
+    PyErr_Fetch(&type, &value, &tb);
+    p->broken = 1;
+    struct itimerspec off;
+    memset(&off, 0, sizeof off);
+    timerfd_settime(p->tfd, 0, &off, NULL);  /* disarming also drops an expiration not read yet */
+    epoll_del(p, p->tfd);
+    drop_sleepers(p);
+    Py_INCREF(p);
+    while (p->streams != NULL) finish(p->streams, END_PUMP_ERROR);
+    Py_DECREF(p);
+    PyErr_Restore(type, value, tb);
     return NULL;
 }
 
 static PyObject *Pump_run(Pump *p, PyObject *unused) {
     struct epoll_event events[MAX_EVENTS];
-    int n = epoll_wait(p->epfd, events, MAX_EVENTS, 0);
+    if (p->broken || p->epfd < 0) Py_RETURN_NONE;
+    int n;
+    if (faulty(F_EPOLL_WAIT)) {
+        errno = EBADF;
+        n = -1;
+    } else {
+        n = epoll_wait(p->epfd, events, MAX_EVENTS, 0);
+    }
     if (n < 0) {
         if (errno == EINTR) Py_RETURN_NONE;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return Pump_fail(p);
     }
     /* A callback may end other streams of this batch: hold each until the batch is done. */
     for (int i = 0; i < n; i++) {
@@ -520,6 +746,8 @@ static PyObject *Pump_run(Pump *p, PyObject *unused) {
             } else if (!s->blocked && !s->sleeping) {
                 on_readable(p, s, now);
             }
+        } else if (s->zombie) {
+            bury(p, s);
         }
     }
     for (int i = 0; i < n; i++) {
@@ -531,6 +759,12 @@ static PyObject *Pump_run(Pump *p, PyObject *unused) {
 
 static PyObject *Pump_fileno(Pump *p, PyObject *unused) { return PyLong_FromLong(p->epfd); }
 static PyObject *Pump_get_active(Pump *p, void *c) { return PyLong_FromLong(p->active); }
+static PyObject *Pump_get_broken(Pump *p, void *c) { return PyBool_FromLong(p->broken); }
+static PyObject *Pump_get_zombies(Pump *p, void *c) {
+    long n = 0;
+    for (Stream *s = p->zombies; s != NULL; s = s->next) n++;
+    return PyLong_FromLong(n);
+}
 
 static PyMethodDef Pump_methods[] = {
     {"add", (PyCFunction)Pump_add, METH_VARARGS,
@@ -541,12 +775,16 @@ static PyMethodDef Pump_methods[] = {
 };
 
 static PyMemberDef Pump_members[] = {
-    {"in_flight", T_INT, offsetof(Pump, in_flight), 0, "requests in flight (set by the relay)"},
+    {"in_flight", Py_T_INT, offsetof(Pump, in_flight), 0, "requests in flight (set by the relay)"},
     {NULL}
 };
 
 static PyGetSetDef Pump_getset[] = {
     {"active", (getter)Pump_get_active, NULL, "streams being pumped", NULL},
+    {"broken", (getter)Pump_get_broken, NULL, "epoll_wait failed: the pump ended its streams and takes no more",
+     NULL},
+    {"zombies", (getter)Pump_get_zombies, NULL, "ended streams still in the epoll set (EPOLL_CTL_DEL failed)",
+     NULL},
     {NULL}
 };
 
@@ -554,32 +792,60 @@ static PyTypeObject PumpType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "gateway.dataplane._pump.Pump",
     .tp_basicsize = sizeof(Pump),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Pump(coalesce_s=0.0, min_streams=0): relays chunked response bodies between sockets.",
     .tp_new = Pump_new,
     .tp_dealloc = (destructor)Pump_dealloc,
+    .tp_traverse = (traverseproc)Pump_traverse,
+    .tp_clear = (inquiry)Pump_clear,
     .tp_methods = Pump_methods,
     .tp_getset = Pump_getset,
     .tp_members = Pump_members,
 };
 
+static PyObject *fault(PyObject *module, PyObject *args) {
+    const char *name;
+    int count;
+    if (!PyArg_ParseTuple(args, "si", &name, &count)) return NULL;
+    for (int i = 0; i < F_COUNT; i++) {
+        if (strcmp(name, fault_names[i]) == 0) {
+            faults[i] = count;
+            Py_RETURN_NONE;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "unknown fault %s", name);
+    return NULL;
+}
+
+static PyMethodDef module_methods[] = {
+    {"_fault", fault, METH_VARARGS,
+     "_fault(name, count): the next `count` calls of epoll_add, epoll_del, epoll_wait or alloc fail (-1: all, "
+     "0: none); for the tests only"},
+    {NULL}
+};
+
 static struct PyModuleDef pump_module = {
-    PyModuleDef_HEAD_INIT, "_pump", "The C stream pump (see the comment at the top of _pump.c).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_pump", "The C stream pump (see the comment at the top of _pump.c).", -1,
+    module_methods,
 };
 
 PyMODINIT_FUNC PyInit__pump(void) {
     if (PyType_Ready(&StreamType) < 0 || PyType_Ready(&PumpType) < 0) return NULL;
     PyObject *m = PyModule_Create(&pump_module);
     if (m == NULL) return NULL;
-    Py_INCREF(&PumpType);
-    if (PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0) return NULL;
-    Py_INCREF(&StreamType);
-    if (PyModule_AddObject(m, "Stream", (PyObject *)&StreamType) < 0) return NULL;
-    PyModule_AddIntConstant(m, "COMPLETE", END_COMPLETE);
-    PyModule_AddIntConstant(m, "COMPLETE_EXTRA", END_COMPLETE_EXTRA);
-    PyModule_AddIntConstant(m, "EOF", END_EOF);
-    PyModule_AddIntConstant(m, "UPSTREAM_ERROR", END_UPSTREAM_ERROR);
-    PyModule_AddIntConstant(m, "MALFORMED", END_MALFORMED);
-    PyModule_AddIntConstant(m, "CLIENT_ERROR", END_CLIENT_ERROR);
+    if (PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0
+            || PyModule_AddObjectRef(m, "Stream", (PyObject *)&StreamType) < 0
+            || PyModule_AddIntConstant(m, "COMPLETE", END_COMPLETE) < 0
+            || PyModule_AddIntConstant(m, "COMPLETE_EXTRA", END_COMPLETE_EXTRA) < 0
+            || PyModule_AddIntConstant(m, "EOF", END_EOF) < 0
+            || PyModule_AddIntConstant(m, "UPSTREAM_ERROR", END_UPSTREAM_ERROR) < 0
+            || PyModule_AddIntConstant(m, "MALFORMED", END_MALFORMED) < 0
+            || PyModule_AddIntConstant(m, "CLIENT_ERROR", END_CLIENT_ERROR) < 0
+            || PyModule_AddIntConstant(m, "PUMP_ERROR", END_PUMP_ERROR) < 0
+            || PyModule_AddIntConstant(m, "MAX_CHUNK_LINE", MAX_CHUNK_LINE) < 0
+            || PyModule_AddIntConstant(m, "MAX_TRAILER_BYTES", MAX_TRAILER_BYTES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

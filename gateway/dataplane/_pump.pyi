@@ -7,6 +7,9 @@ EOF: int
 UPSTREAM_ERROR: int
 MALFORMED: int
 CLIENT_ERROR: int
+PUMP_ERROR: int  # the pump's own failure (epoll, memory): neither the replica's nor the client's
+MAX_CHUNK_LINE: int
+MAX_TRAILER_BYTES: int
 
 
 class Stream:
@@ -14,6 +17,7 @@ class Stream:
     bytes_in: int
     max_gap: float
     blocked: bool
+    registered: bool
 
     def cancel(self) -> None: ...
 
@@ -21,6 +25,8 @@ class Stream:
 class Pump:
     active: int
     in_flight: int
+    broken: bool
+    zombies: int
 
     def __init__(self, coalesce_s: float = 0.0, min_streams: int = 0) -> None: ...
 
@@ -30,3 +36,6 @@ class Pump:
     def run(self) -> None: ...
 
     def fileno(self) -> int: ...
+
+
+def _fault(name: str, count: int) -> None: ...
