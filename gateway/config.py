@@ -93,6 +93,8 @@ OPTIONS: tuple[Option, ...] = (
            "most body bytes sent to the router; a longer body is cut and marked X-Body-Truncated: sent/total"),
     Option("router_timeout_s", ("RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S", "GATEWAY_ROUTER_TIMEOUT_S"), _seconds, 5.0,
            "deadline for one routing decision (connect + send + answer); past it: 504 router_timeout"),
+    Option("router_fallback", ("GATEWAY_ROUTER_FALLBACK",), str, "auto",
+           "when no router answers (router_unreachable, router_timeout): `proxy` sends the request to the app's fallback Serve proxy (Ray mode), `least-loaded` to the least-loaded healthy replica, `off` answers 503/504; `auto` = proxy in Ray mode, off in static mode"),
     Option("session_header", ("RAY_SERVE_SESSION_ID_HEADER_KEY", "GATEWAY_SESSION_HEADER"), str, "x-session-id",
            "session header forwarded to the router for stickiness ('-' and '_' spellings both accepted)"),
     Option("router_idle_s", ("GATEWAY_ROUTER_IDLE_S",), _seconds, 4.0,
@@ -118,6 +120,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_in_flight", ("GATEWAY_MAX_IN_FLIGHT",), int, 0, "requests relayed at once in total; past it: 503 + Retry-After; 0 = no limit"),
     Option("max_in_flight_per_replica", ("GATEWAY_MAX_IN_FLIGHT_PER_REPLICA",), int, 0,
            "requests in flight to one replica; past it: 429 + Retry-After; 0 = no limit"),
+    Option("saturation_in_flight", ("GATEWAY_SATURATION_IN_FLIGHT",), int, 0,
+           "admission: a replica with this many requests in flight is saturated; when every replica of an app is, new POSTs wait in the gateway's queue (priority bands, fair across keys); 0 = no in-flight target"),
+    Option("saturation_engine", ("GATEWAY_SATURATION_ENGINE",), _bool, False,
+           "admission: read each vLLM replica's /metrics (num_requests_waiting, num_requests_running, KV cache usage) in the health loop; a replica whose engine queues requests, or whose KV cache is past --saturation-kv, is saturated"),
+    Option("saturation_kv", ("GATEWAY_SATURATION_KV",), float, 0.95, "admission: KV cache usage (0..1) at which a vLLM replica is saturated"),
+    Option("engine_metrics_interval_s", ("GATEWAY_ENGINE_METRICS_INTERVAL_S",), _seconds, 1.0,
+           "admission: how often the health loop reads a vLLM replica's /metrics (with --saturation-engine)"),
+    Option("queue_size", ("GATEWAY_QUEUE_SIZE",), int, 1024,
+           "admission: requests waiting per app at most; past it the one furthest behind (lowest band, the key most over its share) gets 429 queue_full"),
+    Option("queue_timeout_s", ("GATEWAY_QUEUE_TIMEOUT_S",), _seconds, 30.0,
+           "admission: longest wait in the queue; past it: 429 queue_timeout + Retry-After"),
     Option("health_path", ("GATEWAY_HEALTH_PATH",), str, "/health", "replica health-check path (Ray replicas: /-/healthz)"),
     Option("health_interval_s", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER", "GATEWAY_HEALTH_INTERVAL_S"), _seconds, 5.0, "health-check interval of a stable replica"),
     Option("health_fast_interval_s", ("RAY_SERVE_HAPROXY_HEALTH_CHECK_FASTINTER", "GATEWAY_HEALTH_FAST_INTERVAL_S"), _seconds, 0.25,
@@ -144,7 +157,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_key", ("GATEWAY_API_KEY",), str, "",
            "one API key clients must send as 'Authorization: Bearer KEY' (like vLLM's --api-key); its name is 'default'"),
     Option("api_keys_file", ("GATEWAY_API_KEYS_FILE",), str, "",
-           "TOML file of [[keys]] (name, sha256, optional rps, burst, max_in_flight, models, tokens_per_minute, tokens_per_day); reloaded on SIGHUP"),
+           "TOML file of [[keys]] (name, sha256, optional rps, burst, max_in_flight, models, tokens_per_minute, tokens_per_day, priority, weight, may_set_priority); reloaded on SIGHUP"),
     Option("token_accounting", ("GATEWAY_TOKEN_ACCOUNTING",), _bool, False,
            "count every completion's prompt and completion tokens per key and model (gateway_tokens_total, /-/usage, "
            "the access log); always on for keys with a token budget. Metered streams stay off the C pump for now"),
@@ -258,6 +271,18 @@ class _ConfigMethods:
     def mode(self) -> str:
         return "ray" if self.ray_address else "static"
 
+    @property
+    def admission(self) -> bool:
+        """Whether POSTs pass admission control (a queue when saturated): off, the data plane pays nothing."""
+        return bool(self.saturation_in_flight or self.saturation_engine)
+
+    @property
+    def router_fallback_mode(self) -> str:
+        """off, proxy or least-loaded: what a request gets when no router answers."""
+        if self.router_fallback == "auto":
+            return "proxy" if self.mode == "ray" else "off"
+        return self.router_fallback
+
     def validate(self) -> "Config":
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is out of range")
@@ -269,6 +294,14 @@ class _ConfigMethods:
                      "health_fast_interval_s", "health_timeout_s", "client_timeout_s", "header_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
+        if self.router_fallback not in ("auto", "off", "proxy", "least-loaded"):
+            raise ConfigError(f"router fallback {self.router_fallback!r}: use auto, off, proxy or least-loaded")
+        if self.saturation_in_flight < 0 or self.queue_size < 0:
+            raise ConfigError("saturation_in_flight and queue_size must be >= 0")
+        if not 0.0 < self.saturation_kv <= 1.0:
+            raise ConfigError("saturation_kv must be in (0, 1]")
+        if self.queue_timeout_s <= 0 or self.engine_metrics_interval_s <= 0:
+            raise ConfigError("queue_timeout_s and engine_metrics_interval_s must be > 0")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ConfigError("trace sample ratio must be between 0 and 1")
         self.otlp_traces_url  # noqa: B018 - parse now, so a bad URL fails at startup

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import functools
 import logging
 import os
@@ -83,6 +84,7 @@ class EngineConfig:
     unary_bytes: int = 0
     max_model_len: int = 65536
     fault: str | None = None  # x-mock-fault for requests that name none: a replica broken for good
+    max_num_seqs: int = 0  # like vLLM's: completions generating at once; the rest wait in FIFO order. 0 = no limit
 
 
 class BadRequest(Exception):
@@ -217,6 +219,7 @@ class MockEngine:
         self._sse_headers = render_headers([("content-type", "text/event-stream; charset=utf-8"),
                                             ("vary", "Origin"), replica])
         self._clocks: dict[float, _StepClock] = {}
+        self._slots = _Slots(config.max_num_seqs)
         self._plain_headers = render_headers([("content-type", "text/plain; charset=utf-8"), replica])
         self._bare_headers = render_headers([replica])
         created = int(time.time())
@@ -275,12 +278,18 @@ class MockEngine:
             return responder.send(200, self._plain_headers, b"success")
         if path.startswith("/mock/"):
             return self._admin(request, responder)
+        if path == "/metrics":
+            return responder.send(200, self._plain_headers, self._slots.metrics(self.config.model))
 
         self.requests += 1
         self.in_flight += 1
         self.last_request = request
+        slots = self._slots
         try:
-            outcome = await self._answer(request, responder)
+            if slots.limit and path in _GENERATES:
+                outcome = await slots.run(responder, self._answer(request, responder))
+            else:
+                outcome = await self._answer(request, responder)
         finally:
             self.in_flight -= 1
         if outcome == COMPLETED:
@@ -574,6 +583,51 @@ class MockEngine:
         return await stream.done
 
 
+_GENERATES = frozenset(("/v1/completions", "/v1/chat/completions"))
+
+
+class _Slots:
+    """A fixed capacity, like vLLM's max_num_seqs: requests past it wait in FIFO order (vLLM's waiting queue,
+    reported at /metrics as vllm:num_requests_waiting); a client that disconnects while waiting leaves it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+
+    async def run(self, responder: Responder, answer: Any) -> str:
+        if self.running >= self.limit:
+            slot = asyncio.get_running_loop().create_future()
+            self.waiting.append(slot)
+            gone = asyncio.ensure_future(responder.wait_disconnected())
+            await asyncio.wait((slot, gone), return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not slot.done():
+                slot.cancel()
+                self.waiting.remove(slot)
+                answer.close()
+                return ABORTED
+        else:
+            self.running += 1
+        try:
+            return await answer
+        finally:
+            self.running -= 1
+            while self.waiting:
+                slot = self.waiting.popleft()
+                if not slot.done():
+                    self.running += 1
+                    slot.set_result(None)
+                    break
+
+    def metrics(self, model: str) -> bytes:
+        labels = '{engine="0",model_name="%s"}' % model
+        kv = self.running / self.limit if self.limit else 0.0
+        return (f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{labels} {self.running:.1f}\n"
+                f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{labels} {len(self.waiting):.1f}\n"
+                f"# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{labels} {kv}\n").encode()
+
+
 class _SteppedStream:
     __slots__ = ("responder", "done", "n", "i", "role", "deltas", "lasts", "tail", "tokens", "prompt_ids")
 
@@ -694,6 +748,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fault", choices=FAULTS, default=None,
                         help="answer every request with this x-mock-fault (health probes still pass)")
     parser.add_argument("--timeout-keep-alive", type=float, default=5.0, help="close idle connections after (s)")
+    parser.add_argument("--max-num-seqs", type=int, default=0,
+                        help="completions generating at once (like vLLM's); the rest wait in FIFO order; 0 = no limit")
     parser.add_argument("--reuse-port", action="store_true")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
@@ -701,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = MockEngine(EngineConfig(
         replica_id=args.replica_id or f"{args.host}:{args.port}", model=args.model, ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms, max_tokens_default=args.max_tokens_default, unary_bytes=args.unary_bytes,
-        max_model_len=args.max_model_len, fault=args.fault))
+        max_model_len=args.max_model_len, fault=args.fault, max_num_seqs=args.max_num_seqs))
     run(engine, args.host, args.port, args.reuse_port, keep_alive_s=args.timeout_keep_alive, on_startup=engine.attach)
 
 

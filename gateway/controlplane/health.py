@@ -167,3 +167,102 @@ def replica_health(config: Config, targets: Callable[[], Iterable[Target]],
                          interval_s=config.health_interval_s, fast_interval_s=config.health_fast_interval_s,
                          name=lambda t: f"replica {t.replica_id} ({t.address})", on_change=on_change,
                          close=probe.close)
+
+
+# vLLM's Prometheus names (vllm/v1/metrics/loggers.py, vLLM 0.10+; `gpu_cache_usage_perc` before the V1 rename).
+_RUNNING = b"vllm:num_requests_running"
+_WAITING = b"vllm:num_requests_waiting"
+_KV = (b"vllm:kv_cache_usage_perc", b"vllm:gpu_cache_usage_perc")
+# A replica without vLLM's metrics (404, not Prometheus text) is asked again this much later.
+_NOT_AN_ENGINE_RETRY_S = 60.0
+
+
+def parse_engine_metrics(text: bytes) -> tuple[float, float, float] | None:
+    """(running, waiting, KV cache usage 0..1) from a vLLM /metrics page, or None if it has none of them.
+    Summed over engines (data-parallel ranks label theirs `engine="N"`); KV usage is the fullest engine's."""
+    running = waiting = kv = 0.0
+    found = False
+    for line in text.splitlines():
+        if not line.startswith(b"vllm:"):
+            continue
+        name = line.split(b"{", 1)[0].split(b" ", 1)[0]
+        try:
+            value = float(line.rsplit(b" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if name == _RUNNING:
+            running += value
+        elif name == _WAITING:
+            waiting += value
+        elif name in _KV:
+            kv = max(kv, value)
+        else:
+            continue
+        found = True
+    return (running, waiting, kv) if found else None
+
+
+class EngineScraper:
+    """Reads each replica's engine load off its /metrics for admission (gateway/dataplane/admission.py).
+
+    Beside the health checks and like them off the request path: a loop that GETs /metrics of every healthy
+    replica each `interval_s`. A replica whose engine has requests waiting, or a KV cache at `kv_limit`, is
+    saturated: its limit becomes the requests the gateway has in flight there minus those the engine queues,
+    so the engine's own queue drains while the gateway holds the rest; the next scrape without waiting
+    requests lifts the limit. `on_update` runs after each round (admission lets waiting requests go).
+    """
+
+    def __init__(self, targets: Callable[[], Iterable[Target]], interval_s: float, timeout_s: float, kv_limit: float,
+                 on_update: Callable[[], None]):
+        self.targets = targets
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.kv_limit = kv_limit
+        self.on_update = on_update
+        self._skip_until: dict[int, float] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _run(self) -> None:
+        self._client = httpx.AsyncClient(timeout=self.timeout_s, trust_env=False)
+        while True:
+            now = time.monotonic()
+            members = [t for t in self.targets() if self._skip_until.get(id(t), 0.0) <= now]
+            if members:
+                await asyncio.gather(*(self.scrape(t) for t in members))
+                try:
+                    self.on_update()
+                except Exception:  # admission's bug must not stop the scraping
+                    log.exception("engine metrics update failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def scrape(self, target: Target) -> None:
+        assert self._client is not None
+        if not target.healthy:
+            target.saturated_at = None  # out of rotation anyway; its old numbers must not linger
+            return
+        try:
+            response = await self._client.get(f"http://{target.host}:{target.port}/metrics")
+        except (httpx.HTTPError, OSError):
+            return  # the health checks judge reachability; keep the last reading
+        parsed = parse_engine_metrics(response.content) if response.status_code == 200 else None
+        if parsed is None:
+            self._skip_until[id(target)] = time.monotonic() + _NOT_AN_ENGINE_RETRY_S
+            target.saturated_at = None
+            return
+        self.update(target, *parsed)
+
+    def update(self, target: Target, running: float, waiting: float, kv: float) -> None:
+        target.engine_running, target.engine_waiting, target.engine_kv = running, waiting, kv
+        if waiting > 0 or kv >= self.kv_limit:
+            target.saturated_at = max(0, target.in_flight - int(waiting))
+        else:
+            target.saturated_at = None

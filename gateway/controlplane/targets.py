@@ -37,6 +37,12 @@ class Target:
     ejections: int = 0
     ejections_in_row: int = 0
     ejected_at_successes: int = -1
+    # A vLLM engine's own load, read off its /metrics by the health loop (health.py EngineScraper); and, while
+    # the last scrape found it saturated, the requests in flight it had then (admission.py's limit for it).
+    engine_waiting: float = 0.0
+    engine_running: float = 0.0
+    engine_kv: float = 0.0
+    saturated_at: int | None = None
     # Filled by the server: the keep-alive pool of the data plane's connections to this replica
     # (typed loosely: the control plane does not know the data plane's connection class).
     pool: KeepAlivePool[Any] = field(default=None, repr=False)  # type: ignore[arg-type]
@@ -56,6 +62,7 @@ class Target:
             "resumes_to": self.resumes_to,
             "ejected": self.ejected,
             "ejections": self.ejections,
+            "saturated": self.saturated_at is not None,
         }
 
 

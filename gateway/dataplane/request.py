@@ -16,7 +16,7 @@ class Request:
         "has_host", "started", "router_s", "first_byte_s", "status", "reason", "replica_id", "bytes_out",
         "retries", "upstream_head", "extra_headers", "trace", "origin", "key", "key_counted",
         "upstream_url", "upstream_body", "resume", "resume_refused", "resumes", "upgrade", "bytes_in",
-        "meter", "reservation", "affinity",
+        "meter", "reservation", "affinity", "admission", "queued_s", "router_fallback",
     )
 
     def __init__(self, method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -65,6 +65,11 @@ class Request:
         self.upgrade: bytes | None = None
         self.bytes_in = 0  # a tunnel's bytes from the client to the replica
         self.affinity: ResponsesRequest | None = None  # a Responses API request (responses.py)
+        # Admission (admission.py): its ticket while queued, or the app it holds a place in; the time it waited;
+        # and why the router was bypassed (router_unreachable, router_timeout), for the access log.
+        self.admission: Any = None
+        self.queued_s = 0.0
+        self.router_fallback = ""
 
     @property
     def path(self) -> bytes:
@@ -88,6 +93,8 @@ class Request:
             "key": self.key.name if self.key is not None else None,
             "prompt_tokens": self.meter.prompt if self.meter is not None else None,
             "completion_tokens": self.meter.completion if self.meter is not None else None,
+            "queued_ms": round(self.queued_s * 1000, 3) if self.queued_s else None,
+            "router_fallback": self.router_fallback or None,
         }
         if self.upgrade is not None:  # a tunnel: total_ms is its duration, bytes go replica to client
             record["upgrade"] = self.upgrade.decode("latin-1")

@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
@@ -162,6 +163,18 @@ class Metrics:
         # says which cap: max_connections, or the lower one the file descriptor limit holds.
         self.connections_refused = Counter("gateway_connections_refused", "New clients answered 503 overloaded at "
                                            "accept: the connection cap was reached", ["limit"], registry=registry)
+        # Admission (gateway/dataplane/admission.py): updated only for requests that wait, never on the
+        # unsaturated path. `key` is the API key's name ("" without keys); `band` its priority.
+        self.queue_depth_gauge = Gauge("gateway_queue_depth", "Requests waiting for a saturated app, by app, "
+                                       "priority band and API key", ["app", "band", "key"], registry=registry)
+        self.queue_wait = HotHistogram("gateway_queue_wait_seconds", "Time requests waited in the admission queue "
+                                       "before being routed", ["app", "band", "key"], _QUEUE_BUCKETS, registry)
+        self.queue_shed_total = Counter("gateway_queue_shed", "Requests answered 429 from the admission queue "
+                                        "(queue_timeout, queue_full)", ["app", "band", "key", "reason"],
+                                        registry=registry)
+        self.router_fallbacks = Counter("gateway_router_fallbacks", "Requests sent past an unanswering router: to "
+                                        "the fallback proxy (Ray) or the least-loaded replica (--router-fallback)",
+                                        ["app", "reason"], registry=registry)
         self._request_children: dict[tuple[str, int, str, str], Counter] = {}
         self._ok = self.router_latency.child("ok")
         self._failed = self.router_latency.child("failed")
@@ -196,6 +209,15 @@ class Metrics:
     def decision_mismatch(self, kind: str) -> None:
         self.mismatches.labels(kind).inc()
 
+
+    def queue_depth(self, app: str, band: int, key: str, delta: int) -> None:
+        self.queue_depth_gauge.labels(app, str(band), key).inc(delta)
+
+    def queue_waited(self, app: str, band: int, key: str, seconds: float) -> None:
+        self.queue_wait.observe(self.queue_wait.child(app, str(band), key), seconds)
+
+    def queue_shed(self, app: str, band: int, key: str, reason: str) -> None:
+        self.queue_shed_total.labels(app, str(band), key, reason).inc()
 
     def connect_time(self, seconds: float) -> None:
         self.connect_latency.observe(seconds)

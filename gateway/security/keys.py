@@ -38,6 +38,11 @@ class ApiKey:
     models: frozenset[str] | None = None  # None = every model
     tokens_per_minute: int = 0  # prompt + completion tokens; 0 = no budget (budgets.py)
     tokens_per_day: int = 0
+    # Admission under overload (gateway/dataplane/admission.py): the band (higher goes first), the share of
+    # the band's replicas against other keys, and whether the key's `x-priority` header picks the band.
+    priority: int = 0
+    weight: float = 1.0
+    may_set_priority: bool = False
     state: Any = field(default=None, repr=False, compare=False)  # limits.KeyState, set by KeyStates.attach
 
     def __post_init__(self) -> None:
@@ -61,7 +66,9 @@ def toml_entry(name: str, key: str) -> str:
             f'# max_in_flight = 4  # requests at once\n'
             f'# tokens_per_minute = 100000  # prompt + completion tokens\n'
             f'# tokens_per_day = 5000000\n'
-            f'# models = ["my-model"]\n')
+            f'# models = ["my-model"]\n'
+            f'# priority = 0       # admission band under overload: higher goes first\n'
+            f'# weight = 1         # share against other keys of its band\n')
 
 
 class KeyRing:
@@ -108,7 +115,7 @@ def parse_keys(data: dict, source: str) -> list[ApiKey]:
         if not isinstance(entry, dict):
             raise KeysError(f"{where}: not a table")
         unknown = set(entry) - {"name", "sha256", "rps", "burst", "max_in_flight", "models", "tokens_per_minute",
-                                "tokens_per_day"}
+                                "tokens_per_day", "priority", "weight", "may_set_priority"}
         if unknown:
             raise KeysError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         name = check_name(entry.get("name"), where)
@@ -134,12 +141,21 @@ def parse_keys(data: dict, source: str) -> list[ApiKey]:
             raise KeysError(f"{where}: burst needs rps")
         if rps and burst and burst < 1:
             raise KeysError(f"{where}: burst must be at least 1")
+        priority, weight = entry.get("priority", 0), entry.get("weight", 1.0)
+        may_set = entry.get("may_set_priority", False)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise KeysError(f"{where}: priority must be an integer (higher goes first)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise KeysError(f"{where}: weight must be a positive number")
+        if not isinstance(may_set, bool):
+            raise KeysError(f"{where}: may_set_priority must be true or false")
         names.add(name)
         digests.add(digest)
         keys.append(ApiKey(name, digest, rps, burst, int(_number(entry, "max_in_flight", where, int)),
                            frozenset(models) if models is not None else None,
                            tokens_per_minute=int(_number(entry, "tokens_per_minute", where, int)),
-                           tokens_per_day=int(_number(entry, "tokens_per_day", where, int))))
+                           tokens_per_day=int(_number(entry, "tokens_per_day", where, int)),
+                           priority=priority, weight=float(weight), may_set_priority=may_set))
     return keys
 
 
