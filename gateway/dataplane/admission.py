@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import time
 from collections import deque
@@ -46,6 +47,8 @@ from gateway.dataplane.reasons import Reason
 if TYPE_CHECKING:
     from gateway.controlplane.apps import App
     from gateway.dataplane.request import Request
+
+log = logging.getLogger("gateway.admission")
 
 # Ticket states.
 WAITING, RELEASED, DROPPED = 0, 1, 2
@@ -382,7 +385,11 @@ class Admission:
             request.queued_s = now - ticket.enqueued
             if self.metrics is not None:
                 self.metrics.queue_waited(app.name, ticket.band, ticket.flow, request.queued_s)
-            self.go(client, request, app)
+            try:
+                self.go(client, request, app)
+            except Exception:  # a bug must cost this one request, never the others waiting
+                log.exception("request %s failed leaving the queue", request.request_id.decode("latin-1"))
+                client.respond_error(Reason.REPLICA_UNAVAILABLE, "internal gateway error", status=500)
 
     def wake_all(self) -> None:
         """Re-check every app with waiting requests (replica states changed: health, a scrape, discovery)."""

@@ -27,6 +27,7 @@ from router_client import Decision, RouterError
 
 if TYPE_CHECKING:
     from gateway.config import Config
+    from gateway.dataplane.admission import Admission
     from gateway.controlplane.apps import App, AppTable
     from gateway.dataplane.state import ServerState
 
@@ -51,6 +52,8 @@ InternalEndpoints = Callable[[Client, Request], Coroutine[None, None, None]]
 log = logging.getLogger("gateway.relay")
 
 _ROUTER_REASONS = {reason.value: reason for reason in Reason}
+# No router answered at all (as opposed to one that answered 4xx/5xx or nonsense): --router-fallback applies.
+_FALLBACK_REASONS = frozenset((Reason.ROUTER_UNREACHABLE.value, Reason.ROUTER_TIMEOUT.value))
 
 
 class Relay:
@@ -75,6 +78,11 @@ class Relay:
         # Responses API affinity: a random secret still pins follow-ups that come back to this gateway process.
         self.affinity = Affinity(config.cluster_secret.encode() or os.urandom(32)) \
             if config.responses_affinity else None
+        # Admission under overload (admission.py), set by the server when configured: POSTs to a saturated app
+        # wait in its queue, and are routed (`route_in`) when they leave it.
+        self.admission: Admission | None = None
+        # When no router answers: off, proxy (the app's fallback Serve proxy) or least-loaded (config.py).
+        self.router_fallback = config.router_fallback_mode
 
     def dispatch(self, client: "Client", request: Request) -> None:
         door = self.state.door
@@ -147,6 +155,14 @@ class Relay:
         if app is None:
             self.fail(client, request, GatewayError(Reason.NOT_FOUND, "no application serves this path"))
             return
+        admission = self.admission
+        if admission is not None and request.admission is None and request.method == b"POST" \
+                and not admission.admit(client, request, app):
+            return  # it waits for room; admission calls route_in when it leaves the queue (or answers 429)
+        self.route_in(client, request, app, failed)
+
+    def route_in(self, client: "Client", request: Request, app: "App", failed: Target | None) -> None:
+        """The replica within the app: its router decides POSTs; the rest go least-loaded."""
         targets = app.targets
         affinity = request.affinity
         if affinity is not None and affinity.pinned is not None:
@@ -185,6 +201,12 @@ class Relay:
         try:
             if error is not None:
                 self.metrics.router_failed(error.reason, request.router_s)
+                if error.reason in _FALLBACK_REASONS and self.router_fallback != "off":
+                    target = self.past_the_router(app, failed, error.reason)
+                    if target is not None:
+                        request.router_fallback = error.reason
+                        self.connect_to(client, request, target, None)
+                        return
                 reason = _ROUTER_REASONS[error.reason]
                 if error.reason == "router_non_200" and error.status is not None and 400 <= error.status < 500:
                     raise GatewayError(reason, error.detail, status=error.status, body=error.body,
@@ -199,6 +221,17 @@ class Relay:
         except Exception:  # a bug must cost one request, never the router connection it was called from
             log.exception("request %s failed unexpectedly", request.request_id.decode("latin-1"))
             self.fail(client, request, GatewayError(Reason.REPLICA_UNAVAILABLE, "internal gateway error", status=500))
+
+    def past_the_router(self, app: "App", failed: Target | None, why: str) -> Target | None:
+        """Where a request goes when no router answers (--router-fallback): the app's fallback Serve proxy in
+        Ray mode (which picks through its own handle, as pin misses already go), else the least-loaded replica."""
+        targets = app.targets
+        target = targets.fallback if self.router_fallback == "proxy" else None
+        if target is None:
+            target = targets.least_loaded(exclude=failed) or (None if failed is None else targets.least_loaded())
+        if target is not None:
+            self.metrics.router_fallbacks.labels(app.name, why).inc()
+        return target
 
     def target_for(self, app: "App", decision: Decision, failed: Target | None,
                    request: Request | None = None) -> Target:

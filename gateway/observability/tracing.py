@@ -51,6 +51,8 @@ class Traced(Protocol):
     bytes_out: int
     retries: int
     resumes: int
+    queued_s: float
+    router_fallback: str
     trace: Any
     meter: Any  # token counts (usage.py) when the request was metered
 
@@ -185,11 +187,20 @@ class RequestTracer:
             spans.append(self._span(name, context, root, self._resource, attributes, kind=kind, status=status,
                                     start_time=start, end_time=end, instrumentation_scope=self._scope))
 
-        routed_ns = start_ns + int(request.router_s * 1e9)
+        # Admission's wait (gateway/dataplane/admission.py) comes before the router call: the router decides
+        # when the request leaves the queue.
+        queued_ns = start_ns + int(request.queued_s * 1e9)
+        if request.queued_s:
+            shed = reason in ("queue_timeout", "queue_full")
+            child("queue", self._internal, {"gateway.queue.outcome": reason if shed else "admitted"},
+                  start_ns, queued_ns, shed)
+        routed_ns = queued_ns + int(request.router_s * 1e9)
         router_failed = reason.startswith("router_") or reason in ("malformed_decision", "unknown_replica_id")
         if request.router_s:
-            child("router", self._internal, {"gateway.router.outcome": reason if router_failed else "decided"},
-                  start_ns, routed_ns, router_failed)
+            outcome = reason if router_failed else "fallback" if request.router_fallback else "decided"
+            child("router", self._internal, {"gateway.router.outcome": outcome,
+                                             "gateway.router.fallback": request.router_fallback},
+                  queued_ns, routed_ns, router_failed)
         if request.replica_id and not router_failed:
             replica = {"gateway.replica_id": request.replica_id}
             if request.first_byte_s:

@@ -14,10 +14,11 @@ from typing import Any
 from gateway.admin.endpoints import Admin, AdminListener
 from gateway.config import Config, ConfigError
 from gateway.controlplane.apps import App, AppTable
-from gateway.controlplane.health import replica_health
+from gateway.controlplane.health import EngineScraper, replica_health
 from gateway.controlplane.models import ModelCatalog
 from gateway.controlplane.outlier import OutlierDetector
 from gateway.controlplane.targets import Target, TargetSet
+from gateway.dataplane.admission import Admission
 from gateway.dataplane.client import ClientConnection
 from gateway.dataplane.relay import Relay
 from gateway.dataplane.request import Request
@@ -55,7 +56,7 @@ class Gateway:
         self.local_hosts = local_hosts or (frozenset([config.node_ip]) if config.node_ip else frozenset())
         self.metrics = Metrics()
         self.state = ServerState(self.metrics, config.max_connections, config.session_header, self.request_finished)
-        self.health = replica_health(config, self.apps.all_targets)
+        self.health = replica_health(config, self.apps.all_targets, on_change=lambda target: self._admission_wake())
         self.admin = Admin(config, self.state, self.apps, self.metrics, self.refresh_gauges)
         # --route-by-model only: which app serves which model, learned from the replicas on discovery updates.
         self.models = ModelCatalog(self.apps, config.health_timeout_s) if config.route_by_model else None
@@ -64,6 +65,17 @@ class Gateway:
                                         on_eject=lambda target: self.metrics.ejections.labels(target.replica_id).inc())
         self.relay = Relay(config, self.state, self.apps, self.admin.serve, self.health.mark_down,
                            self.models.listing if self.models is not None else None, self.outliers.failed)
+        # Admission under overload (issue 22): a queue per app when its replicas are saturated; None when off.
+        self.admission: Admission | None = None
+        self.engines: EngineScraper | None = None
+        if config.admission:
+            self.admission = self.relay.admission = Admission(
+                target_in_flight=config.saturation_in_flight, queue_size=config.queue_size,
+                queue_timeout_s=config.queue_timeout_s, metrics=self.metrics,
+                go=lambda client, request, app: self.relay.route_in(client, request, app, None))
+            if config.saturation_engine:
+                self.engines = EngineScraper(self.apps.all_targets, config.engine_metrics_interval_s,
+                                             config.health_timeout_s, config.saturation_kv, self._admission_wake)
         self.access_log = AccessLog(config.access_log, max_buffer_bytes=config.access_log_buffer_bytes,
                                     on_drop=self.metrics.access_log_dropped.inc)
         self.tracer: RequestTracer | None = None
@@ -151,6 +163,8 @@ class Gateway:
         fallback = targets.fallback
         if fallback is not None and fallback.pool is None:
             fallback.pool = self._new_pool(fallback)
+        if added and getattr(self, "admission", None) is not None:
+            self.admission.wake(app)  # new replicas: room for requests waiting
         if removed:
             self.metrics.forget_replicas(self._metric_series())
 
@@ -159,8 +173,14 @@ class Gateway:
         min_streams = self.config.coalesce_min_streams
         return KeepAlivePool(lambda: open_upstream(target, coalesce_s, min_streams), self.config.upstream_idle_s)
 
+    def _admission_wake(self) -> None:
+        if self.admission is not None:
+            self.admission.wake_all()
+
     # -- requests (called through the server state)
     def request_finished(self, request: Request) -> None:
+        if request.admission is not None:
+            self.admission.finished(request)  # type: ignore[union-attr]  # a place freed, or it left the queue
         key = request.key
         meter = request.meter
         if meter is not None:
@@ -272,6 +292,8 @@ class Gateway:
         # Installed before we serve: an early SIGHUP must reload, never kill (its default action).
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.health.start()
+        if self.engines is not None:
+            self.engines.start()
         if self.models is not None:
             self.models.start()
         self._sweeper = loop.create_task(self._sweep())
@@ -309,6 +331,8 @@ class Gateway:
         if self._usage_saved + USAGE_SAVE_S <= now:
             self._usage_saved = now
             self.usage.save()
+        if self.admission is not None:
+            self.admission.expire(now)
         routers = self.routers()
         for router in routers:
             router.expire(now)
@@ -370,6 +394,8 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.health.stop()
+        if self.engines is not None:
+            await self.engines.stop()
         if self.models is not None:
             await self.models.close()
         for router in self.routers():
