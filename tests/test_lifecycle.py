@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import signal
 import socket
 import time
@@ -12,8 +15,8 @@ import pytest
 
 from gateway.config import ConfigError, resolve
 
-from gateway.stacks.procs import port_open
-from tests.conftest import CHAT, read_until_close, wait_until
+from gateway.stacks.procs import Child, descendants, free_port, pid_alive, port_open, python_module
+from tests.conftest import CHAT, LOG_DIR, read_until_close, wait_until
 
 STREAM = b'{"model":"mock","messages":[{"role":"user","content":"hi"}],"max_tokens":%d,"stream":true}'
 
@@ -120,3 +123,60 @@ def test_drain_options_take_rays_names_and_the_timeout_bounds_the_minimum() -> N
     assert (config.min_draining_s, config.drain_timeout_s) == (5.0, 120.0)
     with pytest.raises(ConfigError, match="must be between 0 and drain_timeout_s"):
         resolve(None, {"GATEWAY_REPLICAS": "http://127.0.0.1:1", "GATEWAY_MIN_DRAINING_S": "40"})
+
+
+def worker_serving(gateway, pid: int) -> bool:
+    with httpx.Client() as client:  # a new connection: the kernel picks a worker
+        return client.get(f"{gateway.url}/-/routes", timeout=5).json().get("pid") == pid
+
+
+def two_workers(gateway, gone: int = 0) -> list[int] | None:
+    pids = descendants(gateway.child.pid)
+    return pids if len(pids) == 2 and gone not in pids else None
+
+
+def test_a_dead_worker_is_started_again_with_a_backoff(stack) -> None:
+    replica = stack.replica("a")
+    gateway = stack.gateway([], [replica], "--workers", "2")
+    first = wait_until(lambda: two_workers(gateway), what="two workers")
+    victim = first[1]
+    os.kill(victim, signal.SIGKILL)
+    second = wait_until(lambda: two_workers(gateway, victim), what="the worker started again")
+    assert re.search(rf"worker \d \(pid {victim}\) was killed by signal 9 after [\d.]+ s; starting it again in 0\.5 s",
+                     gateway.log())
+    (new,) = set(second) - set(first)
+    wait_until(lambda: worker_serving(gateway, new), what="the new worker serving")
+    os.kill(new, signal.SIGKILL)  # dies young again: the next start waits longer
+    wait_until(lambda: re.search(rf"\(pid {new}\) was killed by signal 9 after [\d.]+ s; starting it again in 1\.0 s",
+                                 gateway.log()), what="the backoff doubling")
+    wait_until(lambda: two_workers(gateway, new), what="started again")
+    for _ in range(20):
+        assert httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+    gateway.child.signal(signal.SIGTERM)
+    assert gateway.child.proc.wait(timeout=10) == 0
+
+
+def test_sighup_before_the_reload_handler_does_not_kill_a_worker(stack) -> None:
+    replica = stack.replica("a")
+    port = free_port()
+    log_path = f"{LOG_DIR}/sighup-early-gateway-{port}.log"
+    child = Child(python_module("gateway", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+                                "--replica", f"a={replica.url}"), log_path=log_path)
+    stack.children.append(child)
+    child.start()
+    hupped: set[int] = set()
+    deadline = time.monotonic() + 20
+    # SIGHUP every worker from the moment it exists until the port is open (and a little after): while it is still
+    # importing and starting, no reload handler is installed yet.
+    while time.monotonic() < deadline and not port_open("127.0.0.1", port, timeout=0.01):
+        for pid in descendants(child.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+                hupped.add(pid)
+    assert len(hupped) >= 2 and child.alive()
+    assert all(pid_alive(pid) for pid in hupped), open(log_path).read()
+    assert "starting it again" not in open(log_path).read()
+    for _ in range(10):
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+    child.signal(signal.SIGTERM)
+    assert child.proc.wait(timeout=10) == 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from gateway.config import Config, ConfigError
 from gateway.controlplane.apps import AppTable
 from gateway.dataplane.upstream import PUMP_BUILT
 from gateway.process.server import Gateway
+from gateway.process.workers import CONFIG_ERROR, Workers
 
 
 def startup_line(config: Config, port: int, apps: AppTable) -> str:
@@ -84,6 +84,9 @@ async def serve_async(config: Config, ready_message: bool = True,
 def run_serve(config: Config) -> int:
     import uvloop
 
+    # SIGHUP means "reload" here, never "exit" (its default action): ignored until Gateway.start installs the
+    # reload handler (Ray discovery may take seconds before that).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if config.workers == 1:
         return uvloop.run(serve_async(config))
     if not config.cluster_secret:
@@ -92,53 +95,15 @@ def run_serve(config: Config) -> int:
     return _run_workers(config)
 
 
-def _die_with_parent() -> None:
-    """A worker whose parent is killed (SIGKILL, no forwarding) stops too, instead of serving on as an orphan."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _run_workers(config: Config) -> int:
-    """N forked workers bind the same port with SO_REUSEPORT; the kernel spreads connections."""
+    """N forked workers bind the same port with SO_REUSEPORT; the kernel spreads connections (process/workers.py)."""
     import uvloop
 
-    children = []
-    for index in range(config.workers):
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM for all
-            _die_with_parent()
-            try:
-                code = uvloop.run(serve_async(config, ready_message=index == 0))
-            except ConfigError as exc:
-                print(f"gateway: error: {exc}", file=sys.stderr)
-                code = 2
-            os._exit(code)
-        children.append(pid)
+    def run(index: int, first: bool) -> int:
+        try:
+            return uvloop.run(serve_async(config, ready_message=first and index == 0))
+        except ConfigError as exc:
+            print(f"gateway: error: {exc}", file=sys.stderr)
+            return CONFIG_ERROR
 
-    def forward(signum: int, frame: object) -> None:
-        for child in children:
-            try:
-                os.kill(child, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def forward_hup(signum: int, frame: object) -> None:
-        for child in children:
-            try:
-                os.kill(child, signal.SIGHUP)  # each worker reloads its own keys and certificate
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward_hup)
-    status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        status = status or os.waitstatus_to_exitcode(code)
-    return status
+    return Workers(config.workers, run).serve()
