@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
 import signal
 import sys
 from collections.abc import Callable
