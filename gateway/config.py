@@ -182,6 +182,8 @@ OPTIONS: tuple[Option, ...] = (
            "origins browsers may call the gateway from (comma-separated, or *); the gateway answers preflights itself"),
     Option("resume_limit", ("GATEWAY_RESUME_LIMIT",), int, 0,
            "times one streamed completion may be resumed on another replica when its replica dies mid-stream (token-exact, see docs/resume.md); 0 = off"),
+    Option("drain_migrate_after_s", ("GATEWAY_DRAIN_MIGRATE_AFTER_S",), _seconds, 3.0,
+           "with --resume-limit: streams still on a replica this long after it left the target set (Serve scale-down, redeploy, POST /-/replicas/ID/drain) move to other replicas, token-exact, so it can go in seconds (see docs/resume.md)"),
     Option("responses_affinity", ("GATEWAY_RESPONSES_AFFINITY",), _bool, True,
            "Responses API (see docs/resume.md): name the replica in each response id, so a previous_response_id follow-up (or a GET/cancel of it) reaches the replica holding its state, from any gateway sharing --cluster-secret; a gone replica: 404 response_replica_gone"),
     Option("cluster_secret", ("GATEWAY_CLUSTER_SECRET",), str, "",
@@ -318,6 +320,8 @@ class _ConfigMethods:
                               f"({self.drain_timeout_s:g}): the drain timeout bounds the whole drain")
         if self.access_log_buffer_bytes <= 0:
             raise ConfigError("access_log_buffer_bytes must be > 0")
+        if self.drain_migrate_after_s < 0:
+            raise ConfigError("drain_migrate_after_s must be >= 0")
         if self.tunnel_timeout_s < 0:
             raise ConfigError("tunnel_timeout_s must be >= 0")
         if self.resume_limit < 0:

@@ -89,7 +89,7 @@ def test_without_affinity_follow_ups_fail_on_the_other_replica(rig) -> None:
 def test_follow_ups_reach_their_replica_through_either_gateway(rig) -> None:
     a, b, _, _ = rig
     first = sdk(a).responses.create(input="Tell me a story", **ASK)
-    assert first.id.startswith("resp_") and first.status == "completed"
+    assert first.id.startswith("resp_") and first.status in ("completed", "incomplete")  # incomplete: max tokens
     statuses = follow_ups(lambda turn: b if turn % 2 == 0 else a, first.id, 6)
     print("with affinity:", statuses)
     assert statuses == [200] * 6

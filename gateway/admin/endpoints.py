@@ -18,7 +18,7 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from gateway.config import Config
+from gateway.config import Config, ReplicaSpec
 from gateway.controlplane.apps import App, AppTable
 from gateway.dataplane.reasons import Reason, error_response
 from gateway.dataplane.request import Request
@@ -45,6 +45,7 @@ class Admin:
             Route("/-/routes", self.routes),
             Route("/-/metrics", self.prometheus),
             Route("/-/usage", self.usage_report),
+            Route("/-/replicas/{replica_id}/drain", self.drain_replica, methods=["POST"]),
         ])
         self.usage: Any = None  # observability.usage.UsageBook, set by the process
         self.door: Any = None  # security.door.FrontDoor when configured
@@ -108,6 +109,25 @@ class Admin:
             body["budgets"] = door.budgets()
         return Response(orjson.dumps(body), media_type="application/json")
 
+    async def drain_replica(self, request: StarletteRequest) -> Response:
+        """Take a replica out of its app's target set, as a Serve scale-down does: no new request goes to it, and
+        with --resume-limit its streams move to other replicas after --drain-migrate-after-s (drain by migration).
+        Only on the --admin-port listener: it changes where traffic goes. Ray discovery puts a replica Serve still
+        has back at its next update."""
+        if not request.scope.get("gateway.admin"):
+            return error_response(Reason.NOT_FOUND, "draining a replica is served on the --admin-port listener only")
+        replica_id = request.path_params["replica_id"]
+        for app in self.apps:
+            target = app.targets.get(replica_id)
+            if target is not None:
+                in_flight = target.in_flight
+                app.targets.replace([ReplicaSpec(t.replica_id, t.host, t.port) for t in app.targets.targets
+                                     if t is not target])
+                return JSONResponse({"replica_id": replica_id, "app": app.name, "in_flight": in_flight,
+                                     "migrate_after_s": self.config.drain_migrate_after_s
+                                     if self.config.resume_limit else None})
+        return error_response(Reason.NOT_FOUND, f"no replica {replica_id!r} in any app's target set")
+
     async def not_found(self, request: StarletteRequest, exc: Exception) -> Response:
         return error_response(Reason.NOT_FOUND, f"no gateway endpoint {request.url.path}")
 
@@ -128,6 +148,7 @@ class Admin:
             "server": None,
             "app": self.app,
             "gateway.key": request.key,  # matched by the public listener's front door (None on the admin listener)
+            "gateway.admin": client.state is not self.state,  # came in on the --admin-port listener
         }
         sent_body = False
         status = 500

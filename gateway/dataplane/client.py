@@ -433,7 +433,8 @@ class ClientConnection(asyncio.Protocol):
         resume.start_segment(self.transport)
         if resume.replying:
             conn.target.resumes_to += 1
-            self.state.metrics.resume("resumed")
+            self.state.metrics.resume(resume.outcome)
+            resume.outcome = "resumed"
         else:
             resume.replying = True
             request.status = 200
@@ -466,6 +467,33 @@ class ClientConnection(asyncio.Protocol):
             return
         request.reason = ""
         self.relay.resume(self, request, target)
+
+    def migrate(self) -> bool:
+        """Move this stream off its replica, which is leaving the target set (drain by migration): the client's
+        stream goes on from another replica through resume, token-exact. False: not a stream that can move."""
+        upstream, request = self.upstream, self.current
+        if upstream is None or request is None or self.closed or not upstream.head_sent:
+            return False
+        resume = request.resume
+        if resume is None or not resume.replying or resume.done or \
+                (resume.cannot_resume() not in (None, "limit") and not resume.can_finish_here()):
+            return False
+        target = upstream.target
+        self.upstream = None
+        self.relay.exchange_ended(upstream)
+        upstream.abort()  # the leaving replica's engine stops generating for it now
+        resume.failed.add(target)  # never back to it
+        target.resumes_from += 1
+        if resume.can_finish_here():
+            resume.finish_here()
+            self.state.metrics.resume("migrated")
+            self.finish(close=not request.keep_alive)
+            return True
+        resume.limit += 1  # a planned move does not spend the budget kept for replicas that die
+        resume.outcome = "migrated"
+        request.reason = ""
+        self.relay.resume(self, request, target)
+        return True
 
     def _cut(self, request: Request, outcome: str) -> None:
         self.state.metrics.resume(outcome)

@@ -137,6 +137,18 @@ class Relay:
                  failed.replica_id, resume.resumes, resume.limit)
         self.route(client, request, failed)
 
+    def migrate_off(self, target: Target) -> int:
+        """Drain by migration: move the resumable streams still on `target` (gone from its target set) to other
+        replicas; returns how many moved. The others finish on their own connection, as before."""
+        moved = 0
+        for client in list(self.state.connections):
+            upstream = getattr(client, "upstream", None)
+            if upstream is not None and upstream.target is target and client.migrate():  # type: ignore[attr-defined]
+                moved += 1
+        if moved:
+            log.info("replica %s left the target set: %d streams moved to other replicas", target.replica_id, moved)
+        return moved
+
     def replica_failed(self, target: Target) -> None:
         """A request failed on this replica (connect, cut stream, engine error)."""
         self.metrics.replica_failure(target.replica_id)
@@ -238,6 +250,13 @@ class Relay:
         """The known target a decision names: the SSRF boundary (never an address we do not know)."""
         targets = app.targets
         target = targets.lookup(decision.replica_id, decision.host, decision.port)
+        resume = request.resume if request is not None else None
+        if target is None and resume is not None and resume.replying:
+            # Resuming (a migration off a replica leaving the set, which the router may still name): any other one.
+            target = targets.least_loaded(exclude=failed, avoid=resume.failed)
+            if target is None:
+                raise GatewayError(Reason.NO_REPLICAS, "no other replica to resume the stream on")
+            return target
         if target is None:
             self.metrics.decision_mismatch("unknown_replica_id")
             if self.pin_miss_to_fallback and targets.fallback is not None:
@@ -256,7 +275,6 @@ class Relay:
         elif (target.host, target.port) != (decision.host, decision.port):
             # We still connect only to the address we know for that replica.
             self.metrics.decision_mismatch("address")
-        resume = request.resume if request is not None else None
         if resume is not None and resume.replying:
             if target is failed or target in resume.failed or not target.healthy or target.ejected:
                 # A resume never goes back to a replica that failed this stream.

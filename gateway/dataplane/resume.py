@@ -146,6 +146,7 @@ class ResumeStream:
         self.transport: asyncio.Transport | None = None
         self.url = CHAT if chat else COMPLETIONS  # the client's request target (the replica's may be prefixed)
         self.replying = False  # the client has the response head: from now on failures are resumed
+        self.outcome = "resumed"  # counted when the next segment starts: "migrated" when moved off a leaving replica
         self.segment = 0  # 0: the original request; then one per resume
         self.resumes = 0
         self.failed: set[Target] = set()

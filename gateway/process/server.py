@@ -157,9 +157,12 @@ class Gateway:
         for target in added:
             target.pool = self._new_pool(target)
         for target in removed:
-            # Idle connections go now; streams in flight on a removed replica finish on their own connection.
+            # Idle connections go now; streams in flight on a removed replica finish on their own connection,
+            # or with resume on, move to other replicas after drain_migrate_after_s (drain by migration).
             if target.pool is not None:
                 target.pool.close()
+            if self.config.resume_limit and target.in_flight and self.state.loop is not None:
+                self.state.loop.call_later(self.config.drain_migrate_after_s, self._migrate_off, target)
         fallback = targets.fallback
         if fallback is not None and fallback.pool is None:
             fallback.pool = self._new_pool(fallback)
@@ -167,6 +170,10 @@ class Gateway:
             self.admission.wake(app)  # new replicas: room for requests waiting
         if removed:
             self.metrics.forget_replicas(self._metric_series())
+
+    def _migrate_off(self, target: Target) -> None:
+        if target.removed and target.in_flight:
+            self.relay.migrate_off(target)
 
     def _new_pool(self, target: Target) -> KeepAlivePool[UpstreamConnection]:
         coalesce_s = self.config.coalesce_ms / 1000
