@@ -5,7 +5,8 @@
 - The two commands for a fresh machine are the same in the README and on that page, and run what they say.
 - Every `gateway ...` command on the docs pages and in the README uses flags the program has; every
   `gateway serve` command parses and validates against the option table.
-- docs/reference/configuration.md is what scripts/gen_config_reference.py makes from that table.
+- docs/reference/configuration.md is what scripts/gen_config_reference.py makes from that table, and every
+  failure reason of gateway/dataplane/reasons.py has its row on docs/operating.md.
 - The README's relative links point at files that exist (the site's own links: `mkdocs build --strict`).
 """
 
@@ -68,6 +69,15 @@ def test_fresh_machine_commands_are_the_same_in_readme_and_getting_started() -> 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["gateway"] == "gateway.cli:main"
     assert (ROOT / ".ci" / "run").read_text().startswith("#!/usr/bin/env bash")
+
+
+def test_every_failure_reason_is_documented() -> None:
+    # Every reason the gateway can answer with (gateway/dataplane/reasons.py) has its row in the operating page.
+    from gateway.dataplane.reasons import Reason
+
+    page = (ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
+    missing = [reason.value for reason in Reason if f"| `{reason.value}` |" not in page]
+    assert not missing, f"docs/operating.md, Failure reasons, lacks {missing}"
 
 
 def test_readme_links_resolve() -> None:
