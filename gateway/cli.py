@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("deploy", "start a gateway on every node, or roll them to new options one node at a time"),
                        ("status", "print node -> URL, pid, ready, restarts"),
                        ("remove", "stop every gateway (each drains) and remove the actors")):
-        command = ray_sub.add_parser(name, help=text, description=text + (
+        command = ray_sub.add_parser(name, help=text, allow_abbrev=False, description=text + (
             ". Any `gateway serve` option may follow; they are passed to every gateway as given (never taken "
             "from the raylet's environment)." if name == "deploy" else ""))
         command.add_argument("--ray-address", default=address_default, required=address_default is None,
@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                                  help="address every gateway binds (default: its node's IP)")
             command.add_argument("--wait-s", type=float, default=120.0,
                                  help="how long to wait for every node's gateway to be ready (default 120)")
+            for secret in ("api-key", "upstream-api-key"):  # kept off argv: see gateway/deploy/secrets.py
+                command.add_argument(f"--{secret}-file", metavar="FILE",
+                                     help=f"--{secret} for every gateway, from the first line of FILE [env: GATEWAY_"
+                                          f"{secret.upper().replace('-', '_')}]; passed in their environment")
     args, rest = parser.parse_known_args(argv)
     if rest and not (args.command == "ray" and args.ray_command == "deploy"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -120,6 +124,12 @@ def _ray_command(args: argparse.Namespace, serve_args: list[str]) -> int:
         for flag in ("--ray-address", "--node-ip"):
             if any(arg == flag or arg.startswith(flag + "=") for arg in serve_args):
                 raise ConfigError(f"{flag} is set per node by `gateway ray deploy`")
+        from gateway.deploy.secrets import split_secrets
+
+        serve_args, secrets, warnings = split_secrets(
+            serve_args, {"--api-key": args.api_key_file, "--upstream-api-key": args.upstream_api_key_file}, os.environ)
+        for warning in warnings:
+            print(f"gateway ray deploy: warning: {warning}", file=sys.stderr, flush=True)
         # Check the options here, once, rather than on every node: a bad flag fails the deploy, not the cluster.
         check = argparse.ArgumentParser(prog="gateway ray deploy", add_help=False)
         add_arguments(check)
@@ -129,7 +139,8 @@ def _ray_command(args: argparse.Namespace, serve_args: list[str]) -> int:
             raise ConfigError(f"bad gateway serve options: {' '.join(serve_args)}") from None
         resolve(parsed, environ={})
         print(f"gateway ray deploy: a gateway on every node of {args.ray_address}, port {args.port}...", flush=True)
-        result = cluster.deploy(args.ray_address, args.port, args.host, serve_args, wait_s=args.wait_s)
+        result = cluster.deploy(args.ray_address, args.port, args.host, serve_args, wait_s=args.wait_s,
+                                secrets=secrets)
         print(cluster.format_status(result), flush=True)
         return 0
     if args.ray_command == "status":

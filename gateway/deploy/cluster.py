@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from gateway.config import ConfigError
+from gateway.deploy.secrets import digest
 
 log = logging.getLogger("gateway.deploy")
 
@@ -88,7 +89,7 @@ class Reconciler:
         actor = self.node_class.options(
             name=node_actor_name(node_id), namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-        ).remote(ip, serve_argv(spec, ip), spec["port"], None, spec.get("log_dir", ""))
+        ).remote(ip, serve_argv(spec, ip), spec["port"], spec.get("secrets") or None, spec.get("log_dir", ""))
         self._event(f"node {ip} joined: gateway on port {spec['port']}")
         return actor
 
@@ -123,19 +124,24 @@ class Reconciler:
         for node_id, entry in self.nodes.items():
             status = entry["status"]
             want = serve_argv(self.spec, entry["ip"])
-            if status is None or status["argv"] == want:
+            if status is None or self._current(status, want):
                 continue
             self._event(f"node {entry['ip']}: new options; draining, then starting")
-            ray.get(entry["actor"].reconfigure.remote(want), timeout=10)
+            ray.get(entry["actor"].reconfigure.remote(want, self.spec.get("secrets") or None), timeout=10)
             deadline = time.monotonic() + ROLL_READY_DEADLINE_S
             while time.monotonic() < deadline and not self._stop.is_set():
                 status = ray.get(entry["actor"].status.remote(), timeout=10)
-                if status["argv"] == want and status["ready"]:
+                if self._current(status, want) and status["ready"]:
                     break
                 time.sleep(0.1)
             entry["status"] = status
             self._event(f"node {entry['ip']}: {'ready' if status['ready'] else 'NOT ready'} with the new options")
             return
+
+    def _current(self, status: dict[str, Any], want: list[str]) -> bool:
+        """The node runs these options and these secrets (compared by digest: node.py never returns them)."""
+        return status.get("argv") == want and status.get("env_digest", digest({})) == digest(self.spec.get("secrets")
+                                                                                           or {})
 
     # -- actor methods
     def status(self) -> dict[str, Any]:
@@ -143,9 +149,10 @@ class Reconciler:
         for entry in self.nodes.values():
             status = dict(entry["status"] or {"node_ip": entry["ip"], "ready": False, "pid": None, "restarts": 0,
                                                "url": "", "argv": []})
-            status["current"] = status.get("argv") == serve_argv(self.spec, entry["ip"])
+            status["current"] = self._current(status, serve_argv(self.spec, entry["ip"]))
             nodes.append(status)
-        return {"spec": self.spec, "nodes": sorted(nodes, key=lambda n: n["node_ip"]), "events": self.events[-10:]}
+        spec = {**self.spec, "secrets": sorted(self.spec.get("secrets") or {})}  # their names, never their values
+        return {"spec": spec, "nodes": sorted(nodes, key=lambda n: n["node_ip"]), "events": self.events[-10:]}
 
     def remove(self, timeout_s: float = 30.0) -> list[dict]:
         self._stop.set()
@@ -193,10 +200,13 @@ def _reconciler(ray: Any) -> Any | None:
 
 
 def deploy(address: str, port: int, host: str, serve_args: list[str], wait_s: float = 120.0,
-           log_dir: str = "") -> dict[str, Any]:
-    """Start (or roll to new options) a gateway on every alive node; return when all are ready."""
+           log_dir: str = "", secrets: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start (or roll to new options) a gateway on every alive node; return when all are ready.
+
+    `secrets` ({GATEWAY_API_KEY: ...}, see secrets.py) reach each gateway in its environment, never in its argv."""
     ray = _connect(address)
-    spec = {"address": address, "port": port, "host": host, "serve_args": list(serve_args), "log_dir": log_dir}
+    spec = {"address": address, "port": port, "host": host, "serve_args": list(serve_args), "log_dir": log_dir,
+            "secrets": dict(secrets or {})}
     old = _reconciler(ray)
     if old is not None:
         ray.kill(old, no_restart=True)  # the node actors stay and keep serving; the new reconciler adopts them

@@ -27,6 +27,8 @@ import threading
 import time
 import urllib.request
 
+from gateway.deploy.secrets import digest
+
 # Environment the gateway child may see; everything else (RAY_*, GATEWAY_*) is left behind on purpose.
 ENV_ALLOWLIST = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ")
 SUPERVISE_INTERVAL_S = 0.1
@@ -162,8 +164,10 @@ class NodeGateway:
                     ready = response.status == 200
             except OSError:
                 ready = False
+        # The environment (the deployer's secrets) only as a digest: status is read by `gateway ray status`.
         return {"node_ip": self.node_ip, "url": f"http://{host}:{self.port}", "pid": proc.pid if proc else None,
-                "ready": ready, "restarts": self.restarts, "argv": self.argv, "log": self.log_path,
+                "ready": ready, "restarts": self.restarts, "argv": self.argv, "env_digest": digest(self.extra_env),
+                "log": self.log_path,
                 "draining": len(self.draining), "actor_pid": os.getpid()}
 
     def reconfigure(self, argv: list[str], env: dict[str, str] | None = None) -> None:
