@@ -38,6 +38,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <fcntl.h>
+#include <limits.h>
 
 #define READ_SIZE 65536
 #define MAX_EVENTS 256
@@ -52,7 +53,7 @@
 
 /* How a pumped stream ended (Python: Pump.COMPLETE and so on). */
 enum { END_COMPLETE = 0, END_COMPLETE_EXTRA, END_EOF, END_UPSTREAM_ERROR, END_MALFORMED, END_CLIENT_ERROR,
-       END_PUMP_ERROR };
+       END_PUMP_ERROR, END_BROKEN };
 
 /* Chunked transfer coding (RFC 9112 7.1), only to find where the message ends. */
 enum { C_SIZE, C_EXT, C_SIZE_LF, C_DATA, C_DATA_CR, C_DATA_LF, C_TRAILER_START, C_TRAILER, C_TRAILER_LF,
@@ -72,7 +73,55 @@ static int faulty(int which) {
     return 1;
 }
 
+/* ---------------------------------------------------------------- SSE events (resume.py, usage.py)
+ * With `events` flags add() makes the pump follow the SSE events in the chunk payload as well (vLLM writes one
+ * `data: {...}\n\n` event per chunk), so resumable and metered streams stay in C:
+ *   EV_ON          count the JSON events and read the usage chunk's counts (token accounting); bytes relayed as they are
+ *   EV_RESUME      what resume.py's ResumeStream does for the original stream (its _batch and _event): each event's
+ *                  token_ids and the first prompt_token_ids are recorded (Python reads them only to resume), [DONE]
+ *                  goes out only after a finish_reason (and the usage chunk when the client asked for it), vLLM's
+ *                  in-band error event or anything that is not a JSON object breaks the stream (END_BROKEN, the
+ *                  event withheld, Python resumes). Each read's complete events go out as one chunk, as resume.py
+ *                  frames them; the last chunk is Python's to write (upstream_complete).
+ *   EV_STRIP_IDS   the client did not ask for token ids: `"token_ids":[..]` and the first `"prompt_token_ids":[..]`
+ *                  become `null`, as resume.py writes them (byte for byte: tests/test_pump_events.py).
+ * The fields are found by their JSON key with the quote before it: vLLM's chunks are compact JSON, in which an
+ * unescaped `"` cannot occur inside a string, so `"token_ids":[` is never content. */
+enum { EV_ON = 1, EV_RESUME = 2, EV_STRIP_IDS = 4, EV_NEED_USAGE = 8, EV_FINISHED = 16, EV_USAGE_SENT = 32,
+       EV_FIRST = 64 };
+/* An SSE event this large is not vLLM's (one token an event): the stream is malformed. */
+#define MAX_EVENT_BYTES (4 << 20)
+
+typedef struct { char *data; size_t len, cap; } Buf;
+
 typedef struct Pump Pump;
+
+static void *pump_alloc(size_t n) {
+    if (faulty(F_ALLOC)) return NULL;
+    return PyMem_Malloc(n);
+}
+
+static int buf_put(Buf *b, const void *src, size_t n) {
+    if (b == NULL || n == 0) return 0;
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n) cap *= 2;
+        char *data = faulty(F_ALLOC) ? NULL : PyMem_Realloc(b->data, cap);
+        if (data == NULL) return -1;
+        b->data = data;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, src, n);
+    b->len += n;
+    return 0;
+}
+
+static void buf_free(Buf *b) {
+    PyMem_Free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
 
 typedef struct Stream {
     PyObject_HEAD
@@ -90,6 +139,13 @@ typedef struct Stream {
     struct Stream *next_sleeper;
     struct Stream *prev, *next;  /* the pump's registered streams, or its zombies */
     double wake;
+    /* SSE events (EV_* flags) */
+    int evflags, ev_err, done_sent, broken, finished, usage_sent, no_ids, have_prompt;
+    long long events, prompt_tokens, completion_tokens;
+    Buf ev;      /* payload not yet split into events */
+    Buf ids;     /* token ids as the replica wrote them, comma separated: "12,7,5" */
+    Buf prompt;  /* the prompt's token ids, the same way */
+    Buf first;   /* the first JSON event (its id and created name a resumed stream) */
 } Stream;
 
 struct Pump {
@@ -105,6 +161,7 @@ struct Pump {
     Stream *streams;  /* registered (each holds a reference of ours) */
     Stream *zombies;  /* released, but still in the epoll set (EPOLL_CTL_DEL failed): kept alive, retried */
     char *buf;
+    Buf out;          /* a read's events as they go to the client (EV_RESUME) */
 };
 
 static PyTypeObject StreamType;
@@ -132,7 +189,7 @@ static void list_remove(Stream **head, Stream *s) {
 
 /* Advance the chunked parser over data[0:len]; returns the offset just past the message end, len if the
  * message goes on, or -1 if the framing is malformed. */
-static Py_ssize_t parse_chunked(Stream *s, const char *data, Py_ssize_t len) {
+static Py_ssize_t parse_chunked(Stream *s, const char *data, Py_ssize_t len, int collect) {
     Py_ssize_t i = 0;
     while (i < len) {
         char c = data[i];
@@ -176,6 +233,7 @@ static Py_ssize_t parse_chunked(Stream *s, const char *data, Py_ssize_t len) {
         case C_DATA: {
             uint64_t take = (uint64_t)(len - i);
             if (take > s->size) take = s->size;
+            if (collect && buf_put(&s->ev, data + i, (size_t)take) < 0) s->ev_err = 1;
             s->size -= take;
             i += (Py_ssize_t)take;
             if (s->size == 0) s->state = C_DATA_CR;
@@ -240,11 +298,6 @@ static int epoll_del(Pump *p, int fd) {
         return -1;
     }
     return epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL);
-}
-
-static void *pump_alloc(size_t n) {
-    if (faulty(F_ALLOC)) return NULL;
-    return PyMem_Malloc(n);
 }
 
 /* Reading the replica stops by leaving the epoll set, not by an empty event mask: epoll reports a hang-up
@@ -405,6 +458,178 @@ static int block(Pump *p, Stream *s, const char *rest, Py_ssize_t n) {
     return 0;
 }
 
+
+/* ---------------------------------------------------------------- SSE events */
+
+#define LIT(text) text, sizeof(text) - 1
+
+static const char *find(const char *hay, size_t n, const char *needle, size_t m) {
+    return n >= m ? memmem(hay, n, needle, m) : NULL;
+}
+
+/* `"name"` used as a key: the quoted name, optional blanks, then a colon (vLLM's error event is written by
+ * json.dumps, with a blank after each colon). */
+static int has_key(const char *d, size_t n, const char *quoted, size_t m) {
+    const char *end = d + n, *at = d;
+    while ((at = find(at, (size_t)(end - at), quoted, m)) != NULL) {
+        const char *c = at + m;
+        while (c < end && (*c == ' ' || *c == '\t')) c++;
+        if (c < end && *c == ':') return 1;
+        at += m;
+    }
+    return 0;
+}
+
+/* The integer after `key` (which ends with its colon), or -1. */
+static long long count_after(const char *d, size_t n, const char *key, size_t m) {
+    const char *at = find(d, n, key, m), *end = d + n;
+    if (at == NULL) return -1;
+    const char *c = at + m;
+    while (c < end && *c == ' ') c++;
+    if (c == end || *c < '0' || *c > '9') return -1;
+    long long v = 0;
+    for (; c < end && *c >= '0' && *c <= '9'; c++) {
+        if (v > (LLONG_MAX - 9) / 10) return -1;
+        v = v * 10 + (*c - '0');
+    }
+    return v;
+}
+
+/* A choice's text is not empty (`"content":"x` or `"text":"x`): output that a resume could not rebuild without
+ * its token ids. */
+static int has_text(const char *d, size_t n) {
+    static const char *const keys[] = {"\"content\":\"", "\"text\":\""};
+    for (int k = 0; k < 2; k++) {
+        size_t m = strlen(keys[k]);
+        const char *at = find(d, n, keys[k], m);
+        if (at != NULL && at + m < d + n && at[m] != '"') return 1;
+    }
+    return 0;
+}
+
+/* One complete event (`ev` ends with its blank line): what it tells, and what of it goes to `out` (NULL: the
+ * bytes are relayed as they came). resume.py's ResumeStream._event and _batch, event by event. */
+static int handle_event(Stream *s, const char *ev, size_t n, Buf *out) {
+    int flags = s->evflags;
+    int resume = flags & EV_RESUME;
+    if (n < 8 || memcmp(ev, "data: ", 6) != 0)
+        return buf_put(out, ev, n);  /* a comment or another field: not vLLM's, not ours to drop either */
+    const char *d = ev + 6;
+    size_t dn = n - 8;
+    if (dn == 6 && memcmp(d, "[DONE]", 6) == 0) {
+        if (resume) {
+            if (!(s->finished && (s->usage_sent || !(flags & EV_NEED_USAGE)))) {
+                s->broken = 1;  /* the engine gave up without finishing */
+                return 0;
+            }
+            s->done_sent = 1;
+        }
+        return buf_put(out, ev, n);
+    }
+    int json = dn >= 2 && d[0] == '{' && d[dn - 1] == '}' && memchr(d, '\n', dn) == NULL;
+    if (resume) {
+        if (!json || (has_key(d, dn, LIT("\"error\"")) && !has_key(d, dn, LIT("\"choices\"")))) {
+            s->broken = 1;  /* vLLM's in-band engine error, or not an event of its: resume from what the client has */
+            return 0;
+        }
+        if ((flags & EV_FIRST) && s->first.len == 0 && buf_put(&s->first, d, dn) < 0) return -1;
+    }
+    if (json) s->events++;
+    const char *usage = find(d, dn, LIT("\"usage\":"));
+    if (usage != NULL && find(d, dn, LIT("\"choices\":[]")) != NULL) {  /* the usage chunk */
+        s->usage_sent = 1;
+        size_t rest = (size_t)(d + dn - usage);
+        long long prompt = count_after(usage, rest, LIT("\"prompt_tokens\":"));
+        long long completion = count_after(usage, rest, LIT("\"completion_tokens\":"));
+        if (prompt >= 0) {
+            s->prompt_tokens = prompt;
+            s->completion_tokens = completion >= 0 ? completion : 0;
+        }
+    }
+    if (find(d, dn, LIT("\"finish_reason\":\"")) != NULL) s->finished = 1;
+    if (!resume) return 0;
+    /* Token ids: recorded, and written as null when the client did not ask for them. */
+    const char *at = ev, *end = ev + n;
+    int found_ids = 0;
+    for (;;) {
+        const char *ids = find(at, (size_t)(end - at), LIT("\"token_ids\":["));
+        const char *prompt = s->have_prompt ? NULL : find(at, (size_t)(end - at), LIT("\"prompt_token_ids\":["));
+        int is_prompt = prompt != NULL && (ids == NULL || prompt < ids);
+        const char *key = is_prompt ? prompt : ids;
+        if (key == NULL) break;
+        const char *open = key + (is_prompt ? sizeof("\"prompt_token_ids\":[") : sizeof("\"token_ids\":[")) - 2;
+        const char *close = memchr(open, ']', (size_t)(end - open));
+        if (close == NULL) break;
+        if (is_prompt) {
+            s->have_prompt = 1;
+            s->prompt.len = 0;
+            if (buf_put(&s->prompt, open + 1, (size_t)(close - open - 1)) < 0) return -1;
+        } else {
+            found_ids = 1;
+            if (close > open + 1) {
+                if (s->ids.len && buf_put(&s->ids, ",", 1) < 0) return -1;
+                if (buf_put(&s->ids, open + 1, (size_t)(close - open - 1)) < 0) return -1;
+            }
+        }
+        if (flags & EV_STRIP_IDS) {
+            if (buf_put(out, at, (size_t)(open - at)) < 0 || buf_put(out, "null", 4) < 0) return -1;
+        } else if (buf_put(out, at, (size_t)(close + 1 - at)) < 0) {
+            return -1;
+        }
+        at = close + 1;
+    }
+    if (!found_ids && has_text(d, dn)) s->no_ids = 1;  /* output we could not resume from */
+    return buf_put(out, at, (size_t)(end - at));
+}
+
+/* Split what the payload holds into events and handle each complete one; the rest waits for the next read.
+ * With `out` the events that go to the client are appended to it. -1: out of memory. */
+static int handle_events(Stream *s, Buf *out) {
+    char *data = s->ev.data;
+    size_t len = s->ev.len, pos = 0;
+    while (pos < len && !s->broken) {
+        const char *blank = find(data + pos, len - pos, "\n\n", 2);
+        if (blank == NULL) break;
+        size_t n = (size_t)(blank + 2 - (data + pos));
+        if (!s->done_sent && handle_event(s, data + pos, n, out) < 0) return -1;
+        pos += n;
+    }
+    if (pos) {
+        memmove(data, data + pos, len - pos);
+        s->ev.len = len - pos;
+    }
+    return 0;
+}
+
+/* EV_RESUME: this read's events, framed as one chunk in the pump's `out` buffer; *start is where it begins. */
+static int reframe(Pump *p, Stream *s, size_t *start) {
+    Buf *out = &p->out;
+    out->len = 0;
+    static const char room[18] = {0};  /* the chunk-size line goes right before the payload */
+    if (buf_put(out, room, sizeof room) < 0 || handle_events(s, out) < 0) return -1;
+    size_t payload = out->len - sizeof room;
+    if (payload == 0) {
+        *start = out->len;
+        return 0;
+    }
+    char line[18];
+    int m = snprintf(line, sizeof line, "%zx\r\n", payload);
+    memcpy(out->data + sizeof room - (size_t)m, line, (size_t)m);
+    *start = sizeof room - (size_t)m;
+    return buf_put(out, "\r\n", 2);
+}
+
+/* Keep bytes the client has not taken for Python to write (the stream ends here). */
+static int stash(Stream *s, const char *rest, Py_ssize_t n) {
+    if (n <= 0) return 0;
+    s->pending = pump_alloc((size_t)n);
+    if (s->pending == NULL) return -1;
+    memcpy(s->pending, rest, (size_t)n);
+    s->pending_len = n;
+    s->pending_off = 0;
+    return 0;
+}
+
 static void on_readable(Pump *p, Stream *s, double now) {
     /* MSG_DONTWAIT as on the send side: the fd's blocking mode is uvloop's to set, not ours to trust. */
     ssize_t n = recv(s->up_fd, p->buf, READ_SIZE, MSG_DONTWAIT);
@@ -422,14 +647,31 @@ static void on_readable(Pump *p, Stream *s, double now) {
     double gap = now - s->last_read;
     if (gap > s->max_gap) s->max_gap = gap;
     s->last_read = now;
-    Py_ssize_t end = parse_chunked(s, p->buf, n);
+    Py_ssize_t end = parse_chunked(s, p->buf, n, s->evflags != 0);
     if (end < 0) {
         finish(s, END_MALFORMED);
         return;
     }
     s->done = s->state == C_DONE;
     s->extra = s->done && end < n;
-    ssize_t w = send(s->cl_fd, p->buf, (size_t)end, MSG_NOSIGNAL | MSG_DONTWAIT);
+    const char *out = p->buf;
+    Py_ssize_t out_len = end;
+    if (s->evflags) {
+        size_t start = 0;
+        if (s->ev_err || (s->evflags & EV_RESUME ? reframe(p, s, &start) : handle_events(s, NULL)) < 0) {
+            finish(s, END_PUMP_ERROR);
+            return;
+        }
+        if (s->ev.len > MAX_EVENT_BYTES) {
+            finish(s, END_MALFORMED);
+            return;
+        }
+        if (s->evflags & EV_RESUME) {
+            out = p->out.data + start;
+            out_len = (Py_ssize_t)(p->out.len - start);
+        }
+    }
+    ssize_t w = out_len ? send(s->cl_fd, out, (size_t)out_len, MSG_NOSIGNAL | MSG_DONTWAIT) : 0;
     if (w < 0) {
         if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
             finish(s, END_CLIENT_ERROR);
@@ -437,8 +679,12 @@ static void on_readable(Pump *p, Stream *s, double now) {
         }
         w = 0;
     }
-    if (w < end) {
-        if (block(p, s, p->buf + w, end - w) < 0) finish(s, END_PUMP_ERROR);
+    if (s->broken) {  /* Python resumes it: what the client has not taken yet is written first */
+        finish(s, stash(s, out + w, out_len - w) < 0 ? END_PUMP_ERROR : END_BROKEN);
+        return;
+    }
+    if (w < out_len) {
+        if (block(p, s, out + w, out_len - w) < 0) finish(s, END_PUMP_ERROR);
         return;
     }
     if (s->done) {
@@ -499,6 +745,10 @@ static void Stream_dealloc(Stream *s) {
     if (s->up_fd >= 0) close(s->up_fd);
     if (s->cl_fd >= 0) close(s->cl_fd);
     if (s->pending) PyMem_Free(s->pending);
+    buf_free(&s->ev);
+    buf_free(&s->ids);
+    buf_free(&s->prompt);
+    buf_free(&s->first);
     Py_XDECREF(s->on_end);
     PyObject_GC_Del(s);
 }
@@ -520,6 +770,26 @@ static PyObject *Stream_get_bytes_in(Stream *s, void *c) { return PyLong_FromLon
 static PyObject *Stream_get_max_gap(Stream *s, void *c) { return PyFloat_FromDouble(s->max_gap); }
 static PyObject *Stream_get_blocked(Stream *s, void *c) { return PyBool_FromLong(s->blocked); }
 static PyObject *Stream_get_registered(Stream *s, void *c) { return PyBool_FromLong(s->armed || s->cl_armed); }
+static PyObject *Stream_get_events(Stream *s, void *c) { return PyLong_FromLongLong(s->events); }
+static PyObject *Stream_get_done_sent(Stream *s, void *c) { return PyBool_FromLong(s->done_sent); }
+static PyObject *Stream_get_broken(Stream *s, void *c) { return PyBool_FromLong(s->broken); }
+static PyObject *Stream_get_finished(Stream *s, void *c) { return PyBool_FromLong(s->finished); }
+static PyObject *Stream_get_usage_sent(Stream *s, void *c) { return PyBool_FromLong(s->usage_sent); }
+static PyObject *Stream_get_no_ids(Stream *s, void *c) { return PyBool_FromLong(s->no_ids); }
+static PyObject *Stream_get_token_ids(Stream *s, void *c) { return PyBytes_FromStringAndSize(s->ids.data, (Py_ssize_t)s->ids.len); }
+static PyObject *Stream_get_prompt_token_ids(Stream *s, void *c) {
+    if (!s->have_prompt) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(s->prompt.data, (Py_ssize_t)s->prompt.len);
+}
+static PyObject *Stream_get_first_event(Stream *s, void *c) {
+    if (s->first.len == 0) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(s->first.data, (Py_ssize_t)s->first.len);
+}
+static PyObject *Stream_get_partial(Stream *s, void *c) { return PyBytes_FromStringAndSize(s->ev.data, (Py_ssize_t)s->ev.len); }
+static PyObject *Stream_get_usage(Stream *s, void *c) {
+    if (s->prompt_tokens < 0) Py_RETURN_NONE;
+    return Py_BuildValue("(LL)", s->prompt_tokens, s->completion_tokens);
+}
 
 static PyGetSetDef Stream_getset[] = {
     {"reads", (getter)Stream_get_reads, NULL, "reads of the replica socket so far", NULL},
@@ -527,6 +797,18 @@ static PyGetSetDef Stream_getset[] = {
     {"max_gap", (getter)Stream_get_max_gap, NULL, "largest gap between two reads, seconds", NULL},
     {"blocked", (getter)Stream_get_blocked, NULL, "the client is not taking what the replica sends", NULL},
     {"registered", (getter)Stream_get_registered, NULL, "one of its sockets is in the pump's epoll set", NULL},
+    {"events", (getter)Stream_get_events, NULL, "JSON events relayed (content events, the usage chunk)", NULL},
+    {"usage", (getter)Stream_get_usage, NULL, "(prompt_tokens, completion_tokens) of the usage chunk, or None", NULL},
+    {"done_sent", (getter)Stream_get_done_sent, NULL, "EV_RESUME: [DONE] went to the client", NULL},
+    {"broken", (getter)Stream_get_broken, NULL, "EV_RESUME: an in-band error or an early [DONE] ended it", NULL},
+    {"finished", (getter)Stream_get_finished, NULL, "an event carried a finish_reason", NULL},
+    {"usage_sent", (getter)Stream_get_usage_sent, NULL, "the usage chunk went by", NULL},
+    {"no_ids", (getter)Stream_get_no_ids, NULL, "EV_RESUME: an event had text but no token ids", NULL},
+    {"token_ids", (getter)Stream_get_token_ids, NULL, "EV_RESUME: the token ids relayed, b\"12,7,5\"", NULL},
+    {"prompt_token_ids", (getter)Stream_get_prompt_token_ids, NULL, "EV_RESUME: the prompt's token ids, or None",
+     NULL},
+    {"first_event", (getter)Stream_get_first_event, NULL, "EV_FIRST: the first JSON event's data, or None", NULL},
+    {"partial", (getter)Stream_get_partial, NULL, "payload of an event not complete yet", NULL},
     {NULL}
 };
 
@@ -628,26 +910,40 @@ static void Pump_dealloc(Pump *p) {
     if (p->epfd >= 0) close(p->epfd);
     if (p->tfd >= 0) close(p->tfd);
     PyMem_Free(p->buf);
+    buf_free(&p->out);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
-static PyObject *Pump_add(Pump *p, PyObject *args) {
-    int up_fd, cl_fd;
+static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"replica_fd", "client_fd", "on_end", "body_so_far", "events", "prefix", NULL};
+    int up_fd, cl_fd, evflags = 0;
     PyObject *on_end;
-    Py_buffer body;
-    if (!PyArg_ParseTuple(args, "iiOy*", &up_fd, &cl_fd, &on_end, &body)) return NULL;
-    if (!PyCallable_Check(on_end)) {
+    Py_buffer body, prefix = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOy*|iy*", kwlist, &up_fd, &cl_fd, &on_end, &body, &evflags,
+                                     &prefix))
+        return NULL;
+    int ok = PyCallable_Check(on_end);
+    Buf ev = {0};
+    if (ok && prefix.buf != NULL && buf_put(&ev, prefix.buf, (size_t)prefix.len) < 0) {
+        PyBuffer_Release(&body);
+        PyBuffer_Release(&prefix);
+        return PyErr_NoMemory();
+    }
+    if (prefix.buf != NULL) PyBuffer_Release(&prefix);
+    if (!ok) {
         PyBuffer_Release(&body);
         PyErr_SetString(PyExc_TypeError, "on_end must be callable");
         return NULL;
     }
     if (p->broken || p->epfd < 0) {  /* the Python path relays it */
         PyBuffer_Release(&body);
+        buf_free(&ev);
         Py_RETURN_NONE;
     }
     Stream *s = PyObject_GC_New(Stream, &StreamType);
     if (s == NULL) {
         PyBuffer_Release(&body);
+        buf_free(&ev);
         return NULL;
     }
     s->pump = NULL;
@@ -665,9 +961,21 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
     s->pending_len = s->pending_off = 0;
     s->next_sleeper = s->prev = s->next = NULL;
     s->wake = 0.0;
+    s->evflags = evflags & (EV_ON | EV_RESUME | EV_STRIP_IDS | EV_NEED_USAGE | EV_FIRST);
+    if (s->evflags & EV_RESUME) s->evflags |= EV_ON;
+    s->ev_err = s->done_sent = s->broken = s->no_ids = s->have_prompt = 0;
+    s->finished = (evflags & EV_FINISHED) != 0;  /* what the Python path saw before handing the stream over */
+    s->usage_sent = (evflags & EV_USAGE_SENT) != 0;
+    s->events = 0;
+    s->prompt_tokens = s->completion_tokens = -1;
+    s->ev = ev;  /* an event the Python path had begun */
+    memset(&s->ids, 0, sizeof s->ids);
+    memset(&s->prompt, 0, sizeof s->prompt);
+    memset(&s->first, 0, sizeof s->first);
     PyObject_GC_Track(s);
-    /* The body bytes that came with the head were relayed already: they only move the parser. */
-    Py_ssize_t end = parse_chunked(s, body.buf, body.len);
+    /* The body bytes that came with the head were relayed already (their events handled by Python): they only
+     * move the parser. */
+    Py_ssize_t end = parse_chunked(s, body.buf, body.len, 0);
     int usable = end == body.len && s->state != C_DONE;
     PyBuffer_Release(&body);
     if (!usable) {  /* malformed or already complete: the Python path decides */
@@ -767,8 +1075,9 @@ static PyObject *Pump_get_zombies(Pump *p, void *c) {
 }
 
 static PyMethodDef Pump_methods[] = {
-    {"add", (PyCFunction)Pump_add, METH_VARARGS,
-     "add(replica_fd, client_fd, on_end, body_so_far) -> Stream | None: pump this response's body from now on"},
+    {"add", (PyCFunction)(void (*)(void))Pump_add, METH_VARARGS | METH_KEYWORDS,
+     "add(replica_fd, client_fd, on_end, body_so_far, events=0, prefix=b'') -> Stream | None: pump this response's "
+     "body from now on (events: EV_* flags; prefix: the start of an event the Python path had read)"},
     {"run", (PyCFunction)Pump_run, METH_NOARGS, "serve every ready stream once (the loop's reader callback)"},
     {"fileno", (PyCFunction)Pump_fileno, METH_NOARGS, "the epoll fd to watch for readability"},
     {NULL}
@@ -842,6 +1151,14 @@ PyMODINIT_FUNC PyInit__pump(void) {
             || PyModule_AddIntConstant(m, "MALFORMED", END_MALFORMED) < 0
             || PyModule_AddIntConstant(m, "CLIENT_ERROR", END_CLIENT_ERROR) < 0
             || PyModule_AddIntConstant(m, "PUMP_ERROR", END_PUMP_ERROR) < 0
+            || PyModule_AddIntConstant(m, "BROKEN", END_BROKEN) < 0
+            || PyModule_AddIntConstant(m, "EV_ON", EV_ON) < 0
+            || PyModule_AddIntConstant(m, "EV_RESUME", EV_RESUME) < 0
+            || PyModule_AddIntConstant(m, "EV_STRIP_IDS", EV_STRIP_IDS) < 0
+            || PyModule_AddIntConstant(m, "EV_NEED_USAGE", EV_NEED_USAGE) < 0
+            || PyModule_AddIntConstant(m, "EV_FINISHED", EV_FINISHED) < 0
+            || PyModule_AddIntConstant(m, "EV_USAGE_SENT", EV_USAGE_SENT) < 0
+            || PyModule_AddIntConstant(m, "EV_FIRST", EV_FIRST) < 0
             || PyModule_AddIntConstant(m, "MAX_CHUNK_LINE", MAX_CHUNK_LINE) < 0
             || PyModule_AddIntConstant(m, "MAX_TRAILER_BYTES", MAX_TRAILER_BYTES) < 0) {
         Py_DECREF(m);

@@ -8,6 +8,14 @@ UPSTREAM_ERROR: int
 MALFORMED: int
 CLIENT_ERROR: int
 PUMP_ERROR: int  # the pump's own failure (epoll, memory): neither the replica's nor the client's
+BROKEN: int  # EV_RESUME: vLLM's in-band error, an early [DONE] or a non-JSON event: Python resumes the stream
+EV_ON: int
+EV_RESUME: int
+EV_STRIP_IDS: int
+EV_NEED_USAGE: int
+EV_FINISHED: int
+EV_USAGE_SENT: int
+EV_FIRST: int
 MAX_CHUNK_LINE: int
 MAX_TRAILER_BYTES: int
 
@@ -18,6 +26,17 @@ class Stream:
     max_gap: float
     blocked: bool
     registered: bool
+    events: int
+    usage: tuple[int, int] | None
+    done_sent: bool
+    broken: bool
+    finished: bool
+    usage_sent: bool
+    no_ids: bool
+    token_ids: bytes
+    prompt_token_ids: bytes | None
+    first_event: bytes | None
+    partial: bytes
 
     def cancel(self) -> None: ...
 
@@ -31,7 +50,7 @@ class Pump:
     def __init__(self, coalesce_s: float = 0.0, min_streams: int = 0) -> None: ...
 
     def add(self, replica_fd: int, client_fd: int, on_end: Callable[[int, bytes | None], None],
-            body_so_far: bytes) -> Stream | None: ...
+            body_so_far: bytes, events: int = 0, prefix: bytes = b"") -> Stream | None: ...
 
     def run(self) -> None: ...
 

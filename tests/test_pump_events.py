@@ -1,0 +1,241 @@
+"""The pump's SSE event layer (Pump.add(..., events=EV_RESUME | ...)) against the Python path it replaces:
+resume.py's ResumeStream, fed the same chunked bytes split into the same reads. What the client receives (the
+payload; both re-frame one chunk per read) and what a resume would need (token ids, prompt ids, finish, usage,
+[DONE], broken, no ids) must be the same, byte for byte. Streams are vLLM's shapes (chat and completions, with
+and without token ids, the usage chunk, in-band errors, early [DONE], comments, garbage), made with orjson as
+vLLM's pydantic writes them (compact). Runs in the sanitizer build too (scripts/pump_asan.sh)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httptools
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.dataplane import _pump
+from gateway.dataplane.resume import ResumeStream
+from tests.pump_rig import HEAD, Rig
+
+EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+TRIED = {"events": 0}
+ERROR_EVENT = (b'data: {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", '
+               b'"param": null, "code": 500}}\n\n')
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield
+    path = os.environ.get("GATEWAY_FUZZ_REPORT")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(f"sse_events {TRIED['events']}\n")
+
+
+def event(document: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(document) + b"\n\n"
+
+
+@st.composite
+def vllm_stream(draw) -> tuple[list[bytes], dict[str, Any]]:
+    """The SSE events of one vLLM stream (return_token_ids on), and the request it answers."""
+    chat = draw(st.booleans())
+    include_usage = draw(st.booleans())
+    wants_ids = draw(st.booleans())
+    head = {"id": draw(st.text(min_size=1, max_size=12)), "object": "chat.completion.chunk" if chat else
+            "text_completion", "created": draw(st.integers(0, 2**40)), "model": draw(st.text(max_size=8))}
+    prompt = draw(st.lists(st.integers(0, 200000), min_size=1, max_size=6))
+    tokens = draw(st.lists(st.tuples(st.text(max_size=6), st.lists(st.integers(0, 200000), max_size=2),
+                                     st.integers(0, 30)), max_size=8))
+    events: list[bytes] = []
+    if chat:
+        events.append(event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}],
+                             "prompt_token_ids": prompt}))
+    ending = draw(st.sampled_from(["normal"] * 6 + ["early_done", "error", "garbage", "truncated", "no_ids"]))
+    for i, (text, ids, noise) in enumerate(tokens):
+        last = i == len(tokens) - 1 and ending in ("normal", "no_ids")
+        choice: dict[str, Any] = {"index": 0}
+        if chat:
+            choice["delta"] = {"content": text}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = None
+        choice["finish_reason"] = "length" if last else None
+        if not chat or last:
+            choice["stop_reason"] = None
+        if not chat:
+            choice["prompt_token_ids"] = prompt if i == 0 else None
+        if not (ending == "no_ids" and i == 1):
+            choice["token_ids"] = ids
+        events.append(event({**head, "choices": [choice]}))
+        if noise == 0:
+            events.append(b": keep-alive\n\n")
+        elif noise == 1:
+            events.append(b"event: ping\ndata: {}\n\n")
+    if ending == "error":
+        events.insert(draw(st.integers(0, len(events))), ERROR_EVENT)
+    elif ending == "garbage":
+        events.insert(draw(st.integers(0, len(events))), b"data: this is not json\n\n")
+    if ending in ("normal", "no_ids", "early_done") and include_usage and ending != "early_done":
+        n = len(tokens)
+        events.append(event({**head, "choices": [], "usage": {"prompt_tokens": len(prompt), "total_tokens":
+                                                              len(prompt) + n, "completion_tokens": n}}))
+    if ending != "truncated":
+        events.append(b"data: [DONE]\n\n")
+    body = {"stream": True, "stream_options": {"include_usage": include_usage}}
+    if wants_ids:
+        body["return_token_ids"] = True
+    return events, {"chat": chat, "wants_ids": wants_ids, "include_usage": include_usage, "body": body,
+                    "ended": ending != "truncated"}
+
+
+@st.composite
+def chunked(draw, events: list[bytes], ended: bool) -> list[bytes]:
+    """The events framed as chunks (mostly one event a chunk, as vLLM; sometimes cut anywhere) and split into
+    reads at random places."""
+    payload = b"".join(events)
+    bounds = {0, len(payload)}
+    at = 0
+    for ev in events:
+        at += len(ev)
+        bounds.add(at)
+    if payload and draw(st.booleans()):
+        bounds |= set(draw(st.lists(st.integers(0, len(payload)), max_size=4)))
+    bounds = sorted(bounds)
+    body = b"".join(b"%x\r\n%s\r\n" % (b - a, payload[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a)
+    if ended:
+        body += b"0\r\n\r\n"
+    if not body:
+        return []
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(body) - 1)), max_size=10))))
+    edges = [0, *[c for c in cuts if 0 < c < len(body)], len(body)]
+    return [body[a:b] for a, b in zip(edges, edges[1:])]
+
+
+class Collect:
+    """A transport that keeps what is written (the Python path's client)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class Feeder:
+    """upstream.py's _SinkFeeder: each chunk's payload queued for the ResumeStream."""
+
+    def __init__(self, pending: list[bytes]):
+        self.pending = pending
+
+    def on_body(self, body: bytes) -> None:
+        self.pending.append(body)
+
+
+def dechunk(data: bytes) -> bytes:
+    out, pos = [], 0
+    while pos < len(data):
+        eol = data.index(b"\r\n", pos)
+        size = int(data[pos:eol], 16)
+        out.append(data[eol + 2:eol + 2 + size])
+        assert data[eol + 2 + size:eol + 4 + size] == b"\r\n"
+        pos = eol + 4 + size
+    return b"".join(out)
+
+
+def python_path(reads: list[bytes], meta: dict[str, Any]) -> tuple[ResumeStream, bytes]:
+    stream = ResumeStream(dict(meta["body"]), meta["chat"], meta["wants_ids"], 1)
+    transport = Collect()
+    stream.start_segment(transport)  # type: ignore[arg-type]
+    parser = httptools.HttpResponseParser(Feeder(stream.pending))
+    parser.feed_data(HEAD)
+    for piece in reads:
+        parser.feed_data(piece)
+        stream.flush()
+    return stream, dechunk(bytes(transport.data))
+
+
+def flags(meta: dict[str, Any]) -> int:
+    value = _pump.EV_RESUME | _pump.EV_FIRST
+    if not meta["wants_ids"]:
+        value |= _pump.EV_STRIP_IDS
+    if meta["include_usage"]:
+        value |= _pump.EV_NEED_USAGE
+    return value
+
+
+def ids(raw: bytes | None) -> list[int] | None:
+    return None if raw is None else orjson.loads(b"[" + raw + b"]")
+
+
+@FUZZ
+@given(st.data())
+def test_the_pump_handles_events_as_the_python_path_does(data) -> None:
+    TRIED["events"] += 1
+    events, meta = data.draw(vllm_stream())
+    reads = data.draw(chunked(events, meta["ended"]))
+    reference, expected = python_path(reads, meta)
+    if reference._raw_ids:
+        reference._parse_raw_ids()
+    rig = Rig(events=flags(meta))
+    try:
+        for piece in reads:
+            rig.feed(piece)
+            if rig.ended:
+                break
+        stream = rig.stream
+        got = dechunk(bytes(rig.received) + (rig.ended[0][1] or b"" if rig.ended else b""))
+        assert got == expected
+        assert stream.broken == reference.broken
+        assert stream.done_sent == reference.done
+        if not reference.broken:
+            assert stream.finished == reference.finished
+            assert stream.usage_sent == reference.usage_sent
+            assert stream.no_ids == reference.no_ids
+        assert ids(stream.token_ids) == reference.received
+        assert ids(stream.prompt_token_ids) == reference.prompt_ids
+        if reference.ident is not None:
+            first = orjson.loads(stream.first_event)
+            assert (first["id"], first["created"]) == (reference.ident, reference.created)
+        if rig.ended:
+            expected_code = _pump.BROKEN if reference.broken else _pump.COMPLETE
+            assert rig.code == expected_code
+        else:
+            assert not meta["ended"] or reference.broken
+    finally:
+        rig.close()
+
+
+def test_the_usage_chunk_is_read_in_every_event_mode() -> None:
+    """EV_ON alone (token accounting, resume off): bytes relayed as they are, the usage counts kept."""
+    usage = event({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+                   "usage": {"prompt_tokens": 17, "total_tokens": 42, "completion_tokens": 25}})
+    content = event({"id": "x", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]})
+    body = b"%x\r\n%s\r\n" % (len(content), content) + b"%x\r\n%s\r\n" % (len(usage), usage)
+    body += b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+    rig = Rig(events=_pump.EV_ON)
+    try:
+        for i in range(0, len(body), 7):
+            rig.feed(body[i:i + 7])
+        assert rig.code == _pump.COMPLETE and rig.received == body
+        assert rig.stream.usage == (17, 25) and rig.stream.events == 2
+    finally:
+        rig.close()
+
+
+def test_an_event_begun_on_the_python_path_is_finished_by_the_pump() -> None:
+    """The hand-over: Python read the head and the start of an event; the pump gets the rest of it as `prefix`."""
+    ev = event({"id": "x", "choices": [{"index": 0, "text": "a", "finish_reason": None, "token_ids": [5]}]})
+    rig = Rig(events=_pump.EV_RESUME | _pump.EV_STRIP_IDS, prefix=ev[:20], body_so_far=b"%x\r\n" % len(ev) + ev[:20])
+    try:
+        rig.feed(ev[20:] + b"\r\n")
+        assert dechunk(bytes(rig.received)) == ev.replace(b"[5]", b"null")
+        assert rig.stream.token_ids == b"5"
+    finally:
+        rig.close()
