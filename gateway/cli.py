@@ -48,6 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     new = keys_sub.add_parser("new", help="print a fresh random key once (stderr; stored nowhere) and its [[keys]] "
                                           "entry (stdout): gateway keys new NAME >> keys.toml")
     new.add_argument("name", help="the key's name, as it appears in the access log and metrics")
+    usage = keys_sub.add_parser("usage", help="tokens per key and model: since start, this UTC minute, this UTC day "
+                                              "(one gateway's /-/usage, or a whole Ray cluster's)")
+    usage.add_argument("--ray-address", default=os.environ.get("GATEWAY_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+                       help="sum every gateway of this Ray cluster (from its quota ledger) [env: GATEWAY_RAY_ADDRESS, "
+                            "RAY_ADDRESS]")
+    usage.add_argument("--url", default="http://127.0.0.1:8000",
+                       help="without --ray-address: the gateway (its admin listener) to ask, default "
+                            "http://127.0.0.1:8000")
+    usage.add_argument("--api-key", default=os.environ.get("GATEWAY_API_KEY", ""),
+                       help="a key of that gateway, when it has keys [env: GATEWAY_API_KEY]")
+    usage.add_argument("--json", action="store_true", help="print the JSON instead of a table")
     ray_parser = sub.add_parser("ray", help="run a gateway on every node of a Ray cluster (like Ray's HAProxy)",
                                 description="One gateway per alive node, run and restarted by detached Ray actors.")
     ray_sub = ray_parser.add_subparsers(dest="ray_command", required=True)
@@ -75,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "keys":
+            if args.keys_command == "usage":
+                return _usage(args)
             return _new_key(args.name)
         if args.command == "ray":
             _setup_logging("warning")
@@ -114,6 +127,39 @@ def _new_key(name: str) -> int:
     # once and appends only its digest to the file.
     print(f"API key for {name!r} (shown once, stored nowhere; give it to the client): {key}", file=sys.stderr)
     print(f"# {name}: add to --api-keys-file, then SIGHUP the gateway\n{toml_entry(name, key)}", end="", flush=True)
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.observability.usage import format_usage, merge_usage
+
+    if args.ray_address:
+        from gateway.deploy.cluster import _connect
+
+        from gateway.controlplane.ledger import LEDGER, NAMESPACE
+
+        ray = _connect(args.ray_address)
+        try:
+            ledger = ray.get_actor(LEDGER, namespace=NAMESPACE)
+        except ValueError:
+            raise ConfigError("no quota ledger on this cluster: no gateway with keys runs there") from None
+        reports = list(ray.get(ledger.report.remote(), timeout=30)["gateways"].values())
+        report = merge_usage(reports)
+        report["gateways"] = len(reports)
+    else:
+        import httpx
+
+        headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        try:
+            response = httpx.get(args.url.rstrip("/") + "/-/usage", headers=headers, timeout=10)
+        except httpx.HTTPError as exc:
+            raise ConfigError(f"cannot reach {args.url}: {exc}") from None
+        if response.status_code != 200:
+            raise ConfigError(f"{args.url}/-/usage answered {response.status_code}: {response.text[:200]}")
+        report = response.json()
+    print(json.dumps(report, indent=2) if args.json else format_usage(report), flush=True)
     return 0
 
 

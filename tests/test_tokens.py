@@ -158,3 +158,21 @@ def test_tokens_per_day_survive_a_restart(stack: Stack, tmp_path: Path) -> None:
     midnight = 86400 - time.time() % 86400
     assert abs(int(info.value.response.headers["retry-after"]) - midnight) <= 5
     assert client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=5).usage
+
+
+def test_keys_usage_prints_what_the_gateway_counted(stack: Stack, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    replica = stack.replica("r1", "--itl-ms", "1")
+    gateway = stack.gateway([], [replica], "--api-keys-file", str(keys_file(tmp_path / "k.toml", "")),
+                            "--token-accounting", "--token-state-file", str(tmp_path / "t.json"))
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+    usage = client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=4).usage
+    result = subprocess.run([sys.executable, "-m", "gateway", "keys", "usage", "--url", gateway.url, "--api-key", KEY],
+                            capture_output=True, text=True, timeout=30, check=True)
+    row = next(line for line in result.stdout.splitlines() if line.startswith("budget"))
+    assert row.split()[1:3] == ["mock", f"{usage.prompt_tokens}/{usage.completion_tokens}"]
+    refused = subprocess.run([sys.executable, "-m", "gateway", "keys", "usage", "--url", gateway.url],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "401" in refused.stderr

@@ -51,6 +51,7 @@ _FINGERPRINT = re.compile(rb'"system_fingerprint":("(?:[^"\\]|\\.)*")')
 _EVENT = b"data: {"
 _MAX_HELD = 1 << 20  # a "stream" whose frames never end is not vLLM's: stop filtering, pass it through
 _MAX_UNARY = 8 << 20  # non-streamed bodies kept to read their usage (vLLM's are a few KB)
+_ASK_USAGE = b'{"stream_options":{"include_usage":true,"continuous_usage_stats":false},'
 BYTES_PER_TOKEN = 3  # prompt estimate before the replica counts: a little more tokens than English text has
 
 
@@ -125,12 +126,16 @@ def ask(method: bytes, path: bytes, body: bytes) -> tuple[Ask, bytes | None] | N
     if stream:
         options = document.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage") is True):
-            options = dict(options) if isinstance(options, dict) else {}
-            options["include_usage"] = True
-            options["continuous_usage_stats"] = False  # one usage chunk, never usage on every chunk
-            document["stream_options"] = options
-            new_body = orjson.dumps(document)
             strip = True
+            if options is None and "stream_options" not in document:
+                # Spliced in, not re-serialized: the client's body stays as it was, byte for byte, after it.
+                new_body = _ASK_USAGE + body[body.index(b"{") + 1:]
+            else:
+                options = dict(options) if isinstance(options, dict) else {}
+                options["include_usage"] = True
+                options["continuous_usage_stats"] = False  # one usage chunk, never usage on every chunk
+                document["stream_options"] = options
+                new_body = orjson.dumps(document)
     return Ask(model, stream, chat, strip, max_tokens, estimate_prompt(document)), new_body
 
 
@@ -144,15 +149,20 @@ def usage_of(document: object) -> tuple[int, int] | None:
     return prompt, completion
 
 
+_OFF, _UNARY, _WATCH, _STRIP, _PLAIN = range(5)
+
+
 class StreamMeter:
     """One request's count, filled from the replica's response as it is relayed.
 
     The data path calls `head()` with the response head, passes every read of the body through
     `feed()` (which returns what the client gets), and `end()` once when the exchange is over.
+    Per read of a stream this costs a length test and, when the client did not ask for usage, one
+    search for a finish_reason: everything else happens in the few reads that end a stream.
     """
 
-    __slots__ = ("ask", "prompt", "completion", "exact", "events", "_on", "_stream", "_parts", "_size", "_tail",
-                 "_held", "_plain")
+    __slots__ = ("ask", "prompt", "completion", "exact", "events", "_mode", "_parts", "_size", "_tail", "_held",
+                 "_slow", "_single", "_early", "_prev", "_last")
 
     def __init__(self, ask: Ask):
         self.ask = ask
@@ -160,41 +170,59 @@ class StreamMeter:
         self.completion = 0
         self.exact = False  # the replica's own numbers (else: what reached the client, estimated)
         self.events = 0
-        self._on = False
-        self._stream = False
+        self._mode = _OFF
         self._parts: list[bytes] = []
         self._size = 0
         self._tail = b""
         self._held: list[bytes] = []
-        self._plain = False  # gave up filtering (not vLLM's framing): relay as it comes
+        self._slow = False  # a chunk is split across reads or held: every read goes through _walk
+        self._single = 0  # a read shorter than this holds one event
+        self._early = self._prev = self._last = b""
 
     def head(self, status: int, chunked: bool) -> None:
         """A new response head (a retry starts over): count only a 200."""
-        self._on = status == 200
-        self._stream = chunked and self.ask.stream
+        if status != 200:
+            self._mode = _OFF
+        elif not (chunked and self.ask.stream):
+            self._mode = _UNARY
+        else:
+            self._mode = _STRIP if self.ask.strip else _WATCH
         self._parts = []
         self._size = 0
         self._tail = b""
         self._held = []
+        self._slow = False
+        self._single = 0
+        self._early = self._prev = self._last = b""
         self.events = 0
         self.exact = False
 
     def feed(self, data: bytes) -> bytes:
-        if not self._on or not data:
-            return data
-        if not self._stream:
+        mode = self._mode
+        if mode == _STRIP:
+            # The read that finishes a choice is held until the usage chunk; a read that does not end on a chunk
+            # boundary (a chunk ends `\n\n\r\n`, the last `\r\n\r\n`; JSON never holds a raw CR) is walked.
+            if self._slow or _FINISHED in data or not data.endswith(b"\n\r\n"):
+                return self._walk(data)
+        elif mode == _WATCH:
+            if self._slow or not data.endswith(b"\n\r\n"):
+                return self._walk(data)
+            # The usage chunk is in one of the last whole reads (then [DONE], then the last chunk): read at the end.
+            self._early, self._prev, self._last = self._prev, self._last, data
+        elif mode == _UNARY:
             if self._size < _MAX_UNARY:
                 self._parts.append(data)
                 self._size += len(data)
             return data
-        if self._plain:
+        else:
             return data
-        if self._tail or self._held or _USAGE_CHUNK in data or (self.ask.strip and _FINISHED in data) \
-                or not data.endswith(b"\n\r\n"):
-            return self._walk(data)
-        # The common read: whole chunks, none of them special (a chunk ends `\n\n\r\n`, the last `\r\n\r\n`:
-        # JSON never holds a raw CR, so a read ending so ends on a chunk boundary).
-        self.events += data.count(_EVENT)
+        size = len(data)
+        if size < self._single:
+            self.events += 1
+        elif size:
+            if not self._single:
+                self._single = size * 3 // 2
+            self.events += data.count(_EVENT)
         return data
 
     def _walk(self, data: bytes) -> bytes:
@@ -212,6 +240,7 @@ class StreamMeter:
             except ValueError:
                 return self._give_up(out, buffer[pos:])
             if size == 0:  # the last chunk (and trailers): the response ends, nothing may stay held
+                self._mode = _PLAIN  # the rest of the last chunk, split across reads, passes as it comes
                 out += self._held
                 self._held = []
                 out.append(buffer[pos:])
@@ -227,10 +256,12 @@ class StreamMeter:
             if len(self._tail) > _MAX_HELD:
                 tail, self._tail = self._tail, b""
                 return self._give_up(out, tail)
+        self._slow = bool(self._tail or self._held)
         return b"".join(out)
 
     def _give_up(self, out: list[bytes], rest: bytes) -> bytes:
-        self._plain = True
+        self._mode = _PLAIN
+        self._slow = False
         out += self._held
         self._held = []
         out.append(rest)
@@ -238,27 +269,19 @@ class StreamMeter:
 
     def _chunk(self, frame: bytes, payload: bytes, out: list[bytes]) -> None:
         if _USAGE_CHUNK in payload:
-            start = payload.find(b"data: ")
-            try:
-                counts = usage_of(orjson.loads(payload[start + 6:].strip())) if start >= 0 else None
-            except orjson.JSONDecodeError:
-                counts = None
+            counts = _usage_event(payload)
             if counts is not None:
                 self.prompt, self.completion = counts
                 self.exact = True
-            if self.ask.strip and counts is not None:
+            if counts is not None and self._mode == _STRIP:
                 found = _FINGERPRINT.search(payload)
                 fingerprint = found.group(1) if found else None
                 for held in self._held:
                     out.append(_with_fingerprint(held, fingerprint) if fingerprint else held)
                 self._held = []
                 return  # the client did not ask for it
-            out += self._held
-            self._held = []
-            out.append(frame)
-            return
         self.events += payload.count(_EVENT)
-        if self.ask.strip and (self._held or _FINISHED in payload) and not payload.startswith(b"data: [DONE]"):
+        if self._mode == _STRIP and (self._held or _FINISHED in payload) and not payload.startswith(b"data: [DONE]"):
             self._held.append(frame)  # until the usage chunk says which fingerprint it carried
             return
         out += self._held
@@ -274,10 +297,10 @@ class StreamMeter:
 
     def end(self) -> None:
         """The exchange is over: settle the counts (the replica's, else what reached the client)."""
-        if not self._on:
+        mode, self._mode = self._mode, _OFF
+        if mode == _OFF:
             return
-        self._on = False
-        if not self._stream:
+        if mode == _UNARY:
             parts, self._parts = self._parts, []
             if parts:
                 try:
@@ -288,6 +311,19 @@ class StreamMeter:
                     self.prompt, self.completion = counts
                     self.exact = True
             return
+        if not self.exact and (self._prev or self._last):  # a stream whose client asked for usage (_WATCH)
+            tail = self._early + self._prev + self._last
+            self._early = self._prev = self._last = b""
+            start = tail.rfind(_USAGE_CHUNK)
+            if start >= 0:
+                # The event's object starts at the last `{` before its empty choices (id, object, created and
+                # model are plain values), so a `data: ` prefix cut across reads does not matter.
+                begin = tail.rfind(b"{", 0, start)
+                finish = tail.find(b"\n\n", start)
+                counts = _usage_event(b"data: " + tail[begin:finish]) if begin >= 0 and finish > 0 else None
+                if counts is not None:
+                    self.prompt, self.completion = counts
+                    self.exact = True
         if not self.exact and self.events:
             # Cut short: the content events the client got (chat's first event only names the role).
             self.completion = max(0, self.events - (1 if self.ask.chat else 0))
@@ -296,6 +332,17 @@ class StreamMeter:
     @property
     def total(self) -> int:
         return self.prompt + self.completion
+
+
+def _usage_event(payload: bytes) -> tuple[int, int] | None:
+    """The counts of a usage event (`data: {...}`), or None."""
+    start = payload.find(b"data: ")
+    if start < 0:
+        return None
+    try:
+        return usage_of(orjson.loads(payload[start + 6:].strip()))
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _with_fingerprint(frame: bytes, fingerprint: bytes) -> bytes:
@@ -459,3 +506,39 @@ class UsageBook:
                 os.replace(temporary, self.state_file)
         except OSError as exc:
             log.warning("token state file %s not written: %s", self.state_file, exc)
+
+
+# -- for `gateway keys usage`
+_PERIODS = ("since_start", "minute", "day")
+
+
+def merge_usage(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several gateways' /-/usage bodies summed; a minute or day is summed only from reports of the latest one."""
+    minute = max((r.get("minute_start", 0) for r in reports), default=0)
+    day = max((r.get("day_start", 0) for r in reports), default=0)
+    keys: dict[str, Any] = {}
+    for report in reports:
+        current = {"since_start": True, "minute": report.get("minute_start") == minute,
+                   "day": report.get("day_start") == day}
+        for key, models in report.get("keys", {}).items():
+            for model, periods in models.items():
+                into = keys.setdefault(key, {}).setdefault(model, {p: _Counts().as_dict() for p in _PERIODS})
+                for period in _PERIODS:
+                    if current[period] and period in periods:
+                        for field in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
+                            into[period][field] += periods[period].get(field, 0)
+    return {"minute_start": minute, "day_start": day, "keys": keys}
+
+
+def format_usage(report: dict[str, Any]) -> str:
+    lines = [f"{'KEY':<20} {'MODEL':<28} {'TODAY prompt/completion':>26} {'THIS MINUTE':>20} {'SINCE START':>22}"]
+    for key, models in sorted(report.get("keys", {}).items()):
+        for model, periods in sorted(models.items()):
+            cells = [f"{periods[p]['prompt_tokens']}/{periods[p]['completion_tokens']}" for p in ("day", "minute",
+                                                                                                   "since_start")]
+            lines.append(f"{key or '-':<20} {model or '-':<28} {cells[0]:>26} {cells[1]:>20} {cells[2]:>22}")
+    if len(lines) == 1:
+        lines.append("(no tokens counted yet)")
+    if "gateways" in report:
+        lines.append(f"({report['gateways']} gateways)")
+    return "\n".join(lines)

@@ -33,15 +33,17 @@ class Reservation:
 
 
 class Lease:
-    """Tokens of the cluster's budget this process may spend without asking (granted by the ledger)."""
+    """Tokens of the cluster's budget this process may spend without asking (lent by the ledger)."""
 
-    __slots__ = ("minute", "day", "spent", "retry_at")
+    __slots__ = ("minute", "day", "wanted", "largest", "retry_at", "day_retry")
 
     def __init__(self) -> None:
-        self.minute = 0  # tokens left of what the ledger granted for the minute window
+        self.minute = 0  # tokens left of what the ledger lent for the minute window (< 0: debt, reported)
         self.day = 0
-        self.spent = 0  # settled usage not yet reported to the ledger (it may exceed the grant: debt)
+        self.wanted = 0  # tokens asked for by reservations since the last sync, granted or not
+        self.largest = 0  # the largest of those reservations (a lease must fit one)
         self.retry_at = 0.0  # the ledger's word on when its window frees up (monotonic), when out
+        self.day_retry = 0.0
 
 
 class TokenBudget:
@@ -92,10 +94,13 @@ class TokenBudget:
         need_minute = min(worst_case, self.per_minute) if self.per_minute else 0
         need_day = min(worst_case, self.per_day) if self.per_day else 0
         if lease is not None:
+            lease.wanted += worst_case
+            if worst_case > lease.largest:
+                lease.largest = worst_case
             if need_minute and lease.minute < need_minute:
-                return None, max(1.0, lease.retry_at - now), "minute"
+                return None, max(0.25, lease.retry_at - now), "minute"
             if need_day and lease.day < need_day:
-                return None, self._to_midnight(), "day"
+                return None, lease.day_retry or 1.0, "day"
             lease.minute -= need_minute
             lease.day -= need_day
             return Reservation(slot, worst_case, day, True), 0.0, ""
@@ -123,7 +128,6 @@ class TokenBudget:
                 # The unused part of the reservation goes back to the lease; going over takes from it.
                 lease.minute += need_minute - (used if self.per_minute else 0)
                 lease.day += need_day - (used if self.per_day else 0)
-                lease.spent += used
             if day == self.day_index:
                 self.day_used += used
             return

@@ -121,7 +121,7 @@ class FrontDoor:
                 client.respond_error(Reason.MODEL_NOT_ALLOWED)
                 return False
             state = key.state
-            if state.max_in_flight and state.in_flight >= state.max_in_flight:
+            if state.max_in_flight and state.in_flight_full():
                 client.respond_error(Reason.RATE_LIMITED, f"key {key.name!r} has {state.in_flight} requests in "
                                      f"flight, its limit", retry_after_s=1)
                 return False
