@@ -220,9 +220,10 @@ class StreamMeter:
         if size < self._single:
             self.events += 1
         elif size:
-            if not self._single:
-                self._single = size * 3 // 2
-            self.events += data.count(_EVENT)
+            events = data.count(_EVENT)
+            if not self._single and events:
+                self._single = size // events * 3 // 2  # half again an event's size: two events never fit
+            self.events += events
         return data
 
     def _walk(self, data: bytes) -> bytes:
