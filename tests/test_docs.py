@@ -2,6 +2,8 @@
 
 - The commands of docs/getting-started.md run as written against a real `gateway up` (real processes, real
   sockets on 127.0.0.1; only the port is changed to a free one).
+- docs/security.md's key example: `gateway keys new` writes what the page shows, and a gateway given that
+  keys file lets the key in and nobody else.
 - The two commands for a fresh machine are the same in the README and on that page, and run what they say.
 - Every `gateway ...` command on the docs pages and in the README uses flags the program has; every
   `gateway serve` command parses and validates against the option table.
@@ -211,3 +213,36 @@ def test_getting_started_commands_work_against_gateway_up() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_security_page_key_example_works(stack, tmp_path) -> None:
+    """docs/security.md, step 1: `gateway keys new alice >> keys.toml` makes what the page shows, and a gateway
+    given that file lets the key in and nobody else."""
+    import openai
+
+    page = (ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    session = next(text for lang, text in fenced(ROOT / "docs" / "security.md")
+                   if lang == "sh" and text.startswith("$ gateway keys new alice >> keys.toml"))
+    shown = session.splitlines()
+    keys_file = tmp_path / "keys.toml"
+    with keys_file.open("w") as stdout:
+        result = subprocess.run([sys.executable, "-m", "gateway", "keys", "new", "alice"], cwd=ROOT, stdout=stdout,
+                                stderr=subprocess.PIPE, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # stderr: the page's line, but for the key itself.
+    prefix, _, key_shown = shown[1].rpartition(" ")
+    key = result.stderr.strip().rpartition(" ")[2]
+    assert result.stderr.strip().startswith(prefix) and key.startswith(key_shown[:6]), (result.stderr, shown[1])
+    # stdout: the page's `cat keys.toml`, line for line up to the elision, but for the digest.
+    written = keys_file.read_text().splitlines()
+    expected = shown[shown.index("$ cat keys.toml") + 1:]
+    for want, got in zip(expected[:expected.index("…")], written):
+        assert re.sub(r'"[0-9a-f]{64}"', "DIGEST", want) == re.sub(r'"[0-9a-f]{64}"', "DIGEST", got), (want, got)
+    assert "--api-keys-file" in page
+    replica = stack.replica("r1")
+    gateway = stack.gateway([stack.router([replica])], [replica], "--api-keys-file", str(keys_file))
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0)
+    answer = client.chat.completions.create(model="mock", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-gw-wrong", max_retries=0).models.list()
