@@ -173,3 +173,20 @@ def test_a_gone_replica_is_a_clear_404_from_any_gateway(rig: Rig, stack: Stack) 
     assert gone.value.response.headers["x-serve-reason"] == "response_replica_gone"
     assert gone.value.body["code"] == "response_replica_gone"  # type: ignore[index]
     assert other.stats()["requests"] == served  # answered by the gateway, not by a replica without the state
+
+
+def test_the_workers_of_one_gateway_share_its_secret(stack: Stack) -> None:
+    """No --cluster-secret: the gateway draws one before its workers fork, so an id made by one worker is read by
+    every other (connections spread over the workers by SO_REUSEPORT)."""
+    replicas = [stack.replica("r1"), stack.replica("r2")]
+    gateway = stack.gateway([stack.router(replicas)], replicas, "--workers", "2")
+    first = httpx.post(gateway.url + "/v1/responses", json={"model": "mock", "input": "hello"}, timeout=20).json()
+    pids, previous = set(), first["id"]
+    for turn in range(8):
+        with httpx.Client(timeout=20) as client:  # a new connection each time: any worker may take it
+            pids.add(client.get(gateway.url + "/-/routes").json()["pid"])
+        answer = httpx.post(gateway.url + "/v1/responses", timeout=20,
+                            json={"model": "mock", "input": f"more {turn}", "previous_response_id": previous})
+        assert answer.status_code == 200, answer.text
+        previous = answer.json()["id"]
+    assert len(pids) == 2  # both workers served
