@@ -261,6 +261,62 @@ def test_redeploy_with_resume_keeps_long_streams_whole(cluster: Cluster) -> None
         gw.child.stop()
 
 
+def test_redeploy_migrates_long_streams_off_the_old_replicas(cluster: Cluster) -> None:
+    """Drain by migration (issue 23): once a redeploy takes the old replicas out of the target groups, their
+    streams move to the new replicas after --drain-migrate-after-s, long before Ray's graceful shutdown would
+    have cut them, and every client reads one stream whose text is the uninterrupted answer."""
+    from replicas.mock_engine import greedy_text, prompt_ids
+
+    gw = start_gateway(cluster.stack, "migrate", "--resume-limit", "1", "--drain-migrate-after-s", "1")
+    try:
+        body = {**CHAT, "stream": True, "max_tokens": 500, "itl_ms": 40, "stream_options": {"include_usage": True}}
+        expected = greedy_text(prompt_ids(True, body), 500)
+        outcomes: list[object] = []
+
+        def one_stream() -> None:
+            text, usage = "", None
+            try:
+                with httpx.Client(timeout=60) as client, client.stream("POST", gw.url + URL, json=body) as response:
+                    for line in response.iter_lines():
+                        if line.startswith("data: {"):
+                            event = json.loads(line[6:])
+                            usage = event.get("usage") or usage
+                            text += "".join(c["delta"].get("content") or "" for c in event["choices"])
+                outcomes.append(text == expected and usage is not None and usage["completion_tokens"] == 500)
+            except httpx.HTTPError as exc:
+                outcomes.append(type(exc).__name__)
+
+        def counted(outcome: str) -> float:
+            return sum(float(line.split()[-1]) for line in gw.metrics().splitlines()
+                       if line.startswith(f'gateway_resumes_total{{outcome="{outcome}"}}'))
+
+        threads = [threading.Thread(target=one_stream, daemon=True) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        old = gw.replica_ids()
+        wait_until(lambda: gw.get_json("/-/routes")["in_flight"] == 4, 20, what="four streams under way")
+        t0 = time.monotonic()
+        deployed = cluster.stack.deploy("--policy", "consistent_hash", "--replicas", "2", "--tag", "v4")
+        new_ids = {line.split()[1] for line in deployed["targets"]}
+        wait_until(lambda: not gw.replica_ids() & old, 60, 0.05, "the old replicas leave the target set")
+        left = time.monotonic()
+        wait_until(lambda: counted("migrated") == 4, 15, 0.05, "the four streams move")
+        moved = time.monotonic()
+        for thread in threads:
+            thread.join(90)
+        cluster.figures["redeploy_with_migration"] = {
+            "streams": len(outcomes), "old_left_after_s": round(left - t0, 1),
+            "moved_after_leaving_s": round(moved - left, 2), "resumed": counted("resumed"),
+            "streams_ended_after_s": round(time.monotonic() - t0, 1)}
+        print("\nredeploy with migration:", cluster.figures["redeploy_with_migration"])
+        assert gw.replica_ids() == new_ids
+        assert outcomes == [True] * 4, outcomes
+        # Moved 1 s after leaving (+ the sweep), not cut by Ray's graceful shutdown (draining 2 s + 5 s) and resumed.
+        assert moved - left < 1 + 3 and counted("resumed") == 0
+    finally:
+        gw.child.stop()
+
+
 def test_killed_replica_stops_receiving(cluster: Cluster) -> None:
     gw, stack = cluster.gateway, cluster.stack
     ids = sorted(gw.replica_ids())
