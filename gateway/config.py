@@ -122,6 +122,8 @@ OPTIONS: tuple[Option, ...] = (
            "requests in flight to one replica; past it: 429 + Retry-After; 0 = no limit"),
     Option("saturation_in_flight", ("GATEWAY_SATURATION_IN_FLIGHT",), int, 0,
            "admission: a replica with this many requests in flight is saturated; when every replica of an app is, new POSTs wait in the gateway's queue (priority bands, fair across keys); 0 = no in-flight target"),
+    Option("saturation_burst", ("GATEWAY_SATURATION_BURST",), int, 0,
+           "admission: a key below its weighted share of the in-flight target may go this many requests per replica past it, so a key that is not flooding never waits behind one that is (the replicas must have that room: vLLM's max_num_seqs above the target); 0 = off"),
     Option("saturation_engine", ("GATEWAY_SATURATION_ENGINE",), _bool, False,
            "admission: read each vLLM replica's /metrics (num_requests_waiting, num_requests_running, KV cache usage) in the health loop; a replica whose engine queues requests, or whose KV cache is past --saturation-kv, is saturated"),
     Option("saturation_kv", ("GATEWAY_SATURATION_KV",), float, 0.95, "admission: KV cache usage (0..1) at which a vLLM replica is saturated"),
@@ -298,8 +300,8 @@ class _ConfigMethods:
                 raise ConfigError(f"{name} must be > 0")
         if self.router_fallback not in ("auto", "off", "proxy", "least-loaded"):
             raise ConfigError(f"router fallback {self.router_fallback!r}: use auto, off, proxy or least-loaded")
-        if self.saturation_in_flight < 0 or self.queue_size < 0:
-            raise ConfigError("saturation_in_flight and queue_size must be >= 0")
+        if self.saturation_in_flight < 0 or self.queue_size < 0 or self.saturation_burst < 0:
+            raise ConfigError("saturation_in_flight, saturation_burst and queue_size must be >= 0")
         if not 0.0 < self.saturation_kv <= 1.0:
             raise ConfigError("saturation_kv must be in (0, 1]")
         if self.queue_timeout_s <= 0 or self.engine_metrics_interval_s <= 0:

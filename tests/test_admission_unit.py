@@ -143,7 +143,7 @@ class Clock:
         return self.now
 
 
-def make(target_in_flight: int = 2, replicas: int = 2, queue_size: int = 100, timeout_s: float = 5.0):
+def make(target_in_flight: int = 2, replicas: int = 2, queue_size: int = 100, timeout_s: float = 5.0, burst: int = 0):
     app = App("llm", "/", TargetSet([ReplicaSpec(f"r{i}", "127.0.0.1", 9000 + i) for i in range(replicas)]))
     routed: list[Request] = []
     clock = Clock()
@@ -156,7 +156,7 @@ def make(target_in_flight: int = 2, replicas: int = 2, queue_size: int = 100, ti
         routed.append(request)
 
     adm = Admission(target_in_flight=target_in_flight, queue_size=queue_size, queue_timeout_s=timeout_s, go=go,
-                    clock=clock)
+                    burst_in_flight=burst, clock=clock)
     return adm, app, routed, clock
 
 
@@ -289,3 +289,35 @@ def test_a_request_that_fails_at_once_on_release_frees_its_place_without_recursi
     app.targets.targets[0].in_flight = 0
     adm.wake(app)
     assert adm.depth(app) == 0 and all(r.admission is None for r in waiting)
+
+
+def test_headroom_lets_a_key_below_its_share_go_at_once_never_the_flooding_key():
+    adm, app, routed, _ = make(target_in_flight=4, replicas=1, burst=2)
+    a, b = Key("A"), Key("B")
+    flood = [req(f"a{i}", a) for i in range(10)]
+    admitted = [send(adm, app, r) for r in flood]
+    assert admitted == [True] * 4 + [False] * 6  # A alone: its share is the whole target, then it waits
+    quiet = [req("b0", b), req("b1", b)]
+    # B holds nothing of its share (half the target): it goes at once, past the target, ahead of A's queue.
+    assert send(adm, app, quiet[0]) and send(adm, app, quiet[1])
+    assert adm.depth(app) == 6 and app.targets.targets[0].in_flight == 6
+    # The headroom is used up: B waits now, like anyone.
+    assert not send(adm, app, req("b2", b))
+    # Completions refill up to the target only: A's finishing request lets nothing go while past it.
+    end(adm, app, flood[0])
+    assert app.targets.targets[0].in_flight == 5 and adm.depth(app) == 7
+    end(adm, app, quiet[0])
+    end(adm, app, quiet[1])
+    # Back under the target: the queue goes on; B's waiting request ties A's head (both start at the present
+    # virtual time), and goes before the rest of A's backlog.
+    assert routed[-1].request_id == b"a4" and app.targets.targets[0].in_flight == 4
+    end(adm, app, flood[1])
+    assert routed[-1].request_id == b"b2"
+
+
+def test_a_higher_key_weight_is_a_larger_share():
+    adm, app, _, _ = make(target_in_flight=6, replicas=1, burst=6)
+    heavy, light = Key("heavy", weight=2.0), Key("light")
+    assert all(send(adm, app, req(f"l{i}", light)) for i in range(6))
+    # heavy's share is 2/3 of 6 = 4: four go through the headroom, the fifth waits.
+    assert [send(adm, app, req(f"h{i}", heavy)) for i in range(5)] == [True] * 4 + [False]

@@ -9,9 +9,14 @@ in an order of its choosing (the approach of Gateway API Inference Extension's f
   (--saturation-in-flight), and, for vLLM replicas whose /metrics the health loop reads
   (gateway/controlplane/health.py, never on the request path), while the engine reported no
   waiting requests and a KV cache below --saturation-kv at the last scrape. A replica the engine
-  reported saturated keeps the in-flight count it had then as its limit until the next scrape, so
-  a completion still lets exactly one request go. Requests admitted but not yet on a replica
-  (routing, connecting) count against the room too.
+  reported saturated keeps the in-flight count it had then, less what the engine queues, as its limit
+  until the next scrape, so a completion still lets one request go. Requests admitted but not yet on a
+  replica (routing, connecting) count against the room too.
+* Headroom (--saturation-burst): a waiting request can only take the place of one that finishes, so
+  even at the head of the queue it waits for the next completion. A key below its weighted share of
+  the app's target (every key with requests in flight or waiting shares it) may instead go up to that
+  many requests per replica past the target at once: a key that is not flooding does not wait at all,
+  as long as the engines have that room (vLLM's max_num_seqs and KV cache above the target).
 * Order (`FairQueue`): strict priority between bands (a key's `priority`, or its `x-priority`
   header when the key may set it), and inside a band start-time fair queuing (SFQ, Goyal, Vin and
   Cheng, SIGCOMM 1996) across keys: each request gets a virtual start tag max(V, the key's last
@@ -61,7 +66,7 @@ DEFAULT_MAX_TOKENS = 256
 class Ticket:
     """One request in (or through) the queue."""
     __slots__ = ("item", "band", "flow", "cost", "start", "finish", "enqueued", "deadline", "state", "seq",
-                 "released_at")
+                 "released_at", "weight")
 
     def __init__(self, item: Any, band: int, flow: str, cost: float, enqueued: float, deadline: float):
         self.item = item
@@ -75,6 +80,7 @@ class Ticket:
         self.state = WAITING
         self.seq = 0
         self.released_at = 0.0
+        self.weight = 1.0
 
     def __repr__(self) -> str:
         return f"Ticket({self.item!r}, band={self.band}, flow={self.flow!r}, start={self.start:g})"
@@ -242,12 +248,13 @@ def estimated_tokens(body: bytes) -> float:
 
 class _AppState:
     """One app's queue and the requests admitted to it but not yet on a replica."""
-    __slots__ = ("queue", "held", "released", "rate", "rate_at")
+    __slots__ = ("queue", "held", "flows", "rate", "rate_at")
 
     def __init__(self, max_size: int):
         self.queue = FairQueue(max_size)
         self.held = 0  # admitted and not finished
-        self.released = 0
+        # Per key (flow) with requests in flight or waiting: [admitted and not finished, waiting, weight].
+        self.flows: dict[str, list] = {}
         self.rate = 0.0  # requests finishing per second (EWMA), for Retry-After
         self.rate_at = 0.0
 
@@ -256,9 +263,11 @@ class Admission:
     """The gateway's admission control; `admit` is called for every POST once its app is known."""
 
     def __init__(self, *, target_in_flight: int, queue_size: int, queue_timeout_s: float,
-                 go: Callable[[Any, "Request", "App"], None], metrics: Any = None,
+                 go: Callable[[Any, "Request", "App"], None], burst_in_flight: int = 0, metrics: Any = None,
                  clock: Callable[[], float] = time.monotonic):
         self.target = target_in_flight or INF
+        # Headroom per replica past the target, only for keys below their share (needs a target to share).
+        self.burst = burst_in_flight if target_in_flight else 0
         self.queue_size = queue_size
         self.queue_timeout_s = queue_timeout_s
         self.go = go  # route a request that leaves the queue: (client, request, app)
@@ -277,16 +286,16 @@ class Admission:
         return state
 
     # -- saturation
-    def room(self, app: "App") -> float:
-        """Requests the app can take now without any replica over its target (inf: no limit known)."""
+    def room(self, app: "App", over: float = 0) -> float:
+        """Requests the app can take now without any replica past its target + `over` (inf: no limit known)."""
         room = 0.0
         started = 0
         for target in app.targets.targets:
             started += target.in_flight
             if not target.healthy or target.ejected:
                 continue
-            limit = self.target
-            cap = target.saturated_at
+            limit = self.target + over
+            cap = target.saturated_at  # the engine itself queues: a hard limit, no headroom past it
             if cap is not None and cap < limit:
                 limit = cap
             if limit > target.in_flight:
@@ -300,21 +309,48 @@ class Admission:
         pending = state.held - started if state is not None else 0
         return room - max(0, pending)
 
+    def under_share(self, app: "App", state: "_AppState", flow: str, weight: float) -> bool:
+        """Whether `flow` (a key) holds less than its weighted share of the app's target, counting every key
+        that has requests in flight or waiting: such a key may use the headroom (--saturation-burst)."""
+        usable = sum(1 for t in app.targets.targets if t.healthy and not t.ejected)
+        mine = state.flows.get(flow)
+        total = sum(entry[2] for entry in state.flows.values()) + (weight if mine is None else 0.0)
+        held = mine[0] if mine is not None else 0
+        return held + 1 <= usable * self.target * weight / total
+
+    def _flow(self, state: "_AppState", flow: str, weight: float, held: int, waiting: int) -> None:
+        entry = state.flows.get(flow)
+        if entry is None:
+            entry = state.flows[flow] = [0, 0, weight]
+        entry[0] += held
+        entry[1] += waiting
+        if entry[0] <= 0 and entry[1] <= 0:
+            del state.flows[flow]
+
     # -- per request
     def admit(self, client: Any, request: "Request", app: "App") -> bool:
         """True: route it now. False: it waits (or was answered: dropped from a full queue)."""
         state = self._state(app)
-        if not state.queue.size and self.room(app) >= 1:
+        key = request.key
+        flow = key.name if key is not None else ""
+        weight = getattr(key, "weight", 1.0) if key is not None else 1.0
+        if (not state.queue.size and self.room(app) >= 1) or (
+                self.burst and self.room(app, self.burst) >= 1 and self.under_share(app, state, flow, weight)):
+            # Room, or headroom for a key below its share (it is not the one flooding): go now.
             state.held += 1
-            request.admission = app
+            self._flow(state, flow, weight, 1, 0)
+            ticket = Ticket((client, request, app), 0, flow, 0.0, 0.0, 0.0)
+            ticket.state = RELEASED
+            request.admission = ticket
             return True
         now = self.clock()
-        key = request.key
         band = priority_of(request)
-        ticket = Ticket((client, request, app), band, key.name if key is not None else "", estimated_tokens(request.body),
-                        now, now + self.queue_timeout_s)
+        ticket = Ticket((client, request, app), band, flow, estimated_tokens(request.body), now,
+                        now + self.queue_timeout_s)
+        ticket.weight = weight
         request.admission = ticket
-        for dropped in state.queue.push(ticket, getattr(key, "weight", 1.0) if key is not None else 1.0):
+        self._flow(state, flow, weight, 0, 1)
+        for dropped in state.queue.push(ticket, weight):
             self._drop(app, state, dropped, Reason.QUEUE_FULL, "the queue of this app is full",
                        counted=dropped is not ticket)
         if ticket.state == WAITING:
@@ -329,18 +365,17 @@ class Admission:
         request.admission = None
         if held is None:
             return
-        if isinstance(held, Ticket):
-            app = held.item[2]
-            if held.state == WAITING:  # its client left while it waited: out of the queue at once
-                self._state(app).queue.remove(held)
-                self._count(app, held, -1)
-                return
-            if held.state != RELEASED:
-                return
-        else:
-            app = held
+        app = held.item[2]
         state = self._state(app)
+        if held.state == WAITING:  # its client left while it waited: out of the queue at once
+            state.queue.remove(held)
+            self._count(app, held, -1)
+            self._flow(state, held.flow, held.weight, 0, -1)
+            return
+        if held.state != RELEASED:
+            return
         state.held -= 1
+        self._flow(state, held.flow, held.weight, -1, 0)
         now = self.clock()
         # The finishing rate, for Retry-After: an EWMA over about a second.
         elapsed = now - state.rate_at
@@ -379,6 +414,7 @@ class Admission:
                 break
             room -= 1
             state.held += 1
+            self._flow(state, ticket.flow, ticket.weight, 1, -1)
             self._count(app, ticket, -1)
             ticket.released_at = now
             client, request, _ = ticket.item
@@ -414,6 +450,7 @@ class Admission:
     def _drop(self, app: "App", state: _AppState, ticket: Ticket, reason: Reason, message: str,
               counted: bool = False) -> None:
         client, request, _ = ticket.item
+        self._flow(state, ticket.flow, ticket.weight, 0, -1)
         if counted:
             self._count(app, ticket, -1)
         request.admission = None

@@ -70,7 +70,8 @@ class Gateway:
         self.engines: EngineScraper | None = None
         if config.admission:
             self.admission = self.relay.admission = Admission(
-                target_in_flight=config.saturation_in_flight, queue_size=config.queue_size,
+                target_in_flight=config.saturation_in_flight, burst_in_flight=config.saturation_burst,
+                queue_size=config.queue_size,
                 queue_timeout_s=config.queue_timeout_s, metrics=self.metrics,
                 go=lambda client, request, app: self.relay.route_in(client, request, app, None))
             if config.saturation_engine:
