@@ -247,14 +247,15 @@ class Metrics:
     # redeploy, autoscale and crash; a series per replica ever seen would grow without bound).
     def forget_replicas(self, live: set[str]) -> None:
         """Remove every per-replica series (and pool series) whose replica is not in `live`."""
-        for metric in (self.upstream_deaths, self.replica_failures, self.ejections, self.replica_ejected,
-                       self.replica_up, self.pool_idle):
-            for labels in list(metric._metrics):  # prometheus-client has no public listing of a metric's children
-                if labels[0] not in live:
-                    metric.remove(*labels)
-        for histogram in (self.ttfb, self.chunk_gap):
-            for labels in [labels for labels in histogram.children if labels[0] not in live]:
-                del histogram.children[labels]
+        # Every metric whose first label is `replica` or `pool`, so one added later is covered too.
+        for metric in list(vars(self).values()):
+            if isinstance(metric, (Counter, Gauge, Histogram)) and metric._labelnames[:1] in (("replica",), ("pool",)):
+                for labels in list(metric._metrics):  # prometheus-client has no public listing of a metric's children
+                    if labels[0] not in live:
+                        metric.remove(*labels)
+            elif isinstance(metric, HotHistogram) and metric.label_names[:1] == ["replica"]:
+                for labels in [labels for labels in metric.children if labels[0] not in live]:
+                    del metric.children[labels]
 
     def render(self, refresh: Callable[["Metrics"], None] | None = None) -> bytes:
         if refresh is not None:
