@@ -96,7 +96,7 @@ def vllm_stream(draw) -> tuple[list[bytes], dict[str, Any]]:
 
 
 @st.composite
-def chunked(draw, events: list[bytes], ended: bool) -> list[bytes]:
+def chunked(draw, events: list[bytes], ended: bool, cut_events: bool = True) -> list[bytes]:
     """The events framed as chunks (mostly one event a chunk, as vLLM; sometimes cut anywhere) and split into
     reads at random places."""
     payload = b"".join(events)
@@ -105,7 +105,7 @@ def chunked(draw, events: list[bytes], ended: bool) -> list[bytes]:
     for ev in events:
         at += len(ev)
         bounds.add(at)
-    if payload and draw(st.booleans()):
+    if payload and cut_events and draw(st.booleans()):
         bounds |= set(draw(st.lists(st.integers(0, len(payload)), max_size=4)))
     bounds = sorted(bounds)
     body = b"".join(b"%x\r\n%s\r\n" % (b - a, payload[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a)
@@ -224,7 +224,7 @@ def test_the_usage_chunk_is_read_in_every_event_mode() -> None:
         for i in range(0, len(body), 7):
             rig.feed(body[i:i + 7])
         assert rig.code == _pump.COMPLETE and rig.received == body
-        assert rig.stream.usage == (17, 25) and rig.stream.events == 2
+        assert rig.stream.usage == (17, 25) and rig.stream.events == 1  # content events: the usage chunk aside
     finally:
         rig.close()
 
@@ -237,5 +237,61 @@ def test_an_event_begun_on_the_python_path_is_finished_by_the_pump() -> None:
         rig.feed(ev[20:] + b"\r\n")
         assert dechunk(bytes(rig.received)) == ev.replace(b"[5]", b"null")
         assert rig.stream.token_ids == b"5"
+    finally:
+        rig.close()
+
+
+# -- token accounting: usage.py's StreamMeter, chunk by chunk with the replica's framing kept
+
+FINGERPRINT = "fp_1234"
+
+
+@st.composite
+def metered_stream(draw) -> tuple[list[bytes], bool]:
+    """vLLM's events for a stream that asked for usage (the gateway did, for the client or for itself)."""
+    chat = draw(st.booleans())
+    head = {"id": "cmpl-1", "object": "chat.completion.chunk" if chat else "text_completion", "created": 1,
+            "model": "m"}
+    events = []
+    if chat:
+        events.append(event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]}))
+    n = draw(st.integers(1, 6))  # vLLM always ends a choice with a finish_reason
+    for i in range(n):
+        last = i == n - 1
+        text = draw(st.text(max_size=5))
+        choice: dict[str, Any] = {"index": 0, **({"delta": {"content": text}} if chat else {"text": text}),
+                                  "logprobs": None, "finish_reason": "stop" if last else None}
+        events.append(event({**head, "choices": [choice]}))
+    ending = draw(st.sampled_from(["usage", "usage", "usage_fp_null", "no_usage", "truncated"]))
+    if ending.startswith("usage"):
+        events.append(event({**head, "choices": [], "usage": {"prompt_tokens": draw(st.integers(0, 10**6)),
+                                                              "total_tokens": 9, "completion_tokens": n},
+                             "system_fingerprint": None if ending == "usage_fp_null" else FINGERPRINT}))
+    if ending != "truncated":
+        events.append(b"data: [DONE]\n\n")
+    return events, ending != "truncated"
+
+
+@FUZZ
+@given(st.data())
+def test_the_pump_strips_the_usage_chunk_as_the_meter_does(data) -> None:
+    from gateway.observability.usage import Ask, StreamMeter
+    TRIED["events"] += 1
+    events, ended = data.draw(metered_stream())
+    reads = data.draw(chunked(events, ended, cut_events=False))  # the meter reads vLLM's one event a chunk
+    strip = data.draw(st.booleans())
+    meter = StreamMeter(Ask("m", True, True, strip, None, 1))
+    meter.head(200, True)
+    expected = b"".join(meter.feed(piece) for piece in reads)
+    meter.end()
+    rig = Rig(events=_pump.EV_ON | (_pump.EV_STRIP_USAGE if strip else 0))
+    try:
+        for piece in reads:
+            rig.feed(piece)
+            if rig.ended:
+                break
+        assert bytes(rig.received) == expected
+        assert rig.stream.usage == ((meter.prompt, meter.completion) if meter.exact else None)
     finally:
         rig.close()

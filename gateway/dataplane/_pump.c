@@ -85,10 +85,16 @@ static int faulty(int which) {
  *                  frames them; the last chunk is Python's to write (upstream_complete).
  *   EV_STRIP_IDS   the client did not ask for token ids: `"token_ids":[..]` and the first `"prompt_token_ids":[..]`
  *                  become `null`, as resume.py writes them (byte for byte: tests/test_pump_events.py).
+ *   EV_STRIP_USAGE the gateway asked for the usage chunk, the client did not: what usage.py's StreamMeter does,
+ *                  chunk by chunk with the replica's framing kept: the usage chunk is dropped, the chunks from the
+ *                  one with a finish_reason on are held until it comes and get its system_fingerprint back.
  * The fields are found by their JSON key with the quote before it: vLLM's chunks are compact JSON, in which an
  * unescaped `"` cannot occur inside a string, so `"token_ids":[` is never content. */
 enum { EV_ON = 1, EV_RESUME = 2, EV_STRIP_IDS = 4, EV_NEED_USAGE = 8, EV_FINISHED = 16, EV_USAGE_SENT = 32,
-       EV_FIRST = 64 };
+       EV_FIRST = 64, EV_STRIP_USAGE = 128 };
+/* EV_STRIP_USAGE: a chunk not complete after this many bytes is not vLLM's: stop filtering, relay as it comes
+ * (usage.py's _MAX_HELD). */
+#define MAX_HELD_BYTES (1 << 20)
 /* An SSE event this large is not vLLM's (one token an event): the stream is malformed. */
 #define MAX_EVENT_BYTES (4 << 20)
 
@@ -146,6 +152,9 @@ typedef struct Stream {
     Buf ids;     /* token ids as the replica wrote them, comma separated: "12,7,5" */
     Buf prompt;  /* the prompt's token ids, the same way */
     Buf first;   /* the first JSON event (its id and created name a resumed stream) */
+    Buf frames;  /* EV_STRIP_USAGE: the start of a chunk not complete yet */
+    Buf held;    /* EV_STRIP_USAGE: whole chunks held until the usage chunk */
+    int plain;   /* EV_STRIP_USAGE: relay as it comes from here on (the last chunk, or not vLLM's framing) */
 } Stream;
 
 struct Pump {
@@ -534,9 +543,10 @@ static int handle_event(Stream *s, const char *ev, size_t n, Buf *out) {
         }
         if ((flags & EV_FIRST) && s->first.len == 0 && buf_put(&s->first, d, dn) < 0) return -1;
     }
-    if (json) s->events++;
     const char *usage = find(d, dn, LIT("\"usage\":"));
-    if (usage != NULL && find(d, dn, LIT("\"choices\":[]")) != NULL) {  /* the usage chunk */
+    int usage_chunk = usage != NULL && find(d, dn, LIT("\"choices\":[]")) != NULL;
+    if (json && !usage_chunk) s->events++;
+    if (usage_chunk) {
         s->usage_sent = 1;
         size_t rest = (size_t)(d + dn - usage);
         long long prompt = count_after(usage, rest, LIT("\"prompt_tokens\":"));
@@ -619,6 +629,138 @@ static int reframe(Pump *p, Stream *s, size_t *start) {
     return buf_put(out, "\r\n", 2);
 }
 
+
+/* ---------------------------------------------------------------- EV_STRIP_USAGE: chunk by chunk */
+
+static size_t count_of(const char *d, size_t n, const char *needle, size_t m) {
+    size_t k = 0;
+    const char *at = d, *end = d + n;
+    while ((at = find(at, (size_t)(end - at), needle, m)) != NULL) {
+        k++;
+        at += m;
+    }
+    return k;
+}
+
+/* A held chunk as vLLM writes it when no usage chunk follows: with the fingerprint, re-framed (usage.py's
+ * _with_fingerprint). */
+static int put_with_fingerprint(Buf *out, const char *frame, size_t n, const char *fp, size_t fpn) {
+    const char *eol = find(frame, n, "\r\n", 2);
+    const char *payload = eol + 2;
+    size_t pn = (size_t)(frame + n - 2 - payload);
+    if (fp == NULL || find(payload, pn, LIT("\"system_fingerprint\"")) != NULL || pn < 3
+            || memcmp(payload + pn - 3, "}\n\n", 3) != 0 || find(payload, pn, LIT("\"finish_reason\":\"")) == NULL)
+        return buf_put(out, frame, n);
+    char line[20];
+    size_t size = pn - 3 + sizeof(",\"system_fingerprint\":") - 1 + fpn + 3;
+    int m = snprintf(line, sizeof line, "%zx\r\n", size);
+    if (buf_put(out, line, (size_t)m) < 0 || buf_put(out, payload, pn - 3) < 0
+            || buf_put(out, LIT(",\"system_fingerprint\":")) < 0 || buf_put(out, fp, fpn) < 0
+            || buf_put(out, LIT("}\n\n\r\n")) < 0)
+        return -1;
+    return 0;
+}
+
+/* Where a chunk of `data` ends: the offset past it, 0 if incomplete, -1 if its size line is not one. */
+static long long frame_end(const char *data, size_t len, uint64_t *size) {
+    const char *eol = find(data, len, "\r\n", 2);
+    if (eol == NULL) return 0;
+    uint64_t v = 0;
+    const char *c = data;
+    int digits = 0;
+    for (; c < eol; c++) {
+        int d;
+        if (*c >= '0' && *c <= '9') d = *c - '0';
+        else if (*c >= 'a' && *c <= 'f') d = *c - 'a' + 10;
+        else if (*c >= 'A' && *c <= 'F') d = *c - 'A' + 10;
+        else break;
+        if (v >> 56) return -1;
+        v = v * 16 + (uint64_t)d;
+        digits = 1;
+    }
+    if (!digits) return -1;
+    *size = v;
+    size_t end = (size_t)(eol - data) + 2 + (size_t)v + 2;
+    return v == 0 ? (long long)(eol - data) + 2 : end > len ? 0 : (long long)end;
+}
+
+static int flush_held(Stream *s, Buf *out, const char *fp, size_t fpn) {
+    const char *b = s->held.data;
+    size_t pos = 0;
+    while (pos < s->held.len) {
+        uint64_t size;
+        long long end = frame_end(b + pos, s->held.len - pos, &size);  /* held chunks are whole */
+        if (end <= 0) break;
+        if (put_with_fingerprint(out, b + pos, (size_t)end, fp, fpn) < 0) return -1;
+        pos += (size_t)end;
+    }
+    s->held.len = 0;
+    return 0;
+}
+
+static int strip_chunk(Stream *s, const char *frame, size_t n, const char *payload, size_t pn, Buf *out) {
+    if (find(payload, pn, LIT("\"choices\":[]")) != NULL) {
+        const char *usage = find(payload, pn, LIT("\"usage\":"));
+        long long prompt = -1, completion = -1;
+        if (usage != NULL) {
+            size_t rest = (size_t)(payload + pn - usage);
+            prompt = count_after(usage, rest, LIT("\"prompt_tokens\":"));
+            completion = count_after(usage, rest, LIT("\"completion_tokens\":"));
+        }
+        if (prompt >= 0) {
+            s->prompt_tokens = prompt;
+            s->completion_tokens = completion >= 0 ? completion : 0;
+            s->usage_sent = 1;
+            const char *fp = find(payload, pn, LIT("\"system_fingerprint\":\"")), *fpe = NULL;
+            if (fp != NULL) {
+                fp += sizeof("\"system_fingerprint\":") - 1;
+                for (fpe = fp + 1; fpe < payload + pn && *fpe != '"'; fpe++)
+                    if (*fpe == '\\') fpe++;
+                if (fpe >= payload + pn) fp = NULL;
+            }
+            return flush_held(s, out, fp, fp ? (size_t)(fpe + 1 - fp) : 0);  /* the client did not ask for it */
+        }
+    }
+    s->events += (long long)count_of(payload, pn, LIT("data: {"));
+    if ((s->held.len || find(payload, pn, LIT("\"finish_reason\":\"")) != NULL)
+            && !(pn >= 12 && memcmp(payload, "data: [DONE]", 12) == 0))
+        return buf_put(&s->held, frame, n);  /* until the usage chunk says which fingerprint it carried */
+    if (flush_held(s, out, NULL, 0) < 0) return -1;
+    return buf_put(out, frame, n);
+}
+
+/* This read's bytes, chunk by chunk (usage.py's StreamMeter._walk): into the pump's `out` buffer. */
+static int strip_usage(Pump *p, Stream *s, const char *data, size_t len) {
+    Buf *out = &p->out;
+    out->len = 0;
+    if (s->plain) return buf_put(out, data, len);
+    if (buf_put(&s->frames, data, len) < 0) return -1;
+    const char *b = s->frames.data;
+    size_t n = s->frames.len, pos = 0;
+    while (pos < n) {
+        uint64_t size;
+        long long end = frame_end(b + pos, n - pos, &size);
+        if (end == 0) break;
+        if (end < 0 || size == 0) {  /* not a chunk, or the last one: nothing may stay held */
+            s->plain = 1;
+            if (flush_held(s, out, NULL, 0) < 0 || buf_put(out, b + pos, n - pos) < 0) return -1;
+            pos = n;
+            break;
+        }
+        const char *eol = find(b + pos, n - pos, "\r\n", 2);
+        if (strip_chunk(s, b + pos, (size_t)end, eol + 2, (size_t)size, out) < 0) return -1;
+        pos += (size_t)end;
+    }
+    if (pos && pos < n) memmove(s->frames.data, b + pos, n - pos);
+    s->frames.len = n - pos;
+    if (s->frames.len > MAX_HELD_BYTES) {
+        s->plain = 1;
+        if (flush_held(s, out, NULL, 0) < 0 || buf_put(out, s->frames.data, s->frames.len) < 0) return -1;
+        s->frames.len = 0;
+    }
+    return 0;
+}
+
 /* Keep bytes the client has not taken for Python to write (the stream ends here). */
 static int stash(Stream *s, const char *rest, Py_ssize_t n) {
     if (n <= 0) return 0;
@@ -647,7 +789,7 @@ static void on_readable(Pump *p, Stream *s, double now) {
     double gap = now - s->last_read;
     if (gap > s->max_gap) s->max_gap = gap;
     s->last_read = now;
-    Py_ssize_t end = parse_chunked(s, p->buf, n, s->evflags != 0);
+    Py_ssize_t end = parse_chunked(s, p->buf, n, s->evflags != 0 && !(s->evflags & EV_STRIP_USAGE));
     if (end < 0) {
         finish(s, END_MALFORMED);
         return;
@@ -656,7 +798,14 @@ static void on_readable(Pump *p, Stream *s, double now) {
     s->extra = s->done && end < n;
     const char *out = p->buf;
     Py_ssize_t out_len = end;
-    if (s->evflags) {
+    if (s->evflags & EV_STRIP_USAGE) {
+        if (strip_usage(p, s, p->buf, (size_t)end) < 0) {
+            finish(s, END_PUMP_ERROR);
+            return;
+        }
+        out = p->out.data;
+        out_len = (Py_ssize_t)p->out.len;
+    } else if (s->evflags) {
         size_t start = 0;
         if (s->ev_err || (s->evflags & EV_RESUME ? reframe(p, s, &start) : handle_events(s, NULL)) < 0) {
             finish(s, END_PUMP_ERROR);
@@ -749,6 +898,8 @@ static void Stream_dealloc(Stream *s) {
     buf_free(&s->ids);
     buf_free(&s->prompt);
     buf_free(&s->first);
+    buf_free(&s->frames);
+    buf_free(&s->held);
     Py_XDECREF(s->on_end);
     PyObject_GC_Del(s);
 }
@@ -961,8 +1112,10 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     s->pending_len = s->pending_off = 0;
     s->next_sleeper = s->prev = s->next = NULL;
     s->wake = 0.0;
-    s->evflags = evflags & (EV_ON | EV_RESUME | EV_STRIP_IDS | EV_NEED_USAGE | EV_FIRST);
-    if (s->evflags & EV_RESUME) s->evflags |= EV_ON;
+    s->evflags = evflags & (EV_ON | EV_RESUME | EV_STRIP_IDS | EV_NEED_USAGE | EV_FIRST | EV_STRIP_USAGE);
+    if (s->evflags & EV_RESUME) s->evflags = (s->evflags | EV_ON) & ~EV_STRIP_USAGE;  /* resume re-frames */
+    if (s->evflags & EV_STRIP_USAGE) s->evflags |= EV_ON;
+    s->plain = 0;
     s->ev_err = s->done_sent = s->broken = s->no_ids = s->have_prompt = 0;
     s->finished = (evflags & EV_FINISHED) != 0;  /* what the Python path saw before handing the stream over */
     s->usage_sent = (evflags & EV_USAGE_SENT) != 0;
@@ -972,6 +1125,8 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     memset(&s->ids, 0, sizeof s->ids);
     memset(&s->prompt, 0, sizeof s->prompt);
     memset(&s->first, 0, sizeof s->first);
+    memset(&s->frames, 0, sizeof s->frames);
+    memset(&s->held, 0, sizeof s->held);
     PyObject_GC_Track(s);
     /* The body bytes that came with the head were relayed already (their events handled by Python): they only
      * move the parser. */
@@ -1159,6 +1314,7 @@ PyMODINIT_FUNC PyInit__pump(void) {
             || PyModule_AddIntConstant(m, "EV_FINISHED", EV_FINISHED) < 0
             || PyModule_AddIntConstant(m, "EV_USAGE_SENT", EV_USAGE_SENT) < 0
             || PyModule_AddIntConstant(m, "EV_FIRST", EV_FIRST) < 0
+            || PyModule_AddIntConstant(m, "EV_STRIP_USAGE", EV_STRIP_USAGE) < 0
             || PyModule_AddIntConstant(m, "MAX_CHUNK_LINE", MAX_CHUNK_LINE) < 0
             || PyModule_AddIntConstant(m, "MAX_TRAILER_BYTES", MAX_TRAILER_BYTES) < 0) {
         Py_DECREF(m);
