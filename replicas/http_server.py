@@ -11,6 +11,15 @@ close), pipelined requests answered in order, Content-Length and chunked
 request bodies, `Expect: 100-continue`, chunked streaming responses with
 backpressure, 400-and-close on anything unparsable. Not: upgrades, trailers,
 HTTP/2.
+
+Write modes (`write_mode`, or the REPLICA_WRITE_MODE environment variable):
+"direct" (the default) writes a whole response in one `transport.write`;
+"uvicorn" writes like uvicorn does under vLLM's API server: a response head in one
+write and its body in a later one (uvicorn's httptools_impl writes
+`http.response.start` and each `http.response.body` message as they come from the
+ASGI app), every write further cut at random points and delivered over the next
+loop iterations (up to `UVICORN_MAX_DELAY_S` apart). A relay that decides anything
+on the first read of a response (keep-alive, the end of a body) fails in this mode.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import asyncio
 import email.utils
 import http
 import logging
+import os
+import random
 import signal
 import socket
 import time
@@ -41,6 +52,76 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 # Requests parsed ahead of the one being answered; past this we stop reading so
 # a client pipelining without reading answers cannot grow our memory.
 MAX_PIPELINE = 32
+
+WRITE_MODES = ("direct", "uvicorn")
+UVICORN_MAX_DELAY_S = 0.002
+
+
+def default_write_mode() -> str:
+    mode = os.environ.get("REPLICA_WRITE_MODE", "direct") or "direct"
+    if mode not in WRITE_MODES:
+        raise ValueError(f"REPLICA_WRITE_MODE={mode!r}: one of {', '.join(WRITE_MODES)}")
+    return mode
+
+
+class _SplitWrites:
+    """A transport that delivers each write later and in random pieces, in order (the "uvicorn" mode).
+
+    Stands in for the real transport: writes queue up and one timer hands them over piece by
+    piece; close() waits for the queue, abort() drops it, like a transport's own buffer.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, rng: random.Random) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._rng = rng
+        self._queue: deque[bytes] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._close_after = False
+
+    def write(self, data: bytes) -> None:
+        if not data or self._transport.is_closing():
+            return
+        rng = self._rng
+        cuts = sorted(rng.sample(range(1, len(data)), k=min(len(data) - 1, rng.randint(0, 2))))
+        start = 0
+        for cut in (*cuts, len(data)):
+            self._queue.append(data[start:cut])
+            start = cut
+        if self._timer is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._timer = self._loop.call_later(self._rng.uniform(0, UVICORN_MAX_DELAY_S), self._flush_one)
+
+    def _flush_one(self) -> None:
+        self._timer = None
+        if self._queue and not self._transport.is_closing():
+            self._transport.write(self._queue.popleft())
+        if self._queue and not self._transport.is_closing():
+            self._schedule()
+        elif self._close_after:
+            self._queue.clear()
+            self._transport.close()
+
+    def close(self) -> None:
+        if self._queue:
+            self._close_after = True
+        else:
+            self._transport.close()
+
+    def abort(self) -> None:
+        self._queue.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._close_after or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> object:  # pause_reading, get_extra_info, ...
+        return getattr(self._transport, name)
 
 
 def _status_line(code: int) -> bytes:
@@ -145,9 +226,13 @@ class Responder:
         length = b"content-length: %d\r\n" % len(body)
         if self._request.method == "HEAD":
             body = b""
-        conn.transport.write(b"".join((
-            status_line(status), conn.server.date_server, length,
-            render_headers(headers), self._conn_header, b"\r\n", body)))
+        head = (status_line(status), conn.server.date_server, length, render_headers(headers), self._conn_header,
+                b"\r\n")
+        if conn.server.write_mode == "uvicorn":
+            conn.transport.write(b"".join(head))  # uvicorn: http.response.start, then http.response.body
+            conn.transport.write(body)
+        else:
+            conn.transport.write(b"".join((*head, body)))
         if not self.keep_alive:
             conn.close()
 
@@ -283,6 +368,8 @@ class _Connection(asyncio.Protocol):
     # -- transport callbacks --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.server.write_mode == "uvicorn":
+            self.transport = _SplitWrites(transport, self.server.loop, self.server.rng)  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -462,8 +549,13 @@ class HttpServer:
     fresh and closes keep-alive connections idle for `keep_alive_s` (uvicorn's
     and vLLM's default is 5 s)."""
 
-    def __init__(self, handler: Handler, *, keep_alive_s: float = 5.0, server_name: bytes = b"uvicorn") -> None:
+    def __init__(self, handler: Handler, *, keep_alive_s: float = 5.0, server_name: bytes = b"uvicorn",
+                 write_mode: str | None = None) -> None:
         self.handler = handler
+        self.write_mode = write_mode or default_write_mode()
+        if self.write_mode not in WRITE_MODES:
+            raise ValueError(f"write_mode {self.write_mode!r}: one of {', '.join(WRITE_MODES)}")
+        self.rng = random.Random()
         self.keep_alive_s = keep_alive_s
         self.server_name = server_name
         self.connections: set[_Connection] = set()
@@ -514,9 +606,9 @@ class HttpServer:
 
 
 async def serve(handler: Handler, host: str, port: int, reuse_port: bool = False,
-                *, keep_alive_s: float = 5.0) -> HttpServer:
+                *, keep_alive_s: float = 5.0, write_mode: str | None = None) -> HttpServer:
     """Start listening on the running loop; returns once the socket is bound."""
-    server = HttpServer(handler, keep_alive_s=keep_alive_s)
+    server = HttpServer(handler, keep_alive_s=keep_alive_s, write_mode=write_mode)
     await server.start(host, port, reuse_port)
     return server
 
@@ -525,7 +617,7 @@ Hook = Callable[[HttpServer], Awaitable[None]]
 
 
 def run(handler: Handler, host: str, port: int, reuse_port: bool = False, *, keep_alive_s: float = 5.0,
-        on_startup: Hook | None = None, on_shutdown: Hook | None = None) -> None:
+        on_startup: Hook | None = None, on_shutdown: Hook | None = None, write_mode: str | None = None) -> None:
     """Serve on uvloop until SIGTERM or SIGINT, then shut down and return (exit 0)."""
 
     async def main() -> None:
@@ -533,7 +625,7 @@ def run(handler: Handler, host: str, port: int, reuse_port: bool = False, *, kee
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        server = await serve(handler, host, port, reuse_port, keep_alive_s=keep_alive_s)
+        server = await serve(handler, host, port, reuse_port, keep_alive_s=keep_alive_s, write_mode=write_mode)
         if on_startup is not None:
             await on_startup(server)
         log.info("listening on http://%s:%d", host, server.port)

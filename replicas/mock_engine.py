@@ -51,7 +51,7 @@ from typing import Any
 
 import orjson
 
-from replicas.http_server import HttpServer, Request, Responder, render_headers, run
+from replicas.http_server import WRITE_MODES, HttpServer, Request, Responder, render_headers, run
 
 SYSTEM_FINGERPRINT = "vllm-0.32.0-mock"
 LAST_BODY_CAP = 64 * 1024
@@ -750,6 +750,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout-keep-alive", type=float, default=5.0, help="close idle connections after (s)")
     parser.add_argument("--max-num-seqs", type=int, default=0,
                         help="completions generating at once (like vLLM's); the rest wait in FIFO order; 0 = no limit")
+    parser.add_argument("--write-mode", choices=WRITE_MODES, default=None,
+                        help="uvicorn: response head and body in separate writes, cut at random points "
+                             "(default: $REPLICA_WRITE_MODE, else direct)")
     parser.add_argument("--reuse-port", action="store_true")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
@@ -758,7 +761,8 @@ def main(argv: list[str] | None = None) -> None:
         replica_id=args.replica_id or f"{args.host}:{args.port}", model=args.model, ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms, max_tokens_default=args.max_tokens_default, unary_bytes=args.unary_bytes,
         max_model_len=args.max_model_len, fault=args.fault, max_num_seqs=args.max_num_seqs))
-    run(engine, args.host, args.port, args.reuse_port, keep_alive_s=args.timeout_keep_alive, on_startup=engine.attach)
+    run(engine, args.host, args.port, args.reuse_port, keep_alive_s=args.timeout_keep_alive, on_startup=engine.attach,
+        write_mode=args.write_mode)
 
 
 if __name__ == "__main__":
