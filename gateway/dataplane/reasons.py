@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 
 
 class Reason(str, enum.Enum):
-    # The router call (Ray's names, ray-serve.md section b).
+    # The router call (the names Ray's HAProxy+Lua ingress gives them; README, "Failure reasons").
     ROUTER_UNREACHABLE = "router_unreachable"
     ROUTER_TIMEOUT = "router_timeout"
     ROUTER_NON_200 = "router_non_200"
@@ -38,6 +38,7 @@ class Reason(str, enum.Enum):
     NOT_FOUND = "not_found"
     MODEL_NOT_FOUND = "model_not_found"
     CLIENT_ABORT = "client_abort"
+    CLIENT_TIMEOUT = "client_timeout"  # the client read nothing of its response for idle_timeout_s
     # The front door (gateway/security).
     UNAUTHORIZED = "unauthorized"
     MODEL_NOT_ALLOWED = "model_not_allowed"
@@ -71,6 +72,7 @@ _DETAILS: dict[Reason, tuple[int, str, str]] = {
     Reason.NOT_FOUND: (404, "invalid_request_error", "not found"),
     Reason.MODEL_NOT_FOUND: (404, "invalid_request_error", "the model does not exist"),
     Reason.CLIENT_ABORT: (499, "client_closed_request", "the client closed the connection"),
+    Reason.CLIENT_TIMEOUT: (408, "timeout", "the client read nothing of its response in time"),
     Reason.UNAUTHORIZED: (401, "invalid_request_error",
                           "missing or invalid API key: send 'Authorization: Bearer <key>'"),
     Reason.MODEL_NOT_ALLOWED: (403, "permission_error", "this API key may not use the requested model"),

@@ -1,20 +1,27 @@
-"""A keep-alive connection to one replica's direct-ingress port, relaying its response.
+"""A keep-alive connection to one replica's direct-ingress port: it moves bytes and reports events.
 
-This is the per-chunk hot path, so it is a raw asyncio Protocol, not an ASGI app or
-an httpx stream: after the response head, each read from the replica is fed to
-httptools (only to find where the message ends) and the very same bytes are written
-to the client transport, chunked framing included. No re-encoding, no per-chunk
-coroutine or future: one read and one write per chunk, like HAProxy.
+This is the per-chunk hot path, so it is a raw asyncio Protocol, not an ASGI app or an httpx
+stream: after the response head, each read from the replica is fed to httptools (only to find
+where the message ends) and the very same bytes are written to the client transport, chunked
+framing included. No re-encoding, no per-chunk coroutine or future: one read and one write per
+chunk, like HAProxy.
 
-When the C stream pump is built (_pump.c) a chunked body relayed as it is leaves this
-protocol after its head: the pump reads and writes it without a Python call per chunk,
-and hands the connection back when the response ends.
+It decides nothing about the request: what the head means for the client, whether the
+connection goes back to the pool, retries and timeouts belong to the exchange that owns it for
+one attempt (exchange.py), which it reports to through `UpstreamEvents`. The head's rewriting
+lives in response_head.py, the C pump's glue in pumping.py.
+
+Where a response ends is decided by the parser (`on_message_complete`), whatever the replica's
+write pattern: uvicorn writes a head and its body in separate writes, so nothing here may look
+at the first read only. Bytes after the end of a response (a second, unsolicited response in
+the same read) are never relayed: the client gets its response up to its end and the connection
+is retired.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import logging
 import socket
 import time
 from typing import Any, Protocol
@@ -22,14 +29,10 @@ from typing import Any, Protocol
 import httptools
 
 from gateway.controlplane.targets import Target
-from gateway.dataplane.request import Request
-from gateway.dataplane.state import ServerState
+from gateway.dataplane.pumping import PumpedResponses
+from gateway.dataplane.response_head import MAX_HEAD_BYTES, Framing, client_head, end_of_chunked
 
-try:
-    from gateway.dataplane import _pump
-except ImportError:  # installed without a C compiler: every chunk goes through data_received
-    _pump = None  # type: ignore[assignment]
-PUMP_BUILT = _pump is not None
+log = logging.getLogger("gateway.upstream")
 
 
 class PayloadSink(Protocol):
@@ -40,57 +43,34 @@ class PayloadSink(Protocol):
     def flush(self) -> None: ...
 
 
-class Downstream(Protocol):
-    """Where a replica's response goes: what this layer needs of the client connection."""
-    transport: asyncio.Transport
-    state: ServerState
-    current: Request | None
-    fd: int  # the client socket, -1 when the pump must not write to it (TLS)
-    writing_paused: bool
-
-    def upstream_head(self, conn: "UpstreamConnection", status: int, head: bytes, has_request_id: bool,
-                      body_start: bytes, must_close: bool) -> None: ...
-
-    def upstream_complete(self, conn: "UpstreamConnection") -> None: ...
-
-    def upstream_upgraded(self, conn: "UpstreamConnection", head: bytes, rest: bytes) -> None: ...
-
-    def upstream_failed(self, conn: "UpstreamConnection", why: str) -> None: ...
+class Counters(Protocol):
+    in_flight: int
 
 
-# Hop-by-hop headers of the replica's response: they describe the replica's connection, not the client's.
-_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
-# One C-level search over the lowered head instead of a Python loop over the names.
-_HOP_BY_HOP_LINE = re.compile(rb"\n(?:" + b"|".join(sorted(_HOP_BY_HOP)) + rb"):")
+class UpstreamEvents(Protocol):
+    """What the connection reports to the exchange that owns it (exchange.py)."""
+    state: Counters  # in_flight decides coalescing
+
+    def upstream_head(self, status: int, head: bytes, framing: Framing, body_start: bytes,
+                      must_close: bool) -> None: ...
+
+    def body_follows(self, conn: "UpstreamConnection", body_so_far: bytes) -> None: ...
+
+    def upstream_complete(self) -> None: ...
+
+    def upstream_upgraded(self, head: bytes, rest: bytes) -> None: ...
+
+    def upstream_failed(self, why: str) -> None: ...
+
+    def write_through(self, data: bytes) -> None: ...
+
+    def client_write_failed(self) -> None: ...
 
 
-def _strip_headers(head: bytes, drop_framing: bool) -> bytes:
-    """The head without hop-by-hop headers (and Transfer-Encoding when we de-chunk): the rare path."""
-    lines = head.split(b"\r\n")
-    kept = [lines[0]]
-    for line in lines[1:-1]:
-        name = line.split(b":", 1)[0].strip().lower()
-        if name in _HOP_BY_HOP or (drop_framing and name == b"transfer-encoding"):
-            continue
-        kept.append(line)
-    kept.append(b"")
-    return b"\r\n".join(kept)
-
-
-MAX_HEAD_BYTES = 64 * 1024
 _monotonic = time.monotonic
 
 
-def start_pump(loop: asyncio.AbstractEventLoop, coalesce_s: float, min_streams: int) -> "_pump.Pump | None":
-    """The loop's C stream pump, watched by the loop; None when the extension is not built."""
-    if _pump is None:
-        return None
-    pump = _pump.Pump(coalesce_s, min_streams)
-    loop.add_reader(pump.fileno(), pump.run)
-    return pump
-
-
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(PumpedResponses, asyncio.Protocol):
     def __init__(self, target: Target, coalesce_s: float = 0.0, coalesce_min_streams: int = 0):
         self.target = target
         self.coalesce_s = coalesce_s
@@ -100,7 +80,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._held_by_client = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.transport: asyncio.Transport | None = None
-        self.client: Downstream | None = None
+        self.exchange: UpstreamEvents | None = None
+        self.out: asyncio.Transport | None = None  # the client's transport, while an exchange owns us
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reused = False
@@ -108,6 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_sent = False
         self.complete = False
         self.keep_alive = False
+        self.extra = False  # bytes after the end of the response: never relayed, never reused
         self.reads = 0
         self.bytes_in = 0
         # Largest gap between two reads of the current response (after its head): an inter-token stall.
@@ -116,6 +98,9 @@ class UpstreamConnection(asyncio.Protocol):
         # Response head being parsed.
         self._head_buffer = b""
         self._head_parsed = False
+        self._head_len = 0
+        self._content_length = -1
+        self._begun = False
         self._no_body = False  # HEAD request: the parser cannot know the body is absent
         self._dechunk = False  # HTTP/1.0 client: it cannot read chunked framing
         self._close_delimited = False
@@ -124,8 +109,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink: PayloadSink | None = None
         self.streaming = False  # a sink gets this response's payload (a 200 chunked stream)
         self.fd = -1
-        self.pumped: _pump.Stream | None = None  # the C pump's handle while it relays this response's body
         self.meter: Any = None  # the request's token meter (observability/usage.py): every body read goes through it
+        self._upgrade = False  # the request asked for a WebSocket upgrade: a 101 is its answer (tunnel.py)
         self._head_keep_alive = False
 
     # -- asyncio.Protocol
@@ -138,9 +123,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.fd = sock.fileno()
 
     def data_received(self, data: bytes) -> None:
-        client = self.client
-        if client is None:
-            # Bytes while idle in the pool: the replica is not speaking HTTP/1.1 properly. Drop it.
+        exchange = self.exchange
+        if exchange is None:
+            # Bytes nobody asked for (idle in the pool, or after a response ended): the replica is not
+            # speaking HTTP/1.1 properly. Retire the connection; they never reach any client.
             self.close()
             return
         self.got_bytes = True
@@ -155,23 +141,49 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError:
-                client.upstream_failed(self, "malformed")
+                if self.complete:  # garbage after a complete response
+                    self._complete_with_extra(exchange, data)
+                else:
+                    exchange.upstream_failed("malformed")
                 return
             meter = self.meter
-            client.transport.write(data if meter is None else meter.feed(data))
             if self.complete:
-                if len(data) > 3 and not data.endswith(b"\r\n\r\n"):
-                    self.keep_alive = False  # bytes after the end: the replica is off-protocol, do not reuse
-                client.upstream_complete(self)
-            elif gap < self.coalesce_s and client.state.in_flight >= self.coalesce_min_streams:
+                if self.extra:
+                    self._complete_with_extra(exchange, data)
+                    return
+                self.out.write(data if meter is None else meter.feed(data))  # type: ignore[union-attr]
+                exchange.upstream_complete()
+                return
+            self.out.write(data if meter is None else meter.feed(data))  # type: ignore[union-attr]
+            if gap < self.coalesce_s and exchange.state.in_flight >= self.coalesce_min_streams:
                 self._coalesce()
             return
-        self._slow_path(data, gap)
+        self._slow_path(exchange, data, gap)
+
+    def _message_end(self, data: bytes) -> int:
+        """Where the current response ends in `data`, the last read (-1: cannot tell)."""
+        if self._content_length >= 0:
+            return self._head_len + self._content_length - (self.bytes_in - len(data))
+        return end_of_chunked(data)
+
+    def _complete_with_extra(self, exchange: UpstreamEvents, data: bytes) -> None:
+        self.extra = True
+        self.keep_alive = False
+        end = self._message_end(data)
+        log.warning("replica %s wrote %s bytes after its response: connection retired", self.target.replica_id,
+                    "some" if end < 0 else len(data) - end)
+        if end < 0:
+            exchange.upstream_failed("malformed")
+            return
+        if end:
+            data = data[:end]
+            self.out.write(data if self.meter is None else self.meter.feed(data))  # type: ignore[union-attr]
+        exchange.upstream_complete()
 
     def _coalesce(self) -> None:
         """Chunks are arriving back to back: let the next ones pile up in the socket for one window,
         then read them in one go. One read+write per burst instead of per chunk is most of the
-        per-chunk cost (relay-performance.md); a chunk waits at most one window, and only in a
+        per-chunk cost (README, "Performance"); a chunk waits at most one window, and only in a
         burst: tokens spaced wider than the window are relayed the moment they arrive."""
         self._coalescing = True
         self.transport.pause_reading()  # type: ignore[union-attr]
@@ -184,45 +196,60 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        client = self.client
-        if client is not None and not self.complete:
+        exchange = self.exchange
+        if exchange is not None and not self.complete:
             if self.head_sent and self._close_delimited:
                 # The body ran to EOF by design (no length, not chunked): that is the normal end.
                 self.complete = True
                 self.keep_alive = False
-                client.upstream_complete(self)
+                exchange.upstream_complete()
             else:
-                client.upstream_failed(self, "lost")
+                exchange.upstream_failed("lost")
 
     def pause_writing(self) -> None:  # request bodies are written whole; nothing to throttle
         pass
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._begun:
+            self.extra = True  # a second response in the same read: nobody asked for it
+        self._begun = True
+
     def on_headers_complete(self) -> None:
+        if self.extra:
+            return
         self._head_parsed = True
         # Kept for a body the pump relays: the parser never sees its end (already right here, unlike after feed_data).
         self._head_keep_alive = self.parser.should_keep_alive()
 
     def on_message_complete(self) -> None:
+        if self.complete:
+            return  # the end of an unsolicited second response
         self.complete = True
-        # Only reliable inside this callback (relay-performance.md, httptools gotchas).
+        # Only reliable inside this callback: after feed_data returns httptools reports False.
         self.keep_alive = self.parser.should_keep_alive()
 
-    # -- the relay's API
+    # -- the exchange's API
     @property
     def usable(self) -> bool:
-        return not self.closed and self.client is None and self.transport is not None \
+        return not self.closed and self.exchange is None and self.transport is not None \
             and not self.transport.is_closing()
 
-    def send(self, client: Downstream, request: bytes, *, head_request: bool, dechunk: bool,
-             sink: PayloadSink | None = None) -> None:
+    def send(self, exchange: UpstreamEvents, out: asyncio.Transport, request: bytes, *, head_request: bool,
+             dechunk: bool, sink: PayloadSink | None = None, meter: Any = None, upgrade: bool = False) -> None:
+        """Write one request; its response goes to `out` (through `meter` when set) and its events to `exchange`."""
         assert self.transport is not None
-        self.client = client
-        self.got_bytes = self.head_sent = self.complete = self.keep_alive = False
+        self.exchange = exchange
+        self.out = out
+        self.meter = meter
+        self._upgrade = upgrade
+        self.got_bytes = self.head_sent = self.complete = self.keep_alive = self.extra = False
         self.bytes_in = 0
         self.max_gap = 0.0
         self._head_buffer = b""
-        self._head_parsed = False
+        self._head_parsed = self._begun = False
+        self._head_len = 0
+        self._content_length = -1
         self._no_body = head_request
         self._dechunk = dechunk
         self._close_delimited = False
@@ -244,9 +271,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser_dechunks = dechunk
         self.transport.write(request)
 
-    def release(self) -> None:
-        """Detach from the client once the exchange is over."""
-        self.client = None
+    def detach(self) -> None:
+        """The exchange is over: stop the pump and forget the client (the exchange decides the rest)."""
+        self.stop_pump()
+        self.exchange = None
+        self.out = None
+        self.meter = None
 
     def pause_reading(self) -> None:
         """The client is not keeping up (backpressure)."""
@@ -269,127 +299,74 @@ class UpstreamConnection(asyncio.Protocol):
         """Drop the connection at once, so the replica sees the client is gone and aborts generation."""
         self.stop_pump()
         self.closed = True
-        self.client = None
+        self.exchange = None
+        self.out = None
         if self.transport is not None:
             self.transport.abort()
 
-    # -- the C pump (_pump.c)
-    @property
-    def progress(self) -> int:
-        """Reads of the current response so far, the pump's included (the idle timeout watches it move)."""
-        pumped = self.pumped
-        return self.reads if pumped is None else self.reads + pumped.reads
-
-    @property
-    def held_by_client(self) -> bool:
-        """The client is not reading: silence is then the client's, not the replica's."""
-        pumped = self.pumped
-        return self._held_by_client if pumped is None else pumped.blocked
-
-    def _start_pump(self, pump: "_pump.Pump", client: Downstream, body_so_far: bytes) -> None:
-        stream = pump.add(self.fd, client.fd, self._pump_ended, body_so_far)
-        if stream is None:
-            return  # framing the pump would not follow: httptools goes on deciding
-        self.pumped = stream
-        self.transport.pause_reading()  # type: ignore[union-attr]
-        client.state.metrics.pumped.inc()
-
-    def stop_pump(self) -> None:
-        """End pumping without a callback: the exchange is over (client gone, abort, timeout)."""
-        stream, self.pumped = self.pumped, None
-        if stream is not None:
-            stream.cancel()
-            self._pumped_done(stream)
-
-    def _pumped_done(self, stream: "_pump.Stream") -> None:
-        self.reads += stream.reads
-        self.bytes_in += stream.bytes_in
-        if stream.max_gap > self.max_gap:
-            self.max_gap = stream.max_gap
-        self._parser_dechunks = None  # httptools stopped mid-message: the next response gets a fresh parser
-
-    def _pump_ended(self, code: int, leftover: bytes | None) -> None:
-        stream, self.pumped = self.pumped, None
-        if stream is None:
-            return
-        self._pumped_done(stream)
-        client = self.client
-        if client is None:
-            return
-        if leftover:
-            client.transport.write(leftover)  # what the client had not taken yet: it is sent before anything else
-        if code == _pump.COMPLETE or code == _pump.COMPLETE_EXTRA:
-            self.complete = True
-            # Bytes after the end of the response: the replica is not speaking HTTP/1.1 properly, do not reuse.
-            self.keep_alive = self._head_keep_alive and code == _pump.COMPLETE
-            if not self.closed:
-                self.transport.resume_reading()  # type: ignore[union-attr]  # idle in the pool: watch for a close
-            client.upstream_complete(self)
-        elif code == _pump.CLIENT_ERROR:
-            client.transport.abort()  # as a failed write does: the client's connection_lost aborts the replica
-        else:
-            client.upstream_failed(self, "malformed" if code == _pump.MALFORMED else "lost")
-
-    # -- response head
-    def _slow_path(self, data: bytes, gap: float) -> None:
-        client = self.client
-        assert client is not None
+    # -- response head (and the slow paths: a client that needs the payload de-chunked, or a sink)
+    def _slow_path(self, exchange: UpstreamEvents, data: bytes, gap: float) -> None:
         if self.head_sent:  # dechunking for an HTTP/1.0 client or a sink: on_body takes the payload
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError:
-                if self.client is client:
-                    client.upstream_failed(self, "malformed")
-                return
+                if not self.complete:
+                    exchange.upstream_failed("malformed")
+                    return
+                self.extra = True  # garbage after the end: on_body wrote nothing of it
             if self.streaming:
                 self._sink.flush()  # type: ignore[union-attr]  # one pass over what this read brought
+            if self.exchange is not exchange:
+                return
             if self.complete:
-                if self.client is client:
-                    client.upstream_complete(self)
-            elif self.streaming and gap < self.coalesce_s and client.state.in_flight >= self.coalesce_min_streams:
+                if self.extra:
+                    self.keep_alive = False
+                exchange.upstream_complete()
+            elif self.streaming and gap < self.coalesce_s and exchange.state.in_flight >= self.coalesce_min_streams:
                 self._coalesce()  # a rewritten stream (resume) batches its reads like the fast path
             return
         buffer = self._head_buffer + data if self._head_buffer else data
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            client.upstream_failed(self, "malformed")
-            return
         except httptools.HttpParserUpgrade:
             # 101 Switching Protocols: only the answer to a WebSocket upgrade the client asked for (tunnel.py).
-            request = client.current
             end = buffer.find(b"\r\n\r\n")
-            if request is None or request.upgrade is None or self.parser.get_status_code() != 101 or end < 0:
-                client.upstream_failed(self, "malformed")
+            if not self._upgrade or self.parser.get_status_code() != 101 or end < 0:
+                exchange.upstream_failed("malformed")
                 return
             self.got_bytes = True
-            client.upstream_upgraded(self, buffer[:end + 2], buffer[end + 4:])
+            exchange.upstream_upgraded(buffer[:end + 2], buffer[end + 4:])
             return
+        except httptools.HttpParserError:
+            if not self.complete:
+                exchange.upstream_failed("malformed")
+                return
+            self.extra = True
         if not self._head_parsed:
             if len(buffer) > MAX_HEAD_BYTES:
-                client.upstream_failed(self, "malformed")
+                exchange.upstream_failed("malformed")
                 return
             self._head_buffer = buffer
             return
         status = self.parser.get_status_code()
         if status < 200:
             # We never send Expect upstream, so an interim response is unexpected: refuse rather than mis-frame.
-            client.upstream_failed(self, "malformed")
+            exchange.upstream_failed("malformed")
             return
         end = buffer.find(b"\r\n\r\n")
         if end < 0:  # llhttp also accepts bare-LF heads
-            client.upstream_failed(self, "malformed")
+            exchange.upstream_failed("malformed")
             return
         head = buffer[:end + 2]
         self.head_sent = True
         self.max_gap = 0.0
         self._head_buffer = b""
-        # Header names are matched on the lowered head bytes instead of per-header httptools callbacks:
-        # the head is passed on spliced, not rebuilt, which is most of a unary request's Python time.
+        self._head_len = end + 4
         lower = head.lower()
-        chunked = b"\ntransfer-encoding:" in lower
-        bodiless = self._no_body or status in (204, 304)
-        self._close_delimited = not (chunked or b"\ncontent-length:" in lower or bodiless)
+        framing = Framing(lower, status, self._no_body)
+        self._content_length = framing.content_length
+        self._close_delimited = framing.close_delimited
+        chunked = framing.chunked
         sink = self._sink
         if sink is not None:
             # Only a 200 stream is rewritten (its payload so far waits in the sink); anything else (an
@@ -402,31 +379,39 @@ class UpstreamConnection(asyncio.Protocol):
             if not chunked:
                 self._dechunk = False  # the payload bytes are already what an HTTP/1.0 client reads
             dechunk_client = self._dechunk
-        if dechunk_client or _HOP_BY_HOP_LINE.search(lower):
-            head = _strip_headers(head, drop_framing=dechunk_client)
-        if head.startswith(b"HTTP/1.0 "):
-            head = b"HTTP/1.1 " + head[9:]  # we speak 1.1 to the client; framing is handled above
-        body_start = b"" if self.streaming else b"".join(self._early_body) if self._dechunk else buffer[end + 4:]
+        head = client_head(head, lower, dechunk_client)
+        if self.streaming:
+            body_start = b""
+        elif self._dechunk:
+            body_start = b"".join(self._early_body)
+        else:
+            body_start = buffer[end + 4:]
+            if self.extra and self.complete:
+                cut = self._message_end(buffer) - (end + 4) if not framing.bodiless else 0
+                if cut < 0:
+                    exchange.upstream_failed("malformed")
+                    return
+                body_start = body_start[:cut]
+        if self.extra:
+            self.keep_alive = False
+            log.warning("replica %s wrote bytes after its response: connection retired", self.target.replica_id)
         meter = self.meter
         if meter is not None:
             # Metered only when the body goes through data_received as it is (not a resume's, not de-chunked).
             meter.head(status if sink is None and not dechunk_client else 0, chunked)
             body_start = meter.feed(body_start)
-        client.upstream_head(self, status, head, b"\nx-request-id:" in lower, body_start,
-                             must_close=self._close_delimited or dechunk_client)
-        if self.client is not client:
-            return  # the client ended the exchange on seeing the head
-        if bodiless and not self.complete:
+        exchange.upstream_head(status, head, framing, body_start,
+                               self._close_delimited or dechunk_client)
+        if self.exchange is not exchange:
+            return  # the exchange ended on seeing the head
+        if framing.bodiless and not self.complete:
             # httptools waits for a body a HEAD response never has; end here and do not reuse the connection.
             self.complete = True
             self.keep_alive = False
         if self.complete:
-            client.upstream_complete(self)
-        elif chunked and not self._dechunk and sink is None and meter is None:
-            pump = client.state.pump
-            if pump is not None and client.fd >= 0 and not client.writing_paused \
-                    and not client.transport.get_write_buffer_size():
-                self._start_pump(pump, client, buffer[end + 4:])
+            exchange.upstream_complete()
+        elif chunked and not self._dechunk and sink is None:
+            exchange.body_follows(self, buffer[end + 4:])
 
 
 class _SinkFeeder:
@@ -437,12 +422,15 @@ class _SinkFeeder:
         self.conn = conn
         self.pending = pending
 
+    def on_message_begin(self) -> None:
+        self.conn.on_message_begin()
+
     def on_headers_complete(self) -> None:
         self.conn.on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         conn = self.conn
-        if conn.streaming or not conn.head_sent:
+        if (conn.streaming or not conn.head_sent) and not conn.complete:
             self.pending.append(body)
 
     def on_message_complete(self) -> None:
@@ -455,15 +443,20 @@ class _Dechunker:
     def __init__(self, conn: UpstreamConnection):
         self.conn = conn
 
+    def on_message_begin(self) -> None:
+        self.conn.on_message_begin()
+
     def on_headers_complete(self) -> None:
         self.conn.on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         conn = self.conn
+        if conn.complete:
+            return  # an unsolicited second response
         if not conn.head_sent:
             conn._early_body.append(body)
-        elif conn.client is not None:
-            conn.client.transport.write(body)
+        elif conn.out is not None:
+            conn.out.write(body)
 
     def on_message_complete(self) -> None:
         self.conn.on_message_complete()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from gateway.config import Config, ConfigError
 from gateway.controlplane.apps import AppTable
-from gateway.dataplane.upstream import PUMP_BUILT
+from gateway.dataplane.pumping import PUMP_BUILT
 from gateway.process.server import Gateway
 from gateway.process.workers import CONFIG_ERROR, Workers
 

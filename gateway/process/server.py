@@ -23,7 +23,8 @@ from gateway.dataplane.client import ClientConnection
 from gateway.dataplane.relay import Relay
 from gateway.dataplane.request import Request
 from gateway.dataplane.state import ServerState
-from gateway.dataplane.upstream import UpstreamConnection, open_upstream, start_pump
+from gateway.dataplane.pumping import start_pump
+from gateway.dataplane.upstream import UpstreamConnection, open_upstream
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import RequestTracer
