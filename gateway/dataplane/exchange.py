@@ -4,7 +4,7 @@ Like HAProxy's `struct stream` driven by `process_stream()`, or Envoy's `Upstrea
 exchange owns everything one attempt holds, and it has explicit states
 
     ROUTING -> CONNECTING -> AWAITING_HEAD -> STREAMING (Python) or PUMPED (C pump) -> DONE
-                                           \-> TUNNEL (a WebSocket upgrade the replica accepted) -> DONE
+                                           or TUNNEL (a WebSocket upgrade the replica accepted) -> DONE
 
 and ONE idempotent `end(outcome)` that gives everything back: the target's and the server's
 requests in flight (counted here and nowhere else, from dispatch on, so admission sees requests
