@@ -427,6 +427,10 @@ class MockEngine:
             max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = cfg.max_tokens_default
+        # vLLM's request models are pydantic (lax mode): 30.0 and "30" are read as 30.
+        if isinstance(max_tokens, float) and max_tokens.is_integer() \
+                or isinstance(max_tokens, str) and max_tokens.strip().isdigit():
+            max_tokens = int(max_tokens)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise BadRequest("max_tokens must be a positive integer")
         if max_tokens > cfg.max_model_len:

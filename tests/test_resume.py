@@ -256,3 +256,20 @@ def test_a_replica_failing_in_a_row_is_ejected_with_growing_backoff(stack: Stack
     # Still failing when it comes back: ejected again, for twice as long.
     assert statuses(12).count(500) == 3
     wait_until(lambda: "ejected for 1.0 s" in gateway.log(), what="the second, longer ejection")
+
+
+@pytest.mark.parametrize("path,body", [("/v1/chat/completions", CHAT_BODY), ("/v1/completions", CMPL_BODY)],
+                         ids=["chat", "completions"])
+@pytest.mark.parametrize("written", [30.0, "30"], ids=["float", "string"])
+def test_max_tokens_written_as_a_float_or_a_string_bounds_the_resumed_stream(rig, path: str, body: dict,
+                                                                           written: object) -> None:
+    """vLLM reads max_tokens 30.0 and "30" as 30 (pydantic): a resume must ask for the rest of those 30, never more."""
+    gateway, _ = rig
+    body = dict(body, max_tokens=written, stream_options={"include_usage": True})
+    p = prompt_length(path, body)
+    resumed = events(gateway, path, body, {"x-request-id": f"lax-{written}-{path[-6:]}",
+                                           **faulted("close-mid-stream", f"{p + 13}@{p}")})
+    chat = "chat" in path
+    check_one_stream(resumed, chat)
+    assert content(resumed) == greedy_text(prompt_ids(chat, body), 30)
+    assert json.loads(resumed[-2][6:])["usage"]["completion_tokens"] == 30

@@ -89,6 +89,29 @@ def refusal(body: dict[str, Any], chat: bool) -> str | None:
     return None
 
 
+_TOKEN_COUNTS = ("max_tokens", "max_completion_tokens", "min_tokens")
+
+
+def token_count(value: object) -> int | None:
+    """A token count as vLLM reads it, or None: its request models are pydantic, whose lax mode takes 100, 100.0,
+    "100" and " 100 " alike (vllm/entrypoints/openai/protocol.py, `max_tokens: Optional[int]`). Read as anything
+    else, a resume would ask for the wrong count (none at all for `"100"`: more tokens than the client asked)."""
+    if isinstance(value, int):  # bool included, as pydantic does
+        return int(value)
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        text = value.strip()
+        whole, dot, fraction = text.partition(".")
+        if dot and fraction.strip("0") == "":
+            text = whole
+        try:
+            return int(text)
+        except ValueError:
+            return None
+    return None
+
+
 def plan(request: Request, limit: int) -> ResumeStream | None:
     """Set up resume for one request, or record why it cannot be resumed. Per request, resume on only."""
     path = request.path
@@ -107,6 +130,12 @@ def plan(request: Request, limit: int) -> ResumeStream | None:
     if reason is not None:
         request.resume_refused = reason
         return None
+    for key in _TOKEN_COUNTS:  # the counts a resume lowers by the tokens already sent, as integers
+        if body.get(key) is not None:
+            count = token_count(body[key])
+            if count is None:
+                return None  # the replica refuses such a request (400): nothing to resume
+            body[key] = count
     wants_ids = body.get("return_token_ids") is True
     if not wants_ids:
         body["return_token_ids"] = True
