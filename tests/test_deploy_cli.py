@@ -50,6 +50,9 @@ def test_secrets_come_from_a_file_or_the_environment_and_leave_the_flags(tmp_pat
     assert args == ["--workers", "2"]
     assert secrets == {"GATEWAY_API_KEY": SECRET, "GATEWAY_UPSTREAM_API_KEY": "up"}
     assert len(warnings) == 2 and "visible to every user (ps)" in warnings[0]
+    # An abbreviation argparse would accept for the secret flag is the secret flag.
+    args, secrets, _ = split_secrets(["--upstream-api", "up", "--api-keys-file", "keys.toml"], {}, {})
+    assert args == ["--api-keys-file", "keys.toml"] and secrets == {"GATEWAY_UPSTREAM_API_KEY": "up"}
 
 
 def test_a_secret_file_that_cannot_be_read_fails_the_deploy_up_front(tmp_path) -> None:

@@ -47,7 +47,8 @@ def split_secrets(serve_args: Sequence[str], files: Mapping[str, str | None],
     items = iter(serve_args)
     for item in items:
         flag, sep, value = item.partition("=")
-        if flag not in SECRET_FLAGS:
+        flag = _secret_flag(flag)
+        if flag is None:
             args.append(item)
             continue
         if not sep:
@@ -67,6 +68,19 @@ def split_secrets(serve_args: Sequence[str], files: Mapping[str, str | None],
         elif env_name not in secrets and environ.get(env_name):
             secrets[env_name] = environ[env_name]
     return args, secrets, warnings
+
+
+def _secret_flag(flag: str) -> str | None:
+    """The secret flag `flag` names, abbreviations included (argparse takes `--upstream-api` for
+    `--upstream-api-key` when no other option starts so), or None."""
+    if flag in SECRET_FLAGS:
+        return flag
+    if not flag.startswith("--") or len(flag) < 3:
+        return None
+    from gateway.config import OPTIONS
+
+    named = {option.cli_flag for option in OPTIONS if option.cli_flag.startswith(flag)}
+    return next(iter(named)) if len(named) == 1 and named <= SECRET_FLAGS.keys() else None
 
 
 def digest(secrets: Mapping[str, str]) -> str:
