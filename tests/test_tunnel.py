@@ -44,6 +44,9 @@ class MockTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return self.buffered
 
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return 0, self.high_water
+
     def pause_reading(self) -> None:
         self.reading = False
 
@@ -91,6 +94,19 @@ def tunnel(timeout_s: float = 60.0, client_high: int = 1 << 30, upstream_high: i
     client_gone: list[bool] = []
     t = Tunnel(client, upstream, timeout_s, ended.append, lambda: client_gone.append(True))
     return t, client, upstream, ended, client_gone
+
+
+def test_start_leaves_an_end_paused_while_its_peer_is_past_its_high_water_mark() -> None:
+    t, client, upstream, _, _ = tunnel(upstream_high=4)
+    client.pause_reading()
+    t.start(to_upstream=b"early frames")  # the replica has not taken them yet
+    assert not client.reading
+    upstream.drain()  # now it has: resume_writing reads the client again
+    assert client.reading
+    t, client, upstream, _, _ = tunnel(upstream_high=1024)
+    client.pause_reading()
+    t.start(to_upstream=b"early")  # buffered, but below the mark: read on
+    assert client.reading
 
 
 def test_bytes_flow_both_ways_as_they_are() -> None:

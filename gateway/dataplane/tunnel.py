@@ -116,9 +116,11 @@ class Tunnel:
         if to_upstream:
             self.client.bytes += len(to_upstream)
             upstream.write(to_upstream)
-        # Either end may have been paused by the HTTP exchange before it (backpressure, an upgrade waiting for 101).
+        # Either end may have been paused by the HTTP exchange before it (backpressure, an upgrade waiting for 101):
+        # read it again unless its peer is past its high-water mark (then the peer's resume_writing will).
         for side in (self.client, self.upstream):
-            if not side.transport.is_closing() and not side.peer.transport.get_write_buffer_size():
+            peer = side.peer.transport
+            if not side.transport.is_closing() and peer.get_write_buffer_size() <= peer.get_write_buffer_limits()[1]:
                 side.transport.resume_reading()
 
     def _lost(self, side: _Side, exc: Exception | None) -> None:
