@@ -290,3 +290,27 @@ def test_a_drain_waits_for_tunnels_then_closes_them(stack: Stack) -> None:
     assert "drain timeout" in gateway.log()
     records = [r for r in access_records(gateway) if r.get("upgrade")]
     assert sorted(r["reason"] for r in records) == ["", "draining"]
+
+
+def test_wss_through_the_tls_listener(stack: Stack, tmp_path) -> None:
+    """TLS on the client side: the tunnel takes over the TLS transport as it does a plain one."""
+    import ssl
+
+    from tests.certs import TestCA
+
+    ca = TestCA(tmp_path)
+    server = ca.issue("server")
+    replica = ws_replica(stack, "ws1")
+    gateway = ws_gateway(stack, [replica], "--tls-cert", server.cert, "--tls-key", server.key)
+    context = ssl.create_default_context(cafile=ca.path)
+    message = os.urandom(3 * 1024 * 1024)
+    with connect(f"wss://127.0.0.1:{gateway.port}/ws/echo", ssl=context, proxy=None, max_size=None) as conn:
+        conn.send("over tls")
+        assert conn.recv(timeout=10) == "over tls"
+        conn.send(message)
+        assert conn.recv(timeout=30) == message
+    with connect(f"wss://127.0.0.1:{gateway.port}/ws/server-close", ssl=context, proxy=None) as conn:
+        conn.send("go")
+        with pytest.raises(ConnectionClosed) as closed:
+            conn.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001

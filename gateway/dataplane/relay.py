@@ -345,8 +345,9 @@ class Relay:
         request.upstream_head = b""
         request.retries = 0
         request.resumes = resume.resumes
-        log.info("request %s: replica %s broke its stream; resuming (%d/%d)", request.request_id.decode("latin-1"),
-                 failed.replica_id, resume.resumes, resume.limit)
+        log.info("request %s: replica %s %s; resuming (%d/%d)", request.request_id.decode("latin-1"),
+                 failed.replica_id, "left the target set" if resume.outcome == "migrated" else "broke its stream",
+                 resume.resumes, resume.limit)
         self.attempt(exchange.client, request, failed)
 
     # -- drain by migration

@@ -80,8 +80,8 @@ class Affinity:
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         except ValueError:
             return None
-        if len(raw) <= _NONCE + _MAC:
-            return None
+        if len(raw) <= _NONCE + _MAC or base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != text:
+            return None  # too short, or not the one spelling we make (a last character's unused bits changed)
         nonce, sealed, mac = raw[:_NONCE], raw[_NONCE:-_MAC], raw[-_MAC:]
         if not hmac.compare_digest(mac, self._mac(nonce, sealed)):
             return None
