@@ -392,6 +392,11 @@ class PacedAcc:
     gaps: list = field(default_factory=list)
 
 
+def connect_options(addr: tuple[str, int]) -> dict:
+    """Extra create_connection arguments for a paced client's connection (bench_tls.py: its TLS context)."""
+    return {}
+
+
 async def run_paced_phase(addrs: list[tuple[str, int]], users: int, step_ms: float, tokens: tuple[int, int],
                           warmup: float, measure: float, cpu_root: int | None, seed: int = 0) -> PhaseStats:
     """`users` closed-loop streams, each of tokens[0]..tokens[1] events, one event per engine step.
@@ -416,7 +421,8 @@ async def run_paced_phase(addrs: list[tuple[str, int]], users: int, step_ms: flo
         while True:
             try:
                 if conn is None or conn.closed:
-                    _, conn = await loop.create_connection(lambda: PacedConn(acc), addr[0], addr[1])
+                    _, conn = await loop.create_connection(lambda: PacedConn(acc), addr[0], addr[1],
+                                                           **connect_options(addr))
                     conns.append(conn)
                 conn.reset()
                 fut = loop.create_future()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The TLS row: the gateway and HAProxy+Lua (as Ray 2.60 renders it) both terminating TLS, side by side.
 
-    flock /tmp/heavy.lock .venv/bin/python scripts/bench_tls.py            # ~2 min
+    flock /tmp/heavy.lock .venv/bin/python scripts/bench_tls.py            # ~2.5 min (unary, stream200, paced 64x10)
     flock /tmp/heavy.lock .venv/bin/python scripts/bench_tls.py --plain --with-key
                                # + both proxies without TLS, + a TLS gateway checking an API key
 
@@ -12,6 +12,8 @@ here with `cryptography`): HAProxy via `bind ... ssl crt <pem> alpn http/1.1 ssl
 the gateway via --tls-cert/--tls-key. Clients hold keep-alive TLS connections (handshakes happen
 once per connection, in the warm-up), so the rows compare the per-request and per-chunk cost of
 relaying through TLS: record encryption and decryption plus each proxy's TLS read/write path.
+The paced point (--paced, bench.py's vLLM decode-loop workload) reports proxy CPU per stream; a TLS
+client's stream is relayed by the gateway's Python path (the C pump writes to plain sockets only).
 
 Proxy CPU per request = utime+stime of the proxy's processes over the measured window divided by
 the requests completed in it (bench.py's method). Outputs: results_tls.md/json in --out.
@@ -86,6 +88,15 @@ async def connect(addr: tuple[str, int], count_events: bool) -> bench.ClientConn
 
 
 bench.connect = connect  # run_phase opens its connections through the module global
+
+
+def connect_options(addr: tuple[str, int]) -> dict:
+    """bench.connect_options: the paced clients of TLS systems connect over TLS."""
+    context = TLS_ADDRS.get(tuple(addr))
+    return {"ssl": context, "server_hostname": addr[0]} if context is not None else {}
+
+
+bench.connect_options = connect_options
 _build_request = bench.build_request
 
 
@@ -146,13 +157,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--unary-bytes", type=int, default=10000)
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
+    ap.add_argument("--workloads", default="unary,stream200", help="comma list of unary,stream200 ('' = none)")
+    ap.add_argument("--paced", default="64x10", help="paced points STREAMSxSTEP_MS,... ('' = none; bench.py --paced)")
+    ap.add_argument("--paced-tokens", default="128-256", help="tokens per paced stream, MIN-MAX")
+    ap.add_argument("--paced-duration", type=float, default=3.0, help="measured seconds per paced slice")
+    ap.add_argument("--paced-warmup", type=float, default=2.0, help="warm-up seconds per paced slice")
     a = ap.parse_args(argv)
     # What bench.Stack reads of bench.py's own arguments.
     a.engine_module, a.router_module, a.gateway_module = "replicas.mock_engine", "replicas.router", "gateway"
     a.pythonpath, a.gateway_arg, a.haproxy_env = [], [], []
     a.unary_conc = [int(x) for x in a.unary_conc.split(",")]
     a.stream_conc = [int(x) for x in a.stream_conc.split(",")]
-    a.workloads = ["unary", "stream200"]
+    a.workloads = [w for w in a.workloads.split(",") if w]
+    a.paced = [(int(x.split("x")[0]), float(x.split("x")[1])) for x in a.paced.split(",") if x.strip()]
+    lo, hi = a.paced_tokens.split("-")
+    a.paced_tokens = (int(lo), int(hi))
     return a
 
 
@@ -188,7 +207,9 @@ def main(argv=None) -> int:
             targets["gateway"] = {"addrs": [("127.0.0.1", port)], "pid": child.pid}
         for target in targets.values():
             target["router_pid"] = stack.router_pid
-        rows = asyncio.run(bench.sweep(a, targets))
+        rows = asyncio.run(bench.sweep(a, targets)) if a.workloads else []
+        if a.paced:
+            rows += asyncio.run(bench.sweep_paced(a, targets))
     finally:
         stack.stop()
     index = {(r["system"], r["workload"], r["concurrency"]): r for r in rows}
@@ -207,6 +228,22 @@ def main(argv=None) -> int:
                 for row in (h, g) if pair[1] != "gateway-tls-key" else (g,):
                     lines.append(f"| {workload} | {conc} | {LABEL[row['system']]} | {row['rps']} | {row['p50_ms']} | "
                                  f"{row['cpu_us_per_req']} | {f'{ratio:.2f}' if row is g and ratio else ''} |")
+    if a.paced:
+        lines += ["", "| paced point | system | events/s | TTFT p50 ms | gap p99 ms | cpu us/stream | gateway / HAProxy CPU |",
+                  "|---|---|---|---|---|---|---|"]
+        paced = {(r["system"], r["streams_per_replica"], r["step_ms"]): r for r in rows if "cpu_us_per_stream" in r}
+        for spr, step in a.paced:
+            for pair in (("haproxy-tls", "gateway-tls"), ("haproxy-tls", "gateway-tls-key"), ("haproxy", "gateway")):
+                h, g = paced.get((pair[0], spr, step)), paced.get((pair[1], spr, step))
+                if h is None or g is None:
+                    continue
+                hc, gc = h["cpu_us_per_stream"], g["cpu_us_per_stream"]
+                ratio = gc / hc if hc and gc else None
+                summary[f"{pair[1]}/{pair[0]} paced {spr}x{step:g}"] = round(ratio, 3) if ratio else None
+                for row in (h, g) if pair[1] != "gateway-tls-key" else (g,):
+                    lines.append(f"| {spr}x{step:g} ms | {LABEL[row['system']]} | {row['events_per_s']} | "
+                                 f"{row['ttfb_p50_ms']} | {row['gap_p99_ms']} | {row['cpu_us_per_stream']} | "
+                                 f"{f'{ratio:.2f}' if row is g and ratio else ''} |")
     text = "\n".join(lines)
     print("\n" + text)
     (out / "results_tls.md").write_text(text + "\n")
