@@ -73,7 +73,8 @@ WORKLOADS = {
 }
 SLA_MS = {"unary": 200.0, "stream50": 700.0, "stream200": 700.0}
 COLORS = {"direct": "tab:blue", "haproxy": "tab:orange", "gateway": "tab:green", "gateway2": "tab:red",
-          "gateway-resume": "tab:purple", "gateway-py": "tab:olive", "gateway-tokens": "tab:brown"}
+          "gateway-resume": "tab:purple", "gateway-py": "tab:olive", "gateway-tokens": "tab:brown",
+          "gateway-py-tokens": "tab:pink"}
 SYSTEM_LABEL = {
     "direct": "direct",
     "haproxy": "HAProxy+Lua",
@@ -82,10 +83,11 @@ SYSTEM_LABEL = {
     "gateway-resume": "gateway 1w, resume on",
     "gateway-py": "gateway 1w, Python relay",
     "gateway-tokens": "gateway 1w, token accounting on",
+    "gateway-py-tokens": "gateway 1w, Python relay, token accounting on",
 }
 # The extra flags of a system that is the gateway with a feature on (its CPU cost, side by side).
 SYSTEM_ARGS = {"gateway-resume": ["--resume-limit", "2"], "gateway-py": ["--no-native-relay"],
-               "gateway-tokens": ["--token-accounting"]}
+               "gateway-tokens": ["--token-accounting"], "gateway-py-tokens": ["--token-accounting", "--no-native-relay"]}
 GATEWAY_SYSTEMS = ("gateway", "gateway2", *SYSTEM_ARGS)
 
 
@@ -910,7 +912,7 @@ def parse_args(argv=None):
     ap.add_argument("--systems", default="direct,haproxy,gateway,gateway2",
                     help="comma list of direct,haproxy,gateway,gateway2,gateway-resume (gateway 1w with --resume-limit 2),"
                          " gateway-py (gateway 1w with --no-native-relay: the Python relay),"
-                         " gateway-tokens (gateway 1w with --token-accounting)")
+                         " gateway-tokens (gateway 1w with --token-accounting), gateway-py-tokens (both)")
     ap.add_argument("--workloads", default=None, help="comma list of unary,stream50,stream200 ('' = none: paced points only)")
     ap.add_argument("--unary-conc", default=None, help="default 1,4,16,64,256 (quick: 1,16,64)")
     ap.add_argument("--stream-conc", default=None, help="default 1,4,16,64,128 (quick: 16)")

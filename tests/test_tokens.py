@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.dataplane.pumping import PUMP_BUILT
 from gateway.security.keys import digest_of
 from tests.conftest import CHAT, Stack, wait_until
 
@@ -43,9 +44,14 @@ def usage_of(gateway_url: str, key: str | None = None) -> dict:
     return httpx.get(f"{gateway_url}/-/usage", headers=headers, timeout=5).json()
 
 
-def test_counts_are_the_replicas_usage_and_streams_stay_byte_exact(stack: Stack, tmp_path: Path) -> None:
+@pytest.mark.parametrize("relay", ["pump", "python"])
+def test_counts_are_the_replicas_usage_and_streams_stay_byte_exact(stack: Stack, tmp_path: Path, relay: str) -> None:
+    """Streams are metered by the C pump (its EV_STRIP_USAGE / EV_ON events) or by usage.py's StreamMeter."""
+    if relay == "pump" and not PUMP_BUILT:
+        pytest.skip("the C pump is not built")
     replica = stack.replica("r1", "--itl-ms", "2")
-    gateway = stack.gateway([], [replica], "--token-accounting", "--token-state-file", str(tmp_path / "t.json"))
+    gateway = stack.gateway([], [replica], "--token-accounting", "--token-state-file", str(tmp_path / "t.json"),
+                            *(["--no-native-relay"] if relay == "python" else []))
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="none", max_retries=0)
     expected = [0, 0]
 
@@ -80,11 +86,16 @@ def test_counts_are_the_replicas_usage_and_streams_stay_byte_exact(stack: Stack,
     assert f'gateway_tokens_total{{key="",kind="prompt",model="mock"}} {expected[0]}.0' in metrics
     assert f'gateway_tokens_total{{key="",kind="completion",model="mock"}} {expected[1]}.0' in metrics
     wait_until(lambda: '"completion_tokens":9' in gateway.log(), what="the counts in the access log")
+    pumped = re.search(r"^gateway_native_relay_streams_total (\S+)", metrics, re.M)
+    assert float(pumped.group(1)) == (7 if relay == "pump" else 0), pumped  # all 7 streams above went there
 
 
-def test_a_stream_cut_short_counts_what_reached_the_client(stack: Stack) -> None:
+@pytest.mark.parametrize("relay", ["pump", "python"])
+def test_a_stream_cut_short_counts_what_reached_the_client(stack: Stack, relay: str) -> None:
+    if relay == "pump" and not PUMP_BUILT:
+        pytest.skip("the C pump is not built")
     replica = stack.replica("r1", "--itl-ms", "2")
-    gateway = stack.gateway([], [replica], "--token-accounting")
+    gateway = stack.gateway([], [replica], "--token-accounting", *(["--no-native-relay"] if relay == "python" else []))
     with pytest.raises(httpx.RemoteProtocolError):  # the client sees the stream break
         httpx.post(f"{gateway.url}/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 20},
                    headers={"x-mock-fault": "die-mid-stream", "x-mock-after": "6"}, timeout=10)

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from gateway.dataplane.pumping import METER_EVENTS
 from gateway.dataplane.reasons import Reason
 from gateway.dataplane.tunnel import Tunnel
 
@@ -153,8 +154,11 @@ class Exchange:
         """A plain chunked body follows the head: the C pump takes it when it can write to the client."""
         pump = self.state.pump
         client = self.client
-        if pump is not None and client.fd >= 0 and not client.writing_paused and conn.meter is None \
-                and not client.transport.get_write_buffer_size() and conn.start_pump(pump, client.fd, body_so_far):
+        meter = conn.meter
+        events = 0 if meter is None else METER_EVENTS.get(meter.pump_mode(), -1)  # metered: the pump counts
+        if pump is not None and client.fd >= 0 and not client.writing_paused and events >= 0 \
+                and not client.transport.get_write_buffer_size() \
+                and conn.start_pump(pump, client.fd, body_so_far, events):
             self.phase = Phase.PUMPED
             self.state.metrics.pumped.inc()
 

@@ -20,6 +20,8 @@ try:
 except ImportError:  # installed without a C compiler: every chunk goes through data_received
     _pump = None  # type: ignore[assignment]
 PUMP_BUILT = _pump is not None
+# A metered stream's pump_mode() (observability/usage.py) as the pump's event flags.
+METER_EVENTS = {"strip": _pump.EV_STRIP_USAGE, "count": _pump.EV_ON} if _pump is not None else {}
 
 if TYPE_CHECKING:
     from gateway.dataplane.upstream import UpstreamEvents
@@ -50,6 +52,7 @@ class PumpedResponses:
     _held_by_client: bool
     _head_keep_alive: bool
     _parser_dechunks: bool | None
+    meter: Any
 
     pumped: Any = None  # the C pump's handle (_pump.Stream) while it relays this response's body
 
@@ -65,9 +68,9 @@ class PumpedResponses:
         pumped = self.pumped
         return self._held_by_client if pumped is None else pumped.blocked
 
-    def start_pump(self, pump: "_pump.Pump", client_fd: int, body_so_far: bytes) -> bool:
+    def start_pump(self, pump: "_pump.Pump", client_fd: int, body_so_far: bytes, events: int = 0) -> bool:
         """Hand the rest of this chunked body to the pump; False: framing it would not follow."""
-        stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far)
+        stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events)
         if stream is None:
             return False  # httptools goes on deciding
         self.pumped = stream
@@ -86,6 +89,9 @@ class PumpedResponses:
         self.bytes_in += stream.bytes_in
         if stream.max_gap > self.max_gap:
             self.max_gap = stream.max_gap
+        meter = self.meter
+        if meter is not None:
+            meter.pumped(stream.usage, stream.events)  # token accounting: what the pump counted (usage.py)
         self._parser_dechunks = None  # httptools stopped mid-message: the next response gets a fresh parser
 
     def _pump_ended(self, code: int, leftover: bytes | None) -> None:

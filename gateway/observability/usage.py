@@ -289,6 +289,15 @@ class StreamMeter:
         self._held = []
         out.append(frame)
 
+    def pump_mode(self) -> str | None:
+        """How the C pump may take the rest of this stream: "strip" (it does what _walk does: drop the usage chunk,
+        fingerprint back on the finishing chunks), "count" (count events, read the usage chunk), or None: it
+        stays here (a chunk is split or held, or the body is not a stream)."""
+        mode = self._mode
+        if self._slow or mode not in (_STRIP, _WATCH):
+            return None
+        return "strip" if mode == _STRIP else "count"
+
     def pumped(self, usage: tuple[int, int] | None, events: int) -> None:
         """The C pump relayed the stream (PUMP_INTERFACE): its counts."""
         self.events += events
