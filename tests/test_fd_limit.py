@@ -92,3 +92,34 @@ def test_a_limit_that_cannot_hold_one_connection_is_a_configuration_error() -> N
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2, done.stderr
     assert "gateway: error: the file descriptor limit (40, hard 40) cannot hold one connection" in done.stderr
+
+
+def test_tls_handshakes_under_way_count_against_the_cap(stack, tmp_path) -> None:
+    """Over TLS a connection holds its descriptor from accept, through a handshake that may never end: it counts."""
+    import ssl
+
+    from tests.certs import TestCA
+
+    ca = TestCA(tmp_path)
+    server = ca.issue("server")
+    replica = stack.replica("a")
+    gateway = stack.gateway([], [replica], "--tls-cert", server.cert, "--tls-key", server.key,
+                            "--max-connections", "2")
+    context = ssl.create_default_context(cafile=ca.path)
+
+    def get() -> bytes:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                return read_until_close(tls)
+
+    stalled = [socket.create_connection(("127.0.0.1", gateway.port), timeout=10) for _ in range(2)]  # no handshake
+    try:
+        answer = wait_until(lambda: (a := get()).startswith(b"HTTP/1.1 503") and a, what="a 503 while both stall")
+        assert b"x-serve-reason: overloaded" in answer
+    finally:
+        for sock in stalled:
+            sock.close()
+    wait_until(lambda: (a := get()).startswith(b"HTTP/1.1 200"), what="served once the stalled handshakes are gone")
+    assert 'gateway_connections_refused_total{limit="max_connections"}' in httpx.get(
+        f"https://127.0.0.1:{gateway.port}/-/metrics", verify=context, timeout=5).text

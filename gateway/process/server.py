@@ -4,10 +4,12 @@ and owns the lifecycle (start, serve, drain on SIGTERM, shutdown) in one place."
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -257,22 +259,31 @@ class Gateway:
 
         refusals = Refusals(self.metrics)
         why = "max_connections" if state.max_connections >= config.max_connections else "fd_limit"
-        accepting = 0
+        # Accepted, but connection_made not run yet (it is deferred a loop turn, and over TLS until the handshake
+        # is done): counted against the cap too, or a burst of accepts (or of handshakes) would overshoot it. A
+        # handshake that fails drops its protocol, which then leaves this set by itself.
+        unmade: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
+        collected_at = 0.0
 
-        def accepted() -> None:
-            nonlocal accepting
-            accepting = 0
+        def waiting() -> int:
+            for conn in [conn for conn in unmade if getattr(conn, "transport", None) is not None]:
+                unmade.discard(conn)
+            return len(unmade)
 
         def protocol() -> ClientConnection | Refusal:
-            # Decided at accept, counting the connections accepted in this loop iteration whose connection_made has
-            # not run yet (uvloop and asyncio both defer it): a client past the cap gets a 503 it can read.
-            nonlocal accepting
-            if len(state.connections) + accepting >= state.max_connections:
-                return refusals.new(why, len(state.connections), state.max_connections)
-            if not accepting:
-                loop.call_soon(accepted)
-            accepting += 1
-            return ClientConnection(config, state, relay)
+            # Decided at accept: a client past the cap gets a 503 it can read (process/refusal.py).
+            nonlocal collected_at
+            if len(state.connections) + waiting() >= state.max_connections:
+                if unmade and time.monotonic() - collected_at > 1.0:
+                    # A protocol whose handshake failed is in a cycle with its parser: it leaves the set only when
+                    # collected. At the cap, at most once a second, collect before refusing anyone.
+                    collected_at = time.monotonic()
+                    gc.collect()
+                if len(state.connections) + waiting() >= state.max_connections:
+                    return refusals.new(why, len(state.connections), state.max_connections)
+            conn = ClientConnection(config, state, relay)
+            unmade.add(conn)
+            return conn
 
         # A TLS handshake is part of sending the request head: a stalled one is cut at header_timeout_s.
         # Closing a TLS connection waits for the peer's close_notify, which an idle pooled client never sends:
