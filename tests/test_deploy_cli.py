@@ -53,6 +53,11 @@ def test_secrets_come_from_a_file_or_the_environment_and_leave_the_flags(tmp_pat
     # An abbreviation argparse would accept for the secret flag is the secret flag.
     args, secrets, _ = split_secrets(["--upstream-api", "up", "--api-keys-file", "keys.toml"], {}, {})
     assert args == ["--api-keys-file", "keys.toml"] and secrets == {"GATEWAY_UPSTREAM_API_KEY": "up"}
+    # The Responses API affinity secret every node's gateway shares travels the same way.
+    args, secrets, warnings = split_secrets(["--cluster-secret", "shared", "--workers", "2"], {}, {})
+    assert args == ["--workers", "2"] and secrets == {"GATEWAY_CLUSTER_SECRET": "shared"}
+    args, secrets, warnings = split_secrets([], {}, {"GATEWAY_CLUSTER_SECRET": "from-env"})
+    assert secrets == {"GATEWAY_CLUSTER_SECRET": "from-env"} and not warnings
 
 
 def test_a_secret_file_that_cannot_be_read_fails_the_deploy_up_front(tmp_path) -> None:

@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from gateway.config import ConfigError
-from gateway.deploy.secrets import digest
+from gateway.deploy.secrets import CLUSTER_SECRET, digest
 
 log = logging.getLogger("gateway.deploy")
 
@@ -144,6 +144,10 @@ class Reconciler:
                                                                                            or {})
 
     # -- actor methods
+    def cluster_secret(self) -> str | None:
+        """The secret the node gateways share (kept across deploys: see secrets.CLUSTER_SECRET)."""
+        return (self.spec.get("secrets") or {}).get(CLUSTER_SECRET)
+
     def status(self) -> dict[str, Any]:
         nodes = []
         for entry in self.nodes.values():
@@ -208,6 +212,12 @@ def deploy(address: str, port: int, host: str, serve_args: list[str], wait_s: fl
     spec = {"address": address, "port": port, "host": host, "serve_args": list(serve_args), "log_dir": log_dir,
             "secrets": dict(secrets or {})}
     old = _reconciler(ray)
+    if CLUSTER_SECRET not in spec["secrets"]:
+        try:
+            kept = ray.get(old.cluster_secret.remote(), timeout=30) if old is not None else None
+        except Exception:  # noqa: BLE001 - a reconciler from before the cluster secret: draw one
+            kept = None
+        spec["secrets"][CLUSTER_SECRET] = kept or os.urandom(32).hex()
     if old is not None:
         ray.kill(old, no_restart=True)  # the node actors stay and keep serving; the new reconciler adopts them
     actor_class = ray.remote(Reconciler)

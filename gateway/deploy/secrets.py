@@ -1,8 +1,8 @@
 """The secrets of `gateway ray deploy`: kept off every command line.
 
 A flag's value is in the process's argv, which `ps` shows to every user of the machine, and `gateway ray deploy`
-used to pass the gateway's options as flags to every node (its `status` showed them too). The two secret options
-(`--api-key`, `--upstream-api-key`) therefore travel apart: the deployer reads them from a file
+used to pass the gateway's options as flags to every node (its `status` showed them too). The secret options
+(`--api-key`, `--upstream-api-key`, `--cluster-secret`) therefore travel apart: the deployer reads them from a file
 (`--api-key-file`, `--upstream-api-key-file`: the first line) or from its environment (GATEWAY_API_KEY,
 GATEWAY_UPSTREAM_API_KEY), and each node's gateway gets them in its environment (gateway.deploy.node builds
 that environment; /proc/PID/environ is readable by its owner only). Given as flags they still work, with a
@@ -20,7 +20,11 @@ from collections.abc import Mapping, Sequence
 from gateway.config import ConfigError
 
 # serve flag -> the gateway's env var for it (gateway/config.py OPTIONS)
-SECRET_FLAGS = {"--api-key": "GATEWAY_API_KEY", "--upstream-api-key": "GATEWAY_UPSTREAM_API_KEY"}
+SECRET_FLAGS = {"--api-key": "GATEWAY_API_KEY", "--upstream-api-key": "GATEWAY_UPSTREAM_API_KEY",
+                "--cluster-secret": "GATEWAY_CLUSTER_SECRET"}
+# Shared by every node's gateway so that a Responses API id one makes, another reads (dataplane/responses.py):
+# drawn once by the first deploy when none is given, and kept by later ones (a new one would strand every id).
+CLUSTER_SECRET = "GATEWAY_CLUSTER_SECRET"
 
 
 def read_secret_file(path: str, flag: str) -> str:
