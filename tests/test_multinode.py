@@ -158,6 +158,22 @@ def test_deploy_puts_a_gateway_on_every_node(cluster: Cluster) -> None:
         assert sorted(t["address"].split(":")[0] for t in llm["targets"]) == sorted(cluster.ips)  # one per node
 
 
+def test_responses_follow_ups_reach_their_replica_through_every_node(cluster: Cluster) -> None:
+    """Responses API affinity (issue 23): the mock replicas keep /v1/responses state in process, as vLLM does; a
+    response made through one node's gateway is followed up through every node's, each time on its replica (the
+    gateways share the cluster secret `gateway ray deploy` drew), with no shared store."""
+    with httpx.Client(timeout=30) as client:
+        first = client.post(gateway_url(cluster.ips[0]) + "/v1/responses", json={"model": "mock", "input": "hi"})
+        assert first.status_code == 200
+        home, previous = first.headers["x-replica-id"], first.json()["id"]
+        for ip in [*cluster.ips, *cluster.ips]:
+            answer = client.post(gateway_url(ip) + "/v1/responses",
+                                 json={"model": "mock", "input": "and then?", "previous_response_id": previous})
+            assert answer.status_code == 200, (ip, answer.text)
+            assert answer.headers["x-replica-id"] == home
+            previous = answer.json()["id"]
+
+
 def test_openai_streams_through_every_node_to_both_apps_via_local_routers(cluster: Cluster) -> None:
     for ip in cluster.ips:
         before = router_calls(ip)
