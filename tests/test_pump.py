@@ -188,3 +188,45 @@ def test_streams_from_the_mock_engine_go_through_the_pump(stack: Stack) -> None:
     assert text
     assert metric(gateway.url, "gateway_native_relay_streams_total") == 1
     assert metric(gateway.url, "gateway_native_relay_active") == 0
+
+
+def test_a_resumable_stream_goes_through_the_pump_and_resumes_from_what_it_saw(stack: Stack) -> None:
+    """Resume on: the original part of a stream is pumped (its token ids recorded in C, stripped for a client that
+    did not ask); when its replica dies the resume continues from the pump's record, and the client's stream is the
+    one an unbroken request gets."""
+    from replicas.mock_engine import greedy_text, prompt_ids
+    from tests.test_resume import content, events, normalized, prompt_length
+
+    replicas = [stack.replica("r1", "--itl-ms", "1"), stack.replica("r2", "--itl-ms", "1")]
+    router = stack.router(replicas)
+    gateway = stack.gateway([router], replicas, "--resume-limit", "2", "--outlier-failures", "0")
+    for path, body in (("/v1/chat/completions", {"model": "mock", "messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 30, "stream": True}),
+                       ("/v1/completions", {"model": "mock", "prompt": "Once", "max_tokens": 30, "stream": True})):
+        before = metric(gateway.url, "gateway_native_relay_streams_total")
+        rid = {"x-request-id": f"pumped-{path[-6:]}"}
+        clean = events(gateway, path, body, rid)
+        assert metric(gateway.url, "gateway_native_relay_streams_total") == before + 1
+        assert 'token_ids":[' not in "".join(clean)  # the client did not ask for them
+        p = prompt_length(path, body)
+        broken = events(gateway, path, body, {**rid, "x-mock-fault": "close-mid-stream", "x-mock-die-at": f"{p + 12}@{p}"})
+        assert metric(gateway.url, "gateway_native_relay_streams_total") == before + 2  # the resumed part: Python
+        assert normalized(broken) == normalized(clean)
+        assert content(broken) == greedy_text(prompt_ids("chat" in path, body), 30)
+    assert 'gateway_resumes_total{outcome="resumed"} 2.0' in httpx.get(f"{gateway.url}/-/metrics", timeout=5).text
+
+
+def test_a_metered_stream_goes_through_the_pump_byte_for_byte(stack: Stack, tmp_path) -> None:
+    """Token accounting on: the pump reads the usage chunk (and drops it when only the gateway asked for it)."""
+    from tests.test_tokens import raw_stream, usage_of
+
+    replica = stack.replica("r1", "--itl-ms", "2")
+    gateway = stack.gateway([], [replica], "--token-accounting", "--token-state-file", str(tmp_path / "t.json"))
+    body = {"model": "mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}
+    for options in ({}, {"stream_options": {"include_usage": True}}):
+        asked = {**body, **options}
+        assert raw_stream(gateway.port, "/v1/chat/completions", asked, b"id") == \
+            raw_stream(replica.port, "/v1/chat/completions", asked, b"id")
+    assert metric(gateway.url, "gateway_native_relay_streams_total") == 2
+    counted = usage_of(gateway.url)["keys"][""]["mock"]["since_start"]
+    assert counted["completion_tokens"] == 12 and counted["prompt_tokens"] > 0

@@ -6,14 +6,20 @@ chunk, and hands the connection back when the response ends (`_pump_ended`). Eve
 Python side needs to know about a pumped body (its reads, bytes, largest gap, whether the client
 blocks it) is read here, so the rest of the data path does not care who moved the bytes.
 
-Hook point for the event-aware pump (issue 20): `PumpedResponses._pump_ended` is the one place a
-pumped body's end comes back to Python; `start_pump`/`stop_pump` the only places it starts and stops.
+The pump also follows SSE events (_pump.c, EV_* flags), so two kinds of stream that used to need
+Python per read stay in C: the original part of a resumable stream (resume.py: token ids recorded
+and, unless the client asked for them, written as null; [DONE], finish_reason, vLLM's in-band
+error) and a metered stream (usage.py: the usage chunk read, and dropped when only the gateway
+asked for it). What the pump saw goes back to the ResumeStream or the meter when it lets go
+(`_pumped_done`); a resumed part is rewritten event by event and stays in Python.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 try:
     from gateway.dataplane import _pump
@@ -52,6 +58,8 @@ class PumpedResponses:
     _held_by_client: bool
     _head_keep_alive: bool
     _parser_dechunks: bool | None
+    _sink: Any
+    streaming: bool
     meter: Any
 
     pumped: Any = None  # the C pump's handle (_pump.Stream) while it relays this response's body
@@ -69,10 +77,19 @@ class PumpedResponses:
         return self._held_by_client if pumped is None else pumped.blocked
 
     def start_pump(self, pump: "_pump.Pump", client_fd: int, body_so_far: bytes, events: int = 0) -> bool:
-        """Hand the rest of this chunked body to the pump; False: framing it would not follow."""
-        stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events)
+        """Hand the rest of this chunked body to the pump (`events`: a metered stream's flags); False: framing it
+        would not follow, or its events need Python (a resumed part)."""
+        prefix = b""
+        if self.streaming:
+            events = resume_flags(self._sink)
+            if events < 0:
+                return False
+            prefix = self._sink._buffer  # an event the sink had begun: the pump finishes it
+        stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events, prefix)
         if stream is None:
             return False  # httptools goes on deciding
+        if prefix:
+            self._sink._buffer = b""
         self.pumped = stream
         self.transport.pause_reading()  # type: ignore[union-attr]
         return True
@@ -85,6 +102,8 @@ class PumpedResponses:
             self._pumped_done(stream)
 
     def _pumped_done(self, stream: Any) -> None:
+        if self.streaming:
+            resume_absorb(self._sink, stream)  # what resume.py needs, should the stream break
         self.reads += stream.reads
         self.bytes_in += stream.bytes_in
         if stream.max_gap > self.max_gap:
@@ -113,5 +132,41 @@ class PumpedResponses:
             exchange.upstream_complete()
         elif code == _pump.CLIENT_ERROR:
             exchange.client_write_failed()
+        elif code == _pump.BROKEN:
+            exchange.upstream_failed("incomplete")  # an in-band error or an early [DONE]: resume.py's _stream_broke
         else:
             exchange.upstream_failed("malformed" if code == _pump.MALFORMED else "lost")
+
+
+def resume_flags(resume: Any) -> int:
+    """The pump's event flags for a resumable stream (resume.py's ResumeStream); -1: it stays in Python."""
+    if resume.segment or resume.broken or resume.done:
+        return -1  # a resumed part is rewritten event by event (ids, created, chat chunks from completions)
+    flags = _pump.EV_RESUME
+    if not resume.wants_ids:
+        flags |= _pump.EV_STRIP_IDS
+    if resume.include_usage:
+        flags |= _pump.EV_NEED_USAGE
+    if resume.finished:
+        flags |= _pump.EV_FINISHED
+    if resume.usage_sent:
+        flags |= _pump.EV_USAGE_SENT
+    if resume.ident is None:
+        flags |= _pump.EV_FIRST
+    return flags
+
+
+def resume_absorb(resume: Any, stream: Any) -> None:
+    """What the pump saw of a resumable stream, back in its ResumeStream (the ids are parsed only to resume)."""
+    if stream.token_ids:
+        resume._raw_ids.append(stream.token_ids)
+    if resume.prompt_ids is None and stream.prompt_token_ids is not None:
+        resume.prompt_ids = orjson.loads(b"[" + stream.prompt_token_ids + b"]")
+    if resume.ident is None and stream.first_event is not None:
+        first = orjson.loads(stream.first_event)
+        resume.ident, resume.created = first.get("id"), first.get("created")
+    resume.finished = resume.finished or stream.finished
+    resume.usage_sent = resume.usage_sent or stream.usage_sent
+    resume.no_ids = resume.no_ids or stream.no_ids
+    resume.done = resume.done or stream.done_sent
+    resume.broken = resume.broken or stream.broken

@@ -410,8 +410,8 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
             self.keep_alive = False
         if self.complete:
             exchange.upstream_complete()
-        elif chunked and not self._dechunk and sink is None:
-            exchange.body_follows(self, buffer[end + 4:])
+        elif chunked and (not self._dechunk and sink is None or self.streaming):
+            exchange.body_follows(self, buffer[end + 4:])  # a resumable stream too: the pump follows its events
 
 
 class _SinkFeeder:
