@@ -6,8 +6,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import time
 
 import httpx
@@ -180,3 +182,31 @@ def test_sighup_before_the_reload_handler_does_not_kill_a_worker(stack) -> None:
         assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
     child.signal(signal.SIGTERM)
     assert child.proc.wait(timeout=10) == 0
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch the parent's kill() calls")
+def test_a_reaped_worker_is_never_signalled_again(stack, tmp_path) -> None:
+    replica = stack.replica("a")
+    gateway = stack.gateway([], [replica], "--workers", "2")
+    first = wait_until(lambda: two_workers(gateway), what="two workers")
+    trace = tmp_path / "kill.trace"
+    # Only the parent's own kill() calls (no -f): what it forwards, and to which PIDs.
+    tracer = subprocess.Popen(["strace", "-qq", "-e", "trace=kill", "-e", "signal=none", "-o", str(trace), "-p",
+                               str(gateway.child.pid)],
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: "TracerPid:\t0" not in open(f"/proc/{gateway.child.pid}/status").read(),
+                   what="strace attached")
+        dead = first[0]
+        os.kill(dead, signal.SIGKILL)
+        wait_until(lambda: two_workers(gateway, dead), what="the worker started again")
+        gateway.child.signal(signal.SIGHUP)  # forwarded to the workers alive
+        wait_until(lambda: trace.read_text().count(", SIGHUP)") == 2, what="SIGHUP forwarded to both workers")
+        gateway.child.signal(signal.SIGTERM)
+        assert gateway.child.proc.wait(timeout=10) == 0
+    finally:
+        if tracer.poll() is None:  # the parent is gone when the test passes: strace then ends by itself
+            tracer.terminate()
+        tracer.wait(timeout=10)
+    calls = [line for line in trace.read_text().splitlines() if line.startswith("kill(")]
+    assert calls and not [line for line in calls if line.startswith(f"kill({dead},")], calls

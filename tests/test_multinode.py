@@ -138,12 +138,22 @@ def stream(base: str, model: str = "mock", max_tokens: int = 5) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-def test_deploy_puts_a_gateway_on_every_node(cluster: Cluster) -> None:
+def test_deploy_puts_a_gateway_on_every_node(cluster: Cluster, tmp_path) -> None:
+    secret = "sk-multinode-upstream-secret"
+    (tmp_path / "upstream-key").write_text(secret + "\n")
     t0 = time.monotonic()
     out = gateway_cli("deploy", "--ray-address", cluster.ray.address, "--port", str(PORT), "--forward-body",
-                      "--log-level", "info")
+                      "--log-level", "info", "--upstream-api-key-file", str(tmp_path / "upstream-key"))
     cluster.figures["gateway_ray_deploy_s"] = round(time.monotonic() - t0, 1)
     assert all(gateway_url(ip) in out for ip in cluster.ips), out
+    # The secret reached every gateway in its environment, never its command line (ps) nor the status.
+    pids = gateway_pids()
+    assert len(pids) == len(cluster.ips)
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline, open(f"/proc/{pid}/environ", "rb") as environ:
+            assert secret.encode() not in cmdline.read()
+            assert b"GATEWAY_UPSTREAM_API_KEY=" + secret.encode() in environ.read().split(b"\0")
+    assert secret not in out and secret not in gateway_cli("status", "--ray-address", cluster.ray.address)
     rows = status_rows(cluster)
     assert sorted(rows) == sorted(cluster.ips)
     assert all(row["ready"] and row["url"] == gateway_url(ip) and row["restarts"] == 0 for ip, row in rows.items())
