@@ -103,3 +103,22 @@ def test_the_ledger_restarts_from_its_saved_state() -> None:
     again = Ledger(ledger.state(), clock=clock)  # what the actor reads back from the GCS store
     reply = again.sync("g0", limits_of(keys[0][0]), {"k": {"minute_want": 800}})
     assert reply["keys"]["k"]["minute"] == 200 and reply["keys"]["k"]["minute_retry"] > 0
+
+
+def test_idle_gateways_give_their_spare_slot_to_the_one_with_traffic() -> None:
+    clock = Clock()
+    ledger = Ledger(clock=clock)
+    states, keys = gateways(3, max_in_flight=1)
+    served = [0]
+
+    def drive(index: int, s: KeyStates, key: ApiKey) -> None:
+        state = key.state
+        if index == 2 and not state.in_flight_full():  # only the last gateway has traffic: one-tick requests
+            state.in_flight += 1
+            served[0] += 1
+        elif index == 2 and state.in_flight:
+            state.in_flight -= 1
+
+    run(ledger, clock, states, keys, 10.0, drive)
+    assert served[0] >= 10  # the idle gateways' spare slot came over
+    assert sum(ledger.keys["k"].slots.values()) <= 1

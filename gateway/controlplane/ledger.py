@@ -59,6 +59,7 @@ class _Key:
         self.day = 0
         self.day_lent = 0.0
         self.slots: dict[str, int] = {}  # gateway -> request slots it holds
+        self.contended = 0.0  # until when a gateway was refused a slot (the others give back their spares)
 
     def as_json(self) -> dict[str, Any]:
         return {"limits": self.limits, "level": self.level, "updated": self.updated,
@@ -101,6 +102,8 @@ class Ledger:
         for gateway in [g for g, when in self.seen.items() if now - when > GATEWAY_EXPIRY_S]:
             del self.seen[gateway]
             self.usage.pop(gateway, None)
+            for asked in [a for a in self.asking if a[2] == gateway]:
+                del self.asking[asked]
             for key in self.keys.values():
                 key.slots.pop(gateway, None)  # its streams are gone with it
         return list(self.seen)
@@ -153,10 +156,16 @@ class Ledger:
             held = max(0, int(report.get("slots_held", 0)))
             key.slots[gateway] = held
             want = int(report.get("slots_want", 0))
+            if not report.get("slots_busy") and now < key.contended:
+                want = 0  # an idle gateway's spare waits while a busy one is refused
             free = slots - sum(key.slots.values())
             grant = min(want, free) if want > 0 and free > 0 else 0
             key.slots[gateway] = held + grant
             out["slots"] = grant
+            if grant < want and report.get("slots_busy"):
+                key.contended = now + 4 * SYNC_S  # a gateway with traffic waits: idle spares go back
+            elif now < key.contended and held > int(report.get("slots_in_flight", held)):
+                out["slots_spare_back"] = True
         else:
             key.slots.clear()
         minute = limits.get("tokens_per_minute", 0.0)

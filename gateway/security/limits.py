@@ -165,11 +165,14 @@ class KeyStates:
                 entry["requests_want"] = max(0.0, target - lease.requests)
                 lease.spent = lease.refused = 0
             if state.max_in_flight:
+                # One slot spare beyond those in use, so the next request need not wait for a sync; the ledger
+                # asks for spares back when another gateway is refused one (slots_spare_back).
                 held = max(lease.slots, state.in_flight)
-                demand = lease.slots_refused or lease.started or state.in_flight >= held
-                target = state.in_flight + (1 if demand else 0)
-                lease.slots = min(held, max(target, state.in_flight))
+                target = state.in_flight + 1
+                lease.slots = min(held, target)
                 entry["slots_held"] = lease.slots
+                entry["slots_in_flight"] = state.in_flight
+                entry["slots_busy"] = bool(lease.slots_refused or lease.started or state.in_flight)
                 entry["slots_want"] = max(0, target - lease.slots)
                 lease.slots_refused = lease.started = 0
             budget = state.tokens
@@ -205,6 +208,8 @@ class KeyStates:
             lease.requests += grant.get("requests", 0.0)
             lease.retry_at = now + grant.get("requests_retry", 0.0)
             lease.slots += int(grant.get("slots", 0))
+            if grant.get("slots_spare_back"):
+                lease.slots = min(lease.slots, state.in_flight)  # reported at the next sync, then the ledger lends it
             tokens = state.tokens.lease if state.tokens is not None else None
             if tokens is not None:
                 tokens.minute += int(grant.get("minute", 0))
