@@ -5,7 +5,7 @@
     flock /tmp/heavy.lock .venv/bin/python scripts/bench_tls.py --plain --with-key
                                # + both proxies without TLS, + a TLS gateway checking an API key
 
-Same rig as scripts/bench.py (whose load generator, process helpers and summaries this reuses):
+Same rig as scripts/bench.py (whose parts in scripts/benchkit/ this reuses: clients, processes, sweeps):
 upstreams (mock engines + router) and the load generator on core 1, each proxy alone on core 0,
 HAProxy nbthread 1 and a 1-worker gateway. Both proxies serve one certificate (ECDSA P-256, made
 here with `cryptography`): HAProxy via `bind ... ssl crt <pem> alpn http/1.1 ssl-min-ver TLSv1.2`,
@@ -36,14 +36,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-import bench  # noqa: E402
 import haproxy_ray  # noqa: E402
+from benchkit import load  # noqa: E402
+from benchkit.stack import Stack, StackOptions  # noqa: E402
+from benchkit.sweep import sweep, sweep_paced  # noqa: E402
+from benchkit.systems import SYSTEM_LABEL  # noqa: E402
 from gateway.stacks.procs import Child, free_port  # noqa: E402
 
 LABEL = {"haproxy-tls": "HAProxy+Lua TLS", "gateway-tls": "gateway TLS", "gateway-tls-key": "gateway TLS+key",
          "haproxy": "HAProxy+Lua", "gateway": "gateway"}
 BENCH_KEY = "sk-bench-0123456789abcdef"
-bench.SYSTEM_LABEL.update(LABEL)
+SYSTEM_LABEL.update(LABEL)
 
 
 def make_certificate(directory: Path) -> tuple[str, str, str, str]:
@@ -75,41 +78,12 @@ def make_certificate(directory: Path) -> tuple[str, str, str, str]:
     return tuple(str(directory / name) for name in files)  # type: ignore[return-value]
 
 
-TLS_ADDRS: dict[tuple[str, int], ssl.SSLContext] = {}
+# Every system gets the key's header (only gateway-tls-key checks it); TLS systems are reached over TLS.
+load.EXTRA_HEADERS = b"Authorization: Bearer %s\r\n" % BENCH_KEY.encode()
+TLS_ADDRS = load.TLS_CONTEXTS
 
 
-async def connect(addr: tuple[str, int], count_events: bool) -> bench.ClientConn:
-    """bench.connect, over TLS for the addresses of TLS systems."""
-    context = TLS_ADDRS.get(tuple(addr))
-    loop = asyncio.get_running_loop()
-    extra = {"ssl": context, "server_hostname": addr[0]} if context is not None else {}
-    _, proto = await loop.create_connection(lambda: bench.ClientConn(count_events), addr[0], addr[1], **extra)
-    return proto
-
-
-bench.connect = connect  # run_phase opens its connections through the module global
-
-
-def connect_options(addr: tuple[str, int]) -> dict:
-    """bench.connect_options: the paced clients of TLS systems connect over TLS."""
-    context = TLS_ADDRS.get(tuple(addr))
-    return {"ssl": context, "server_hostname": addr[0]} if context is not None else {}
-
-
-bench.connect_options = connect_options
-_build_request = bench.build_request
-
-
-def build_request(host: str, port: int, stream: bool, max_tokens: int, extra: dict | None = None) -> bytes:
-    """bench.build_request plus an Authorization header: every system gets it (only gateway-tls-key checks it)."""
-    request = _build_request(host, port, stream, max_tokens, extra)
-    return request.replace(b"\r\n", b"\r\nAuthorization: Bearer %s\r\n" % BENCH_KEY.encode(), 1)
-
-
-bench.build_request = build_request
-
-
-def start_haproxy(stack: bench.Stack, tag: str, router, reps, combined_pem: str | None) -> tuple[Child, int]:
+def start_haproxy(stack: Stack, tag: str, router, reps, combined_pem: str | None) -> tuple[Child, int]:
     """bench.Stack.haproxy, with `ssl crt` on the frontend's bind line when combined_pem is given."""
     port = free_port()
     work = stack.log_dir.parent / f"haproxy-{tag}"
@@ -133,7 +107,7 @@ def start_haproxy(stack: bench.Stack, tag: str, router, reps, combined_pem: str 
     return child, port
 
 
-def start_gateway(stack: bench.Stack, tag: str, router, reps, tls: list[str]) -> tuple[Child, int]:
+def start_gateway(stack: Stack, tag: str, router, reps, tls: list[str]) -> tuple[Child, int]:
     port = free_port()
     argv = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--router", f"http://{router[0]}:{router[1]}", *tls]
@@ -163,9 +137,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--paced-duration", type=float, default=3.0, help="measured seconds per paced slice")
     ap.add_argument("--paced-warmup", type=float, default=2.0, help="warm-up seconds per paced slice")
     a = ap.parse_args(argv)
-    # What bench.Stack reads of bench.py's own arguments.
-    a.engine_module, a.router_module, a.gateway_module = "replicas.mock_engine", "replicas.router", "gateway"
-    a.pythonpath, a.gateway_arg, a.haproxy_env = [], [], []
     a.unary_conc = [int(x) for x in a.unary_conc.split(",")]
     a.stream_conc = [int(x) for x in a.stream_conc.split(",")]
     a.workloads = [w for w in a.workloads.split(",") if w]
@@ -185,7 +156,7 @@ def main(argv=None) -> int:
     os.sched_setaffinity(0, {int(x) for x in str(a.load_cpu).split(",")})
     ca, cert, key, combined = make_certificate(out)
     client_context = ssl.create_default_context(cafile=ca)
-    stack = bench.Stack(a, log_dir)
+    stack = Stack(StackOptions(unary_bytes=a.unary_bytes, proxy_cpu=a.proxy_cpu, load_cpu=a.load_cpu), log_dir)
     try:
         router, reps = stack.upstreams("", a.replicas, 0.0)
         targets: dict[str, dict] = {}
@@ -207,9 +178,9 @@ def main(argv=None) -> int:
             targets["gateway"] = {"addrs": [("127.0.0.1", port)], "pid": child.pid}
         for target in targets.values():
             target["router_pid"] = stack.router_pid
-        rows = asyncio.run(bench.sweep(a, targets)) if a.workloads else []
+        rows = asyncio.run(sweep(a, targets)) if a.workloads else []
         if a.paced:
-            rows += asyncio.run(bench.sweep_paced(a, targets))
+            rows += asyncio.run(sweep_paced(a, targets))
     finally:
         stack.stop()
     index = {(r["system"], r["workload"], r["concurrency"]): r for r in rows}
