@@ -187,3 +187,21 @@ def test_keys_usage_prints_what_the_gateway_counted(stack: Stack, tmp_path: Path
     refused = subprocess.run([sys.executable, "-m", "gateway", "keys", "usage", "--url", gateway.url],
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and "401" in refused.stderr
+
+
+def test_a_resumed_stream_counts_what_the_client_got(stack: Stack) -> None:
+    """--resume-limit: a stream broken and resumed is counted once, by its token ids (resume.py rewrites it)."""
+    from replicas.mock_engine import prompt_ids
+
+    replicas = [stack.replica("r1", "--itl-ms", "1"), stack.replica("r2", "--itl-ms", "1")]
+    gateway = stack.gateway([], replicas, "--token-accounting", "--resume-limit", "2")
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="none", max_retries=0)
+    p = len(prompt_ids(True, CHAT))
+    broken = {"x-mock-fault": "close-mid-stream", "x-mock-die-at": f"{p + 7}"}
+    chunks = list(client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=20, stream=True,
+                                                 extra_headers=broken))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) and all(c.choices for c in chunks)
+    wait_until(lambda: usage_of(gateway.url)["keys"], what="the resumed stream's count")
+    report = usage_of(gateway.url)["keys"][""]["mock"]["since_start"]
+    assert (report["prompt_tokens"], report["completion_tokens"]) == (p, 20)
+    assert 'gateway_resumes_total{outcome="resumed"} 1.0' in gateway.metrics()

@@ -390,6 +390,14 @@ class ResumeStream:
         raw, self._raw_ids = self._raw_ids, []
         self.received.extend(orjson.loads(b"[" + b",".join(part for part in raw if part) + b"]"))
 
+    def token_counts(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens of the stream the client got, from the token ids seen (token accounting:
+        exact, resumes included), or None when the prompt's ids never came."""
+        if self.prompt_ids is None:
+            return None
+        raw = sum(part.count(b",") + 1 for part in self._raw_ids if part)
+        return len(self.prompt_ids), len(self.received) + raw
+
     # -- the end of one replica's part
     @property
     def complete(self) -> bool:

@@ -305,9 +305,16 @@ class StreamMeter:
             self.prompt, self.completion = usage
             self.exact = True
 
-    def end(self) -> None:
-        """The exchange is over: settle the counts (the replica's, else what reached the client)."""
+    def end(self, resume: Any = None) -> None:
+        """The exchange is over: settle the counts (the replica's, else what reached the client). A resumable
+        stream (resume.py rewrites it, so it never comes through here) is counted by its token ids."""
         mode, self._mode = self._mode, _OFF
+        if resume is not None and self.ask.stream:
+            counts = resume.token_counts()
+            if counts is not None:
+                self.prompt, self.completion = counts
+                self.exact = True
+            return
         if mode == _OFF:
             return
         if mode == _UNARY:

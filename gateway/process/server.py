@@ -195,7 +195,7 @@ class Gateway:
         key = request.key
         meter = request.meter
         if meter is not None:
-            meter.end()  # before the trace and the access log, which show its counts
+            meter.end(request.resume)  # before the trace and the access log, which show its counts
             if meter.total:
                 self.usage.record(key.name if key is not None else "", meter.ask.model, meter.prompt,
                                   meter.completion)
