@@ -94,7 +94,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("router_timeout_s", ("RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S", "GATEWAY_ROUTER_TIMEOUT_S"), _seconds, 5.0,
            "deadline for one routing decision (connect + send + answer); past it: 504 router_timeout"),
     Option("router_fallback", ("GATEWAY_ROUTER_FALLBACK",), str, "auto",
-           "when no router answers (router_unreachable, router_timeout): `proxy` sends the request to the app's fallback Serve proxy (Ray mode), `least-loaded` to the least-loaded healthy replica, `off` answers 503/504; `auto` = proxy in Ray mode, off in static mode"),
+           "when no router can decide (router_unreachable, router_timeout, a 5xx router_non_200): `proxy` sends the request to the app's fallback Serve proxy (Ray mode; least-loaded if there is none), `least-loaded` to the least-loaded healthy replica, `off` answers 503/504; `auto` = proxy in Ray mode, off in static mode"),
     Option("session_header", ("RAY_SERVE_SESSION_ID_HEADER_KEY", "GATEWAY_SESSION_HEADER"), str, "x-session-id",
            "session header forwarded to the router for stickiness ('-' and '_' spellings both accepted)"),
     Option("router_idle_s", ("GATEWAY_ROUTER_IDLE_S",), _seconds, 4.0,

@@ -229,3 +229,19 @@ def test_all_routers_killed_loses_no_request_with_router_fallback_least_loaded(s
     fallbacks = metric(gateway, "gateway_router_fallbacks_total", reason="router_unreachable")
     assert fallbacks >= 80
     assert '"router_fallback":"router_unreachable"' in gateway.log()
+
+
+def test_a_router_answering_5xx_falls_back_and_a_4xx_is_still_the_answer(stack: Stack) -> None:
+    replica = stack.replica("r1")
+    failing = stack.router([replica], "--fault", "status-503")
+    refusing = stack.router([replica], "--fault", "status-400")
+    with_fallback = stack.gateway([failing], [replica], "--router-fallback", "least-loaded")
+    without = stack.gateway([failing], [replica])  # static mode: off unless asked for
+    four_hundred = stack.gateway([refusing], [replica], "--router-fallback", "least-loaded")
+    chat = {"model": "mock", "prompt": "hi", "max_tokens": 3}
+    assert httpx.post(f"{with_fallback.url}/v1/completions", json=chat, timeout=10).status_code == 200
+    assert metric(with_fallback, "gateway_router_fallbacks_total", reason="router_non_200") == 1
+    off = httpx.post(f"{without.url}/v1/completions", json=chat, timeout=10)
+    assert off.status_code == 503 and off.headers["x-serve-reason"] == "router_non_200"
+    bad = httpx.post(f"{four_hundred.url}/v1/completions", json=chat, timeout=10)
+    assert bad.status_code == 400 and bad.headers["x-serve-reason"] == "router_non_200"

@@ -325,6 +325,51 @@ def test_redeploy_migrates_long_streams_off_the_old_replicas(cluster: Cluster) -
         gw.child.stop()
 
 
+def test_all_routers_killed_requests_go_to_the_fallback_proxy(cluster: Cluster) -> None:
+    """Issue 22: no router answering is no outage. Every LLMRouter process is SIGKILLed (a crash); until Ray has
+    replaced them, the gateway sends POSTs to the app's fallback Serve proxy (the default in Ray mode)."""
+    import os
+    import signal
+
+    from gateway.stacks.procs import descendants
+
+    gw, stack = cluster.gateway, cluster.stack
+
+    def fallbacks() -> float:
+        return sum(float(line.split()[-1]) for line in gw.metrics().splitlines()
+                   if line.startswith("gateway_router_fallbacks_total{"))
+
+    routers = []
+    for pid in descendants(stack.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if handle.read().startswith(b"ray::ServeReplica:llm:LLMRouter"):
+                    routers.append(pid)
+        except OSError:
+            continue
+    assert routers, "no LLMRouter process found"
+    with Load(gw.url) as load:
+        wait_until(lambda: len(load.results) >= 5, 10, 0.05, "load to start")
+        for pid in routers:
+            os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_until(lambda: fallbacks() >= 10, 60, 0.1, "requests through the fallback proxy")
+        wait_until(lambda: sum(1 for r in load.results if r[0] > killed_at) >= 30, 60, 0.05, "more traffic")
+    since_kill = [r for r in load.results if r[0] > killed_at]
+    assert [r for r in since_kill if r[1] != 200] == []
+    cluster.figures["routers_killed"] = {"routers": len(routers), "requests_since_kill": len(since_kill),
+                                         "fallbacks": fallbacks()}
+    assert '"router_fallback":"router_unreachable"' in gw.log()
+    # Ray replaces the routers; decisions come from them again.
+
+    def decided_by_a_router() -> bool:
+        before = fallbacks()
+        with httpx.Client() as client:
+            return chat(client, gw.url).status_code == 200 and fallbacks() == before
+
+    wait_until(decided_by_a_router, 120, 0.5, "Ray's new routers deciding")
+
+
 def test_killed_replica_stops_receiving(cluster: Cluster) -> None:
     gw, stack = cluster.gateway, cluster.stack
     ids = sorted(gw.replica_ids())

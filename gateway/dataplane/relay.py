@@ -60,7 +60,8 @@ InternalEndpoints = Callable[[Client, Request], Coroutine[None, None, None]]
 log = logging.getLogger("gateway.relay")
 
 _ROUTER_REASONS = {reason.value: reason for reason in Reason}
-# No router answered at all (as opposed to one that answered 4xx/5xx or nonsense): --router-fallback applies.
+# No router could decide (none reachable, none in time, the last one answered 5xx: nothing was sent to a replica
+# yet), as opposed to a router's 4xx (about the request) or nonsense: --router-fallback applies.
 _FALLBACK_REASONS = frozenset((Reason.ROUTER_UNREACHABLE.value, Reason.ROUTER_TIMEOUT.value))
 # A connect that fails for want of a local resource says nothing about the replica: local overload.
 _LOCAL_EXHAUSTION = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL))
@@ -185,7 +186,8 @@ class Relay:
         try:
             if error is not None:
                 self.metrics.router_failed(error.reason, request.router_s)
-                if error.reason in _FALLBACK_REASONS and self.router_fallback != "off":
+                if self.router_fallback != "off" and (error.reason in _FALLBACK_REASONS or (
+                        error.reason == "router_non_200" and (error.status or 500) >= 500)):
                     target = self.past_the_router(app, exchange.failed, error.reason)
                     if target is not None:
                         request.router_fallback = error.reason
