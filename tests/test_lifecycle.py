@@ -119,12 +119,24 @@ def test_min_draining_period_is_a_minimum_served_while_unready(stack) -> None:
     assert replica.stats()["aborted"] == 0
 
 
-def test_drain_options_take_rays_names_and_the_timeout_bounds_the_minimum() -> None:
-    config = resolve(None, {"GATEWAY_REPLICAS": "http://127.0.0.1:1", "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "5",
+def test_drain_options_take_rays_names() -> None:
+    config = resolve(None, {"GATEWAY_REPLICAS": "http://127.0.0.1:1", "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "45",
                             "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": "120"})
-    assert (config.min_draining_s, config.drain_timeout_s) == (5.0, 120.0)
-    with pytest.raises(ConfigError, match="must be between 0 and drain_timeout_s"):
-        resolve(None, {"GATEWAY_REPLICAS": "http://127.0.0.1:1", "GATEWAY_MIN_DRAINING_S": "40"})
+    assert (config.min_draining_s, config.drain_timeout_s) == (45.0, 120.0)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        resolve(None, {"GATEWAY_REPLICAS": "http://127.0.0.1:1", "GATEWAY_MIN_DRAINING_S": "-1"})
+
+
+def test_the_drain_timeout_runs_after_the_minimum_draining_period(stack) -> None:
+    replica = stack.replica("a", "--itl-ms", "100")
+    gateway = stack.gateway([stack.router([replica])], [replica], "--min-draining-s", "1", "--drain-timeout-s", "1")
+    sock = open_stream(gateway.port, 10000)
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    gateway.child.signal(signal.SIGTERM)
+    assert gateway.child.proc.wait(timeout=10) == 0
+    assert time.monotonic() - started >= 2.0  # 1 s still accepting, then 1 s for the stream in flight
+    sock.close()
 
 
 def worker_serving(gateway, pid: int) -> bool:

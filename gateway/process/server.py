@@ -370,14 +370,13 @@ class Gateway:
     async def drain(self) -> None:
         """SIGTERM: report unready at once, keep accepting for the minimum draining period (a load balancer needs
         a few failed checks of /-/ready before it stops sending), then stop accepting and let the requests in flight
-        finish, uploads included; `drain_timeout_s` from the signal bounds all of it (HAProxy's hard-stop-after)."""
+        finish, uploads included, for at most `drain_timeout_s` more (HAProxy's hard-stop-after)."""
         state, config = self.state, self.config
         if state.draining:
             return
         state.draining = True  # /-/ready answers 503; every answer from now on closes its connection
-        started = time.monotonic()
-        log.info("draining: /-/ready answers 503; accepting for %.1f s more, then finishing %d requests in flight "
-                 "(at most %.1f s in all)", config.min_draining_s, state.in_flight, config.drain_timeout_s)
+        log.info("draining: /-/ready answers 503; accepting for %.1f s more, then finishing what is in flight "
+                 "(at most %.1f s more)", config.min_draining_s, config.drain_timeout_s)
         if config.min_draining_s > 0:
             # A minimum, whatever is in flight: new clients are served (with `connection: close`) until it ends.
             await asyncio.sleep(config.min_draining_s)
@@ -397,9 +396,8 @@ class Gateway:
                     conn.transport.close()
         if state.connections:
             state.all_closed.clear()  # it may have been set during the minimum period, before later clients came
-            remaining = max(0.0, config.drain_timeout_s - (time.monotonic() - started))
             try:
-                await asyncio.wait_for(state.all_closed.wait(), remaining)
+                await asyncio.wait_for(state.all_closed.wait(), config.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain timeout: closing %d connections with requests in flight", len(state.connections))
                 for conn in list(state.connections):
