@@ -103,7 +103,8 @@ class Workers:
                 continue
             code = os.waitstatus_to_exitcode(status)
             if self._stopped:
-                self._status = self._status or code
+                # Our SIGTERM ended a worker still starting (its default action, before its loop's handler): clean.
+                self._status = self._status or (0 if code == -signal.SIGTERM else code)
                 continue
             if code == CONFIG_ERROR:
                 log.error("worker %d (pid %d) exited with a configuration error: stopping", index, pid)
