@@ -115,6 +115,11 @@ OPTIONS: tuple[Option, ...] = (
            "a client must send a whole request head (and body) within this time (slowloris guard): 408"),
     Option("max_header_bytes", ("GATEWAY_MAX_HEADER_BYTES",), int, 64 * 1024, "largest request head accepted: 431"),
     Option("max_body_bytes", ("GATEWAY_MAX_BODY_BYTES",), int, 64 * MiB, "largest request body accepted: 413, before anything is forwarded"),
+    Option("max_buffered_body_bytes", ("GATEWAY_MAX_BUFFERED_BODY_BYTES",), int, 1024 * MiB,
+           "request bodies held in memory at once, all connections together; a request past it: 503 overloaded; 0 = no limit"),
+    Option("trust_forwarded", ("GATEWAY_TRUST_FORWARDED",), _bool, False,
+           "keep a client's X-Forwarded-For (appending its address) and X-Forwarded-Proto (a proxy in front of the gateway); "
+           "false: both are replaced by what the gateway sees"),
     Option("max_connections", ("RAY_SERVE_HAPROXY_MAXCONN", "GATEWAY_MAX_CONNECTIONS"), int, 4096,
            "client connections accepted at once; past it new connections get 503 and are closed"),
     Option("max_in_flight", ("GATEWAY_MAX_IN_FLIGHT",), int, 0, "requests relayed at once in total; past it: 503 + Retry-After; 0 = no limit"),

@@ -30,7 +30,11 @@ log = logging.getLogger("replicas.router")
 
 LAST_BODY_CAP = 64 * 1024
 FAULTS = ("garbage", "truncated_json", "huge_body", "wrong_types", "outside_target", "slow",
-          "status-400", "status-503", "close_early", "unknown_replica")
+          "status-400", "status-503", "close_early", "unknown_replica",
+          # request_headers a gateway must refuse (malformed_decision): not a token, a framing header, not latin-1
+          "header_name_space", "header_content_length", "header_host", "header_non_latin1")
+_BAD_HEADERS = {"header_name_space": {"bad name": "1"}, "header_content_length": {"content-length": "0"},
+                "header_host": {"Host": "evil.example"}, "header_non_latin1": {"x-model": "\u6a21\u578b"}}
 _JSON = render_headers([("content-type", "application/json")])
 _NOT_ALLOWED = render_headers([("allow", "POST"), ("content-type", "application/json")])
 _HUGE_PAD = "x" * (2 * 1024 * 1024)
@@ -166,6 +170,10 @@ class Router:
             # A keep-alive answer in every respect, then the FIN anyway.
             responder.send(200, _JSON, replica.answer)
             responder.close()
+        elif fault in _BAD_HEADERS:
+            responder.send(200, _JSON, orjson.dumps(
+                {"host": replica.host, "port": replica.port, "replica_id": replica.id,
+                 "request_headers": _BAD_HEADERS[fault]}))
         elif fault == "unknown_replica":
             responder.send(200, _JSON, orjson.dumps(
                 {"host": replica.host, "port": replica.port, "replica_id": "SERVE_REPLICA::llm#Unknown#zzzzzzzz"}))

@@ -22,7 +22,7 @@ import httptools
 
 from gateway.dataplane.answers import CONTINUE, error_parts, render
 from gateway.dataplane.exchange import Outcome
-from gateway.dataplane.forwarding import DROP, ROUTER_OWNED_PREFIX
+from gateway.dataplane.forwarding import DROP, FORWARDED, ROUTER_OWNED_PREFIX
 from gateway.dataplane.reasons import Reason
 from gateway.dataplane.request import Request
 from gateway.dataplane.tunnel import Tunnel
@@ -41,6 +41,12 @@ _PIECE = 8 * 1024
 MAX_PARSED_AHEAD = 4
 # Unparsed bytes kept while requests wait (reading continues so a close is seen); past it reading pauses.
 _BACKLOG_MAX = 64 * 1024
+# After refusing a request the client may still be sending (a head that never ends, a body too large): answer, send a
+# FIN, and drop what it sends for up to this long before closing. Closing with its bytes unread would make the kernel
+# reset the connection, and a reset destroys the answer in the client's buffers (RFC 9112 §9.6; nginx's
+# `lingering_close`).
+_LINGER_S = 2.0
+_LINGER_BYTES = 4 * 1024 * 1024
 
 
 def new_request_id() -> bytes:
@@ -74,12 +80,16 @@ class ClientConnection(asyncio.Protocol):
         self.peer = b""
         self._backlog = b""
         self._serving = False  # inside the loop that dispatches pending requests
+        self._linger = 0  # > 0: the answer is out with a FIN; bytes still read are dropped (this many left)
+        self._reject_close = False
         self._begins = 0
         self._session_key_len = len(state.session_header_key)
         # The front door (gateway/security), when configured: it also claims the Authorization (and, for
         # CORS, Origin) headers, which then land in the drop branch below and are never forwarded.
         self.door = door = state.door
-        self._drop = DROP if door is None else door.drop_set(DROP)
+        self._drop = (DROP if door is None else door.drop_set(DROP)) | FORWARDED
+        self._trust_forwarded = config.trust_forwarded
+        self._budget = config.max_buffered_body_bytes
         self._auth: bytes | None = None
         self._origin: bytes | None = None
         self._key: object = None
@@ -90,6 +100,9 @@ class ClientConnection(asyncio.Protocol):
         self._reset_message()
 
     def _reset_message(self) -> None:
+        body = getattr(self, "_body", None)
+        if body:
+            self.state.buffered_body -= len(body)  # a message given up before it completed
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body = bytearray()
@@ -103,6 +116,8 @@ class ClientConnection(asyncio.Protocol):
         self._connection: bytes | None = None
         self._upgrade: bytes | None = None
         self._has_host = False
+        self._xff: bytes | None = None
+        self._proto: bytes | None = None
         self._expect_continue = False
         self._continue_owed = False
         self._content_length = 0
@@ -118,10 +133,18 @@ class ClientConnection(asyncio.Protocol):
             if transport.get_extra_info("ssl_object") is None:
                 self.fd = sock.fileno()  # the C pump may write stream bodies to it (never through TLS)
         self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0] if isinstance(peer, tuple) else str(peer or "")).encode("latin-1", "replace")
+        self._scheme = b"http" if transport.get_extra_info("ssl_object") is None else b"https"
         if not self.state.admit(self):
             self.respond_error(Reason.OVERLOADED, "too many connections", retry_after_s=1, close=True)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger:
+            self._linger -= min(len(data), self._linger)
+            if not self._linger:
+                self.transport.close()
+            return
         if self.current is None and not self.in_head:
             self.deadline = time.monotonic() + self.config.header_timeout_s
         if self._backlog or self._waiting():
@@ -210,8 +233,12 @@ class ClientConnection(asyncio.Protocol):
             if not request.status:
                 request.status = 499
             self.current = None
+            self._release(request)
             self.state.request_finished(request)
-        self.pending.clear()
+        self._drop_pending()
+        if self._body:
+            self.state.buffered_body -= len(self._body)
+            self._body = bytearray()
         self._backlog = b""
 
     def pause_writing(self) -> None:
@@ -254,6 +281,12 @@ class ClientConnection(asyncio.Protocol):
                 self._connection = value if self._connection is None else self._connection + b"," + value
             elif lower == b"upgrade":
                 self._upgrade = value
+            elif lower == b"x-forwarded-for":
+                if self._trust_forwarded:
+                    self._xff = value if self._xff is None else self._xff + b", " + value
+            elif lower == b"x-forwarded-proto":
+                if self._trust_forwarded and self._proto is None:
+                    self._proto = value
             elif lower == b"authorization":
                 self._auth = value
             elif lower == b"origin":
@@ -288,6 +321,9 @@ class ClientConnection(asyncio.Protocol):
             # Refused before a single body byte is read or anything is forwarded.
             self._reject = Reason.BODY_TOO_LARGE
             raise RequestRejected(Reason.BODY_TOO_LARGE)
+        if self._budget and self._content_length and self.state.buffered_body + self._content_length > self._budget:
+            self._reject = Reason.OVERLOADED  # the bodies held by every connection would pass the budget
+            raise RequestRejected(Reason.OVERLOADED)
         if self._connection is not None:
             self._drop_connection_named()
         door = self.door
@@ -311,11 +347,18 @@ class ClientConnection(asyncio.Protocol):
             self._headers = [(name, value) for name, value in self._headers if name.lower() not in named]
 
     def on_body(self, body: bytes) -> None:
-        buffered = len(self._body) + len(body)
-        if buffered > self.config.max_body_bytes:
+        # One bytearray per body, bounded by max_body_bytes (1-byte chunks cost their bytes, not an object each),
+        # and charged to the server's budget for buffered bodies as it grows.
+        size = len(body)
+        if len(self._body) + size > self.config.max_body_bytes:
             self._reject = Reason.BODY_TOO_LARGE
             raise RequestRejected(Reason.BODY_TOO_LARGE)
         if not self._discard_body:
+            state = self.state
+            if self._budget and state.buffered_body + size > self._budget:
+                self._reject = Reason.OVERLOADED
+                raise RequestRejected(Reason.OVERLOADED)
+            state.buffered_body += size
             self._body += body
 
     def on_message_complete(self) -> None:
@@ -324,12 +367,20 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         if parser.should_upgrade() and self._upgrade is None:
             return  # an upgrade we refuse: answered 400 by _feed, never forwarded
+        headers = self._headers
+        # X-Forwarded-For gets the address we see appended (or replaces the client's unless it is trusted);
+        # X-Forwarded-Proto says how it reached us (RFC 7239 §5 describes the same in Forwarded).
+        headers.append((b"x-forwarded-for", self.peer if self._xff is None else self._xff + b", " + self.peer))
+        headers.append((b"x-forwarded-proto", self._proto or self._scheme))
+        body = self._body
         request = Request(
-            parser.get_method(), self._url, parser.get_http_version(), self._headers,
-            bytes(self._body), parser.should_keep_alive(),
+            parser.get_method(), self._url, parser.get_http_version(), headers,
+            bytes(body), parser.should_keep_alive(),
             self._request_id or new_request_id(),
             self._session, self._content_type, self._has_host,
         )
+        request.body_charge = len(body) if not self._discard_body else 0
+        self._body = bytearray()
         if self.door is not None:
             request.key, request.origin = self._key, self._origin
             self._auth = self._origin = self._key = None
@@ -366,6 +417,16 @@ class ClientConnection(asyncio.Protocol):
         if self._backlog and not self._waiting():
             self._feed_backlog()
 
+    def _release(self, request: Request) -> None:
+        if request.body_charge:
+            self.state.buffered_body -= request.body_charge
+            request.body_charge = 0
+
+    def _drop_pending(self) -> None:
+        for waiting in self.pending:
+            self._release(waiting)
+        self.pending.clear()
+
     def take_early(self) -> bytes:
         """Client bytes read past a WebSocket upgrade's head (the tunnel sends them on)."""
         early, self._early = self._early, b""
@@ -385,12 +446,20 @@ class ClientConnection(asyncio.Protocol):
             exchange.end(Outcome.ANSWERED)
         request, self.current = self.current, None
         if request is not None:
+            self._release(request)
             self.state.request_finished(request)
         if self.closed:
             return
         if close or self.state.draining and not self.pending and not self.in_head:
-            self.transport.close()
             self.closed = True
+            transport = self.transport
+            if self._reject_close and transport.can_write_eof() and not transport.is_closing():
+                transport.write_eof()
+                self._linger = _LINGER_BYTES
+                self.deadline = time.monotonic() + _LINGER_S
+                self.transport.resume_reading()
+            else:
+                transport.close()
             return
         if not self.pending and not self.in_head:
             self.deadline = time.monotonic() + self.config.client_timeout_s
@@ -426,19 +495,23 @@ class ClientConnection(asyncio.Protocol):
         """A request we will not read any further: answer it and close the connection."""
         if self.closed:
             return
+        self._reject_close = True
         if self.current is None:
             # Account for it like any request so metrics and the access log see it.
             self.current = Request(b"-", self._url[:256] or b"-", "1.1", [], b"", False,
                                    self._request_id or new_request_id(), None, None, False)
-            self.pending.clear()
+            self._drop_pending()
             self.respond_error(reason, message, close=True)
         else:
             # Answers are owed before this one: nothing more is read; the current one is cut.
-            self.pending.clear()
+            self._drop_pending()
             self.transport.close()
 
     # -- the gateway's periodic sweep
     def check_timeouts(self, now: float) -> None:
+        if self._linger and self.deadline is not None and now > self.deadline:
+            self._linger = 0
+            self.transport.close()
         if self.closed:
             return
         tunnel = self.tunnel

@@ -24,6 +24,8 @@ DROP = frozenset((
     b"content-length", b"expect", b"x-request-id", b"serve_multiplexed_model_id", b"serve-multiplexed-model-id",
 ))
 ROUTER_OWNED_PREFIX = b"x-serve-router-"
+# Set by the gateway from what it sees (client.py); a client's own are kept only with --trust-forwarded.
+FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto"))
 
 # A header field name is a token (RFC 9110 §5.1, §5.6.2).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")

@@ -16,7 +16,7 @@ class Request:
         "has_host", "started", "router_s", "first_byte_s", "status", "reason", "replica_id", "bytes_out",
         "retries", "upstream_head", "extra_headers", "trace", "origin", "key", "key_counted",
         "upstream_url", "upstream_body", "resume", "resume_refused", "resumes", "upgrade", "bytes_in",
-        "meter", "reservation", "affinity", "admission", "queued_s", "router_fallback",
+        "meter", "reservation", "body_charge", "affinity", "admission", "queued_s", "router_fallback",
     )
 
     def __init__(self, method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -58,6 +58,7 @@ class Request:
         # What goes to the replica: the client's URL and body, unless a resume rewrote them.
         self.upstream_url: bytes | None = None
         self.upstream_body = body
+        self.body_charge = 0  # bytes of the global body budget it holds (ServerState.buffered_body) until it ends
         self.resume: ResumeStream | None = None
         self.resume_refused: str | None = None  # why this stream would not be resumed, counted if it breaks
         self.resumes = 0

@@ -53,6 +53,9 @@ class ServerState:
         self.tracer: RequestTracer | None = None
         self.connections: set[Connection] = set()
         self.in_flight = 0
+        # Request bodies held in memory by every connection (client.py charges and releases them), against
+        # config.max_buffered_body_bytes.
+        self.buffered_body = 0
         self.draining = False
         self.serving = False
         # Cached by the server at start: asyncio.get_running_loop() costs a getpid() syscall per call.
