@@ -77,3 +77,38 @@ def test_data_plane_depends_only_on_what_lies_below_it():
     assert set(graph.get("gateway.dataplane", {})) <= below, graph["gateway.dataplane"]
     assert set(graph.get("gateway.controlplane", {})) <= {"gateway.config", "router_client"} | {"gateway.observability"}
     assert set(graph.get("router_client", {})) == set()
+
+
+def module_graph() -> dict[str, dict[str, int]]:
+    """module -> imported module (of our packages) -> line, TYPE_CHECKING imports included."""
+    graph: dict[str, dict[str, int]] = {}
+    modules = set()
+    paths = [path for top in TOP for path in (ROOT / top).rglob("*.py")]
+    for path in paths:
+        modules.add(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    for path in paths:
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        package = module.rsplit(".", 1)[0] if not path.name == "__init__.py" else module
+        edges = graph.setdefault(module, {})
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            for name in names:
+                if name in modules and name != module:
+                    edges.setdefault(name, node.lineno)
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    """No module imports itself round a circle, inside a package too (the data path's modules among them)."""
+    graph = module_graph()
+    cycle = find_cycle({module: {k: set() for k in edges} for module, edges in graph.items()})
+    if cycle:
+        steps = [f"{a} -> {b} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:])]
+        raise AssertionError("import cycle between modules:\n  " + "\n  ".join(steps))

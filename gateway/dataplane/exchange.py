@@ -31,15 +31,17 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.dataplane.pumping import METER_EVENTS
 from gateway.dataplane.reasons import Reason
 from gateway.dataplane.tunnel import Tunnel
 
 if TYPE_CHECKING:
+    import asyncio
+
+    from gateway.config import Config
     from gateway.controlplane.targets import Target
-    from gateway.dataplane.relay import Client, Relay
     from gateway.dataplane.request import Request
     from gateway.dataplane.response_head import Framing
     from gateway.dataplane.state import ServerState
@@ -66,6 +68,44 @@ class Outcome(enum.Enum):
     TUNNEL_CLOSED = "tunnel_closed"  # a WebSocket tunnel ended (either side, its timeout, a drain)
 
 
+class Client(Protocol):
+    """What the relay, the exchange and the gateway's own endpoints use of a client connection (client.py)."""
+    transport: "asyncio.Transport"
+    closed: bool
+    current: "Request | None"
+    exchange: "Exchange | None"
+    tunnel: Any
+    fd: int  # the client socket, -1 when the pump must not write to it (TLS)
+    writing_paused: bool
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *,
+                close: bool = False) -> None: ...
+
+    def respond_error(self, reason: Reason, message: str | None = None, *, status: int | None = None,
+                      retry_after_s: int | None = None, close: bool = False) -> None: ...
+
+    def finish(self, *, close: bool) -> None: ...
+
+    def take_early(self) -> bytes: ...
+
+    def tunnel_client_lost(self) -> None: ...
+
+
+class Policies(Protocol):
+    """What the exchange asks of the relay (relay.py) after a failure: its retry and resume policies."""
+    config: "Config"
+    state: "ServerState"
+
+    def replica_failed(self, target: "Target") -> None: ...
+
+    def failed_before_head(self, exchange: "Exchange", why: str) -> None: ...
+
+    def stream_broke(self, exchange: "Exchange", why: str) -> None: ...
+
+    def fail_with(self, exchange: "Exchange", reason: Reason, message: str | None = None, *,
+                  status: int | None = None, retry_after_s: int | None = None, close: bool = False) -> None: ...
+
+
 # Exchange end hooks: (exchange, outcome), in order, once per attempt.
 EndHook = Callable[["Exchange", Outcome], None]
 
@@ -77,7 +117,7 @@ class Exchange:
     # Hook point: appended to by other components (token accounting); run by `end`.
     on_end: list[EndHook] = []
 
-    def __init__(self, relay: "Relay", client: "Client", request: "Request", failed: "Target | None" = None):
+    def __init__(self, relay: Policies, client: Client, request: "Request", failed: "Target | None" = None):
         self.relay = relay
         self.client = client
         self.request = request

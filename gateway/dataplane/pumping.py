@@ -30,7 +30,7 @@ PUMP_BUILT = _pump is not None
 METER_EVENTS = {"strip": _pump.EV_STRIP_USAGE, "count": _pump.EV_ON} if _pump is not None else {}
 
 if TYPE_CHECKING:
-    from gateway.dataplane.upstream import UpstreamEvents
+    from gateway.dataplane.upstream_events import UpstreamEvents
 
 
 def start_pump(loop: asyncio.AbstractEventLoop, coalesce_s: float, min_streams: int) -> "_pump.Pump | None":

@@ -16,17 +16,16 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from gateway.controlplane.targets import Target
-from gateway.dataplane.exchange import Exchange, Outcome
+from gateway.dataplane.exchange import Client, Exchange, Outcome
 from gateway.dataplane.forwarding import build_head, decision_headers
 from gateway.dataplane.reasons import GatewayError, Reason
 from gateway.dataplane.request import Request
 from gateway.dataplane.responses import Affinity
 from gateway.dataplane.resume import COMPLETIONS, plan
 from gateway.dataplane.target_choice import TargetChoice
-from gateway.dataplane.upstream import UpstreamConnection
 from router_client import Decision, RouterError
 
 if TYPE_CHECKING:
@@ -34,24 +33,6 @@ if TYPE_CHECKING:
     from gateway.controlplane.apps import App, AppTable
     from gateway.dataplane.admission import Admission
     from gateway.dataplane.state import ServerState
-
-
-class Client(Protocol):
-    """What the relay, the exchange and the gateway's own endpoints use of a client connection."""
-    transport: asyncio.Transport
-    closed: bool
-    current: Request | None
-    exchange: Exchange | None
-    fd: int  # the client socket, -1 when the pump must not write to it (TLS)
-    writing_paused: bool
-
-    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *,
-                close: bool = False) -> None: ...
-
-    def respond_error(self, reason: Reason, message: str | None = None, *, status: int | None = None,
-                      retry_after_s: int | None = None, close: bool = False) -> None: ...
-
-    def finish(self, *, close: bool) -> None: ...
 
 
 # The gateway's own /-/ endpoints: given a parsed request, answer it through the connection.
@@ -115,7 +96,11 @@ class Relay:
             client.respond(200, [(b"content-type", b"application/json")], self.list_models())
             return
         if self.config.resume_limit:
-            request.resume = plan(request, self.config.resume_limit)
+            planned = plan(request.method, request.path, request.url, request.version, request.body,
+                           self.config.resume_limit)
+            request.resume, request.resume_refused = planned.stream, planned.refused
+            if planned.upstream_body is not None:
+                request.upstream_body = planned.upstream_body
         if self.affinity is not None and b"/v1/responses" in request.url:
             request.affinity = self.affinity.plan(request.method, request.path, request.body)
         self.attempt(client, request, None)

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     import asyncio
 
     from gateway.controlplane.targets import Target
-    from gateway.dataplane.request import Request
 
 COMPLETIONS = b"/v1/completions"
 CHAT = b"/v1/chat/completions"
@@ -112,37 +111,52 @@ def token_count(value: object) -> int | None:
     return None
 
 
-def plan(request: Request, limit: int) -> ResumeStream | None:
-    """Set up resume for one request, or record why it cannot be resumed. Per request, resume on only."""
-    path = request.path
+class Plan:
+    """What `plan` decided for one request: its stream (None: not resumed), why it is refused, and the body to
+    send upstream when it differs from the client's (`return_token_ids` added)."""
+    __slots__ = ("stream", "refused", "upstream_body")
+
+    def __init__(self, stream: "ResumeStream | None" = None, refused: str | None = None,
+                 upstream_body: bytes | None = None):
+        self.stream = stream
+        self.refused = refused
+        self.upstream_body = upstream_body
+
+
+_NO_PLAN = Plan()
+
+
+def plan(method: bytes, path: bytes, url: bytes, version: str, body_bytes: bytes, limit: int) -> Plan:
+    """Set up resume for one request, or say why it cannot be resumed. Per request, resume on only.
+    Plain values in, so that this module does not depend on the request's class (request.py keeps the result)."""
     chat = path == CHAT
-    if request.method != b"POST" or not (chat or path == COMPLETIONS) or request.version != "1.1":
-        return None
+    if method != b"POST" or not (chat or path == COMPLETIONS) or version != "1.1":
+        return _NO_PLAN
     try:
-        body = orjson.loads(request.body)
+        body = orjson.loads(body_bytes)
     except orjson.JSONDecodeError:
-        return None  # the replica answers it with a 400
+        return _NO_PLAN  # the replica answers it with a 400
     if not isinstance(body, dict) or body.get("stream") is not True:
-        return None
+        return _NO_PLAN
     if chat and not isinstance(body.get("messages"), list) or not chat and "prompt" not in body:
-        return None
+        return _NO_PLAN
     reason = refusal(body, chat)
     if reason is not None:
-        request.resume_refused = reason
-        return None
+        return Plan(refused=reason)
     for key in _TOKEN_COUNTS:  # the counts a resume lowers by the tokens already sent, as integers
         if body.get(key) is not None:
             count = token_count(body[key])
             if count is None:
-                return None  # the replica refuses such a request (400): nothing to resume
+                return _NO_PLAN  # the replica refuses such a request (400): nothing to resume
             body[key] = count
     wants_ids = body.get("return_token_ids") is True
+    upstream_body = None
     if not wants_ids:
         body["return_token_ids"] = True
-        request.upstream_body = orjson.dumps(body)
+        upstream_body = orjson.dumps(body)
     stream = ResumeStream(body, chat, wants_ids, limit)
-    stream.url = request.url
-    return stream
+    stream.url = url
+    return Plan(stream, None, upstream_body)
 
 
 def _frame(event: bytes) -> bytes:

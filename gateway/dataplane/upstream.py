@@ -24,47 +24,16 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import httptools
 
 from gateway.controlplane.targets import Target
 from gateway.dataplane.pumping import PumpedResponses
 from gateway.dataplane.response_head import MAX_HEAD_BYTES, Framing, client_head, end_of_chunked
+from gateway.dataplane.upstream_events import PayloadSink, UpstreamEvents
 
 log = logging.getLogger("gateway.upstream")
-
-
-class PayloadSink(Protocol):
-    """Where a response's payload goes when it is rewritten rather than relayed as it is (resume.py):
-    the parser appends each chunk's payload to `pending`, then `flush` takes one read's worth."""
-    pending: list[bytes]
-
-    def flush(self) -> None: ...
-
-
-class Counters(Protocol):
-    in_flight: int
-
-
-class UpstreamEvents(Protocol):
-    """What the connection reports to the exchange that owns it (exchange.py)."""
-    state: Counters  # in_flight decides coalescing
-
-    def upstream_head(self, status: int, head: bytes, framing: Framing, body_start: bytes,
-                      must_close: bool) -> None: ...
-
-    def body_follows(self, conn: "UpstreamConnection", body_so_far: bytes) -> None: ...
-
-    def upstream_complete(self) -> None: ...
-
-    def upstream_upgraded(self, head: bytes, rest: bytes) -> None: ...
-
-    def upstream_failed(self, why: str) -> None: ...
-
-    def write_through(self, data: bytes) -> None: ...
-
-    def client_write_failed(self) -> None: ...
 
 
 _monotonic = time.monotonic
