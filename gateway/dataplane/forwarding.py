@@ -2,8 +2,8 @@
 
 Hop-by-hop and framing headers are dropped (RFC 9110 §7.6.1; we re-frame the body with our own
 Content-Length), so are the names Ray's HAProxy ingress reserves for its router
-(`serve_multiplexed_model_id` and the `x-serve-router-*` family; README, "Migrating from Ray's
-HAProxy ingress"). Headers a router decision adds are checked here, where they are
+(`serve_multiplexed_model_id` and the `x-serve-router-*` family; docs/migrating.md, "What carries
+over, what differs"). Headers a router decision adds are checked here, where they are
 applied: a bad one is `malformed_decision`, never a broken head.
 """
 

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 
 
 class Reason(str, enum.Enum):
-    # The router call (the names Ray's HAProxy+Lua ingress gives them; README, "Failure reasons").
+    # The router call (the names Ray's HAProxy+Lua ingress gives them; docs/operating.md, "Failure reasons").
     ROUTER_UNREACHABLE = "router_unreachable"
     ROUTER_TIMEOUT = "router_timeout"
     ROUTER_NON_200 = "router_non_200"

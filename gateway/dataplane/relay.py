@@ -147,7 +147,7 @@ class Relay:
             return
         if not targets.targets and targets.fallback is not None:
             # Scaled to zero: only the fallback Serve proxy can wake the app; the router would hang
-            # (README, "Ray Serve").
+            # (docs/ray-serve.md, "On one node: `gateway serve --ray-address`").
             self.connect(exchange, targets.fallback, b"")
             return
         if targets.routers and (request.method == b"POST" or request.upgrade is not None and request.session):

@@ -46,7 +46,7 @@ class ServerState:
                  request_finished: Callable[[Request], None]):
         self.metrics = metrics
         self.max_connections = max_connections
-        # Ray matches the session header case-insensitively with '-' and '_' alike (README, "Usage").
+        # Ray matches the session header case-insensitively with '-' and '_' alike (docs/getting-started.md, "Usage").
         self.session_header_key = session_header.lower().replace("_", "-").encode("latin-1")
         self.request_finished = request_finished
         # Set by the process when an OTLP endpoint is configured; None keeps tracing off the path.

@@ -152,7 +152,7 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
     def _coalesce(self) -> None:
         """Chunks are arriving back to back: let the next ones pile up in the socket for one window,
         then read them in one go. One read+write per burst instead of per chunk is most of the
-        per-chunk cost (README, "Performance"); a chunk waits at most one window, and only in a
+        per-chunk cost (docs/performance.md, "Where the time goes"); a chunk waits at most one window, and only in a
         burst: tokens spaced wider than the window are relayed the moment they arrive."""
         self._coalescing = True
         self.transport.pause_reading()  # type: ignore[union-attr]
