@@ -67,16 +67,24 @@ def default_write_mode() -> str:
 class _SplitWrites:
     """A transport that delivers each write later and in random pieces, in order (the "uvicorn" mode).
 
-    Stands in for the real transport: writes queue up and one timer hands them over piece by
-    piece; close() waits for the queue, abort() drops it, like a transport's own buffer.
+    Stands in for the real transport: writes queue up and a timer hands them over piece by piece, some
+    in the next loop iteration, some up to UVICORN_MAX_DELAY_S later. Backpressure is kept: past
+    SPLIT_HIGH_WATER queued bytes the protocol is paused, as by a transport's own buffer. close() waits
+    for the queue; abort() hands over what is queued (a socket sends what it was given) and resets.
     """
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, rng: random.Random) -> None:
+    SPLIT_HIGH_WATER = 64 * 1024
+
+    def __init__(self, transport: asyncio.Transport, protocol: asyncio.Protocol, loop: asyncio.AbstractEventLoop,
+                 rng: random.Random) -> None:
         self._transport = transport
+        self._protocol = protocol
         self._loop = loop
         self._rng = rng
         self._queue: deque[bytes] = deque()
-        self._timer: asyncio.TimerHandle | None = None
+        self._queued = 0
+        self._paused = False
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._close_after = False
 
     def write(self, data: bytes) -> None:
@@ -88,16 +96,32 @@ class _SplitWrites:
         for cut in (*cuts, len(data)):
             self._queue.append(data[start:cut])
             start = cut
+        self._queued += len(data)
+        if self._queued > self.SPLIT_HIGH_WATER and not self._paused:
+            self._paused = True
+            self._protocol.pause_writing()
         if self._timer is None:
             self._schedule()
 
     def _schedule(self) -> None:
-        self._timer = self._loop.call_later(self._rng.uniform(0, UVICORN_MAX_DELAY_S), self._flush_one)
+        if self._rng.random() < 0.5:
+            self._timer = self._loop.call_soon(self._flush_one)
+        else:
+            self._timer = self._loop.call_later(self._rng.uniform(0, UVICORN_MAX_DELAY_S), self._flush_one)
 
     def _flush_one(self) -> None:
         self._timer = None
+        if self._transport.get_write_buffer_size() > self.SPLIT_HIGH_WATER and not self._transport.is_closing():
+            # The peer is not reading: hold our queue too (the protocol stays paused through it).
+            self._timer = self._loop.call_later(UVICORN_MAX_DELAY_S, self._flush_one)
+            return
         if self._queue and not self._transport.is_closing():
-            self._transport.write(self._queue.popleft())
+            piece = self._queue.popleft()
+            self._queued -= len(piece)
+            self._transport.write(piece)
+            if self._paused and self._queued < self.SPLIT_HIGH_WATER // 4:
+                self._paused = False
+                self._protocol.resume_writing()
         if self._queue and not self._transport.is_closing():
             self._schedule()
         elif self._close_after:
@@ -111,10 +135,12 @@ class _SplitWrites:
             self._transport.close()
 
     def abort(self) -> None:
-        self._queue.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._queue and not self._transport.is_closing():
+            self._transport.write(b"".join(self._queue))
+        self._queue.clear()
         self._transport.abort()
 
     def is_closing(self) -> bool:
@@ -369,7 +395,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         if self.server.write_mode == "uvicorn":
-            self.transport = _SplitWrites(transport, self.server.loop, self.server.rng)  # type: ignore[assignment]
+            self.transport = _SplitWrites(transport, self, self.server.loop, self.server.rng)  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
