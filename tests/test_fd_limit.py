@@ -43,6 +43,7 @@ def test_the_soft_limit_is_raised_to_the_hard_limit_and_said(stack) -> None:
     replica = stack.replica("a")
     gateway = limited_gateway(stack, "fd-raise", 1024, 8192, "--replica", f"a={replica.url}")
     assert nofile(gateway.child.pid) == (8192, 8192)
+    assert "process_max_fds 8192.0" in gateway.metrics()  # the fd headroom, for operators
     wait_until(lambda: "file descriptors: limit 8192 (raised from 1024)" in gateway.log(), what="the startup line")
     assert httpx.get(f"{gateway.url}/-/healthz", timeout=5).status_code == 200
 

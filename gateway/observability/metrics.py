@@ -16,6 +16,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -163,6 +164,9 @@ class Metrics:
         # says which cap: max_connections, or the lower one the file descriptor limit holds.
         self.connections_refused = Counter("gateway_connections_refused", "New clients answered 503 overloaded at "
                                            "accept: the connection cap was reached", ["limit"], registry=registry)
+        # prometheus-client's process_* series (open and max fds, RSS, CPU), read from /proc at scrape time: the fd
+        # headroom of the cap above (process/limits.py) is process_max_fds - process_open_fds.
+        ProcessCollector(registry=registry)
         # Admission (gateway/dataplane/admission.py): updated only for requests that wait, never on the
         # unsaturated path. `key` is the API key's name ("" without keys); `band` its priority.
         self.queue_depth_gauge = Gauge("gateway_queue_depth", "Requests waiting for a saturated app, by app, "
