@@ -16,10 +16,14 @@ Read from the replica's own `usage` (vLLM's numbers, never a tokenizer of ours):
   reached the client (vLLM sends one event per engine step, one token each without
   speculative decoding), its prompt the estimate admission made (`Ask.prompt_estimate`).
 
-The C pump (--native-relay) relays a stream without a Python call per chunk; a metered stream
-stays in Python until the pump reports usage itself (`PUMP_INTERFACE` below). Totals per key
-and model (since start, this UTC minute, this UTC day) are kept by `UsageBook`, which also
-keeps the day's totals in a small state file so they survive a restart.
+A resumable stream (--resume-limit) is rewritten by resume.py and counted by its token ids.
+
+The C pump (--native-relay) takes a metered stream over once no chunk is split or held
+(`StreamMeter.pump_mode`): with EV_STRIP_USAGE it does what `_walk` does, in C; with EV_ON it
+counts events and reads the usage chunk; `Stream.usage` and `Stream.events` come back through
+`StreamMeter.pumped`. Totals per key and model (since start, this UTC minute, this UTC day) are
+kept by `UsageBook`, which also keeps the day's totals in a small state file so they survive a
+restart.
 """
 
 from __future__ import annotations
@@ -36,13 +40,6 @@ from typing import Any
 import orjson
 
 log = logging.getLogger("gateway.usage")
-
-# What the C pump needs to meter a stream itself (issue 20); until it offers it, metered streams stay in Python:
-# - `Pump.add(..., meter=True, strip_usage=bool)`: recognise SSE events; with strip_usage drop the usage chunk
-#   (`"choices":[]` + `"usage":{`) and put its `"system_fingerprint"` back on the chunks with a finish_reason;
-# - at the end, `Stream.usage` = (prompt_tokens, completion_tokens) from the usage chunk or None, and
-#   `Stream.events` = content events relayed; Python then calls `StreamMeter.pumped(stream.usage, stream.events)`.
-PUMP_INTERFACE = ("usage", "events")
 
 _ACCOUNTED = (b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings")
 _USAGE_CHUNK = b'"choices":[]'  # vLLM's usage chunk has no choices (and only it, in a vLLM stream)
@@ -299,7 +296,7 @@ class StreamMeter:
         return "strip" if mode == _STRIP else "count"
 
     def pumped(self, usage: tuple[int, int] | None, events: int) -> None:
-        """The C pump relayed the stream (PUMP_INTERFACE): its counts."""
+        """The C pump relayed the rest of the stream (pump_mode): its usage chunk's counts and its events."""
         self.events += events
         if usage is not None:
             self.prompt, self.completion = usage
