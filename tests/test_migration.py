@@ -123,3 +123,31 @@ def test_without_resume_streams_finish_on_the_leaving_replica(stack: Stack, resu
     assert content(stream) == greedy_text(prompt_ids(False, request), 40)
     assert home.stats()["completed"] == 1 and home.stats()["aborted"] == 0
     assert 'outcome="migrated"' not in httpx.get(f"http://127.0.0.1:{admin}/-/metrics").text
+
+
+def test_a_stream_still_queued_on_a_leaving_replica_starts_over_elsewhere(stack: Stack) -> None:
+    """The head reached the client but no event yet (a request waiting in the engine's queue: here r1 takes 30 s to
+    its first token): nothing to resume from, so the original request goes to another replica, whose events
+    start the client's stream."""
+    slow = stack.replica("r1", "--ttft-ms", "30000")
+    fast = stack.replica("r2")
+    admin = __import__("gateway.stacks.procs", fromlist=["free_port"]).free_port()
+    gateway = stack.gateway([], [slow], "--resume-limit", "1", "--drain-migrate-after-s", "0.2",
+                            "--admin-port", str(admin), extra_replicas=[f"r2={fast.url}"])
+    wait_until(lambda: len(httpx.get(f"http://127.0.0.1:{admin}/-/routes").json()["targets"]) == 2)
+    request = dict(body(3, True), itl_ms=0)
+    started = time.monotonic()
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", gateway.url + "/v1/chat/completions", json=request) as response:
+            assert response.status_code == 200
+            # The first request of a fresh gateway goes to its first replica (least-loaded, ties rotating from it).
+            assert slow.stats()["in_flight"] == 1
+            assert httpx.post(f"http://127.0.0.1:{admin}/-/replicas/r1/drain").status_code == 200
+            raw = b"".join(response.iter_bytes())
+    stream = raw.decode()[:-2].split("\n\n")
+    check_one_stream(stream, True)
+    assert content(stream) == greedy_text(prompt_ids(True, request), N)
+    assert time.monotonic() - started < 10  # not the 30 s the slow replica would have taken
+    assert slow.stats()["aborted"] == 1 and fast.stats()["completed"] == 1
+    metrics = httpx.get(f"http://127.0.0.1:{admin}/-/metrics").text
+    assert 'gateway_resumes_total{outcome="migrated"} 1.0' in metrics

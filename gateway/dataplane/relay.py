@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.controlplane.targets import Target
 from gateway.dataplane.exchange import Client, Exchange, Outcome
@@ -358,12 +358,27 @@ class Relay:
         if conn is None or target is None or client.closed or not conn.head_sent or exchange.done:
             return False
         resume = request.resume
-        if resume is None or not resume.replying or resume.done or \
-                (resume.cannot_resume() not in (None, "limit") and not resume.can_finish_here()):
+        if resume is None or not resume.replying or resume.done:
             return False
+        if conn.pumped is None and self._unmovable(resume):
+            return False  # (while the C pump relays the stream, `resume` learns what it sent only when it stops)
         exchange.end(Outcome.ANSWERED)  # the leaving replica's engine stops generating for it now
         resume.failed.add(target)  # never back to it
         target.resumes_from += 1
+        if resume.segment == 0 and resume.ident is None:
+            # Only the head reached the client, no event (a request still queued in the leaving engine): the
+            # original request goes to another replica, and its events start the client's stream.
+            resume.outcome = "migrated"
+            request.reason = ""
+            request.retries = 0
+            log.info("request %s: replica %s left the target set before its first event; sent to another",
+                     request.request_id.decode("latin-1"), target.replica_id)
+            self.attempt(exchange.client, request, target)
+            return True
+        if self._unmovable(resume):
+            # Known only now that the pump stopped: events without token ids (a reasoning parser hiding them).
+            self.cut(exchange, "refused_no_token_ids")
+            return True
         if resume.can_finish_here():
             resume.finish_here()
             self.metrics.resume("migrated")
@@ -374,6 +389,13 @@ class Relay:
         request.reason = ""
         self.resume_on(exchange, target)
         return True
+
+    @staticmethod
+    def _unmovable(resume: Any) -> bool:
+        """Events went out but a resume could not continue them exactly (see resume.py's refusals)."""
+        if resume.segment == 0 and resume.ident is None:
+            return False  # nothing went out: the request can start over elsewhere
+        return resume.cannot_resume() not in (None, "limit") and not resume.can_finish_here()
 
     def cut(self, exchange: Exchange, outcome: str) -> None:
         """A resumed stream that cannot go on: the client already has its head, so it can only be cut."""
