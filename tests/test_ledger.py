@@ -80,7 +80,7 @@ def test_rps_and_max_in_flight_hold_for_the_cluster() -> None:
         state = key.state
         for request in held[index][:1]:  # one stream per gateway ends each tick
             held[index].remove(request)
-            state.in_flight -= 1
+            state.finished()
         for _ in range(10):
             if state.in_flight_full() or state.take_request(clock.now):
                 break
@@ -117,8 +117,40 @@ def test_idle_gateways_give_their_spare_slot_to_the_one_with_traffic() -> None:
             state.in_flight += 1
             served[0] += 1
         elif index == 2 and state.in_flight:
-            state.in_flight -= 1
+            state.finished()
 
     run(ledger, clock, states, keys, 10.0, drive)
     assert served[0] >= 10  # the idle gateways' spare slot came over
     assert sum(ledger.keys["k"].slots.values()) <= 1
+
+
+def test_slots_held_beyond_the_limit_shrink_back_to_it() -> None:
+    """Gateways back from an equal share (1 slot each, 3 gateways, max_in_flight 2) hold 3: spares go back."""
+    clock = Clock()
+    ledger = Ledger(clock=clock)
+    states, keys = gateways(3, max_in_flight=2)
+    for s, k in zip(states, keys):
+        k[0].state.in_flight = 1  # a stream each, admitted on the equal share
+        s.lend(k, {}, 1)
+
+    def drive(index: int, s: KeyStates, key: ApiKey) -> None:
+        state = key.state
+        if state.in_flight and clock.now > 1_000_001.0:
+            state.finished()  # the streams end after a second; new ones come as slots allow
+        if not state.in_flight_full():
+            state.in_flight += 1
+        assert sum(k[0].state.in_flight for k in keys) <= 3
+
+    run(ledger, clock, states, keys, 3.0, drive)
+    peak = [0]
+
+    def steady(index: int, s: KeyStates, key: ApiKey) -> None:
+        state = key.state
+        if state.in_flight:
+            state.finished()
+        if not state.in_flight_full():
+            state.in_flight += 1
+        peak[0] = max(peak[0], sum(k[0].state.in_flight for k in keys))
+
+    run(ledger, clock, states, keys, 5.0, steady)
+    assert peak[0] <= 2

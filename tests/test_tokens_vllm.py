@@ -1,6 +1,7 @@
 """Token accounting against real vLLM (CPU build, tiny Llama): the gateway's counts are vLLM's own.
 
-One vLLM server behind a gateway with --token-accounting. For chat and completions, streamed (the client
+One vLLM server behind two gateways with --token-accounting (streams metered by the C pump, and by
+Python with --no-native-relay). For chat and completions, streamed (the client
 asking for include_usage or not) and not: the gateway's /-/usage grows by exactly what vLLM's own Prometheus
 counters (vllm:prompt_tokens_total, vllm:generation_tokens_total) grew by, and by the usage vLLM reports to a
 client that asks. A stream whose client did not ask for usage is byte for byte what vLLM sends directly
@@ -38,6 +39,13 @@ class Rig:
     server: object
     gateway: Gateway
     client: openai.OpenAI
+    python: Gateway  # the same, with --no-native-relay: streams metered by usage.py, not the C pump
+
+    def on(self, relay: str) -> "Rig":
+        if relay == "pump":
+            return self
+        client = openai.OpenAI(base_url=f"{self.python.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        return Rig(self.server, self.python, client, self.python)
 
     def vllm_counts(self) -> tuple[int, int]:
         text = self.server.metrics()  # type: ignore[attr-defined]
@@ -60,9 +68,12 @@ def rig() -> Iterator[Rig]:
                                              count=1)
         gateway = stack.gateway([], servers, "--token-accounting", "--token-state-file",
                                 f"{LOG_DIR}/tokens-vllm-state.json")
-        bench_vllm.wait_gateway_healthy(gateway.url)
+        python = stack.gateway([], servers, "--token-accounting", "--no-native-relay", "--token-state-file",
+                               f"{LOG_DIR}/tokens-vllm-state-py.json")
+        for each in (gateway, python):
+            bench_vllm.wait_gateway_healthy(each.url)
         client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        yield Rig(servers[0], gateway, client)
+        yield Rig(servers[0], gateway, client, python)
     finally:
         stack.stop()
         for server in servers:
@@ -83,8 +94,10 @@ def settled(rig: Rig, before_vllm: tuple[int, int], before_gateway: tuple[int, i
 CASES = ["chat", "chat-stream-usage", "chat-stream", "completion", "completion-stream-usage", "completion-stream"]
 
 
+@pytest.mark.parametrize("relay", ["pump", "python"])
 @pytest.mark.parametrize("case", CASES)
-def test_counts_equal_vllms_own(rig: Rig, case: str) -> None:
+def test_counts_equal_vllms_own(rig: Rig, case: str, relay: str) -> None:
+    rig = rig.on(relay)
     before = rig.vllm_counts(), rig.gateway_counts()
     chat = case.startswith("chat")
     create = rig.client.chat.completions.create if chat else rig.client.completions.create
@@ -106,8 +119,10 @@ def test_counts_equal_vllms_own(rig: Rig, case: str) -> None:
         assert (told.prompt_tokens, told.completion_tokens) == grown_gateway
 
 
+@pytest.mark.parametrize("relay", ["pump", "python"])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
-def test_a_stream_without_include_usage_is_what_vllm_sends(rig: Rig, path: str) -> None:
+def test_a_stream_without_include_usage_is_what_vllm_sends(rig: Rig, path: str, relay: str) -> None:
+    rig = rig.on(relay)
     body = {"model": MODEL, "max_tokens": 8, "temperature": 0, "stream": True}
     body.update({"messages": MESSAGES} if "chat" in path else {"prompt": "Say hi"})
 

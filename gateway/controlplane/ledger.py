@@ -43,6 +43,7 @@ CALL_TIMEOUT_S = 1.0  # a sync slower than this counts as a failure
 FAILURES_TO_FALLBACK = 2
 GATEWAY_EXPIRY_S = 10.0  # a gateway silent this long is gone: its slots are free again
 SAVE_S = 0.5
+SETTLE_S = 4 * SYNC_S  # a new ledger hears from every gateway before it lends request slots
 USAGE_EVERY = 8  # syncs between two usage reports to the ledger (for `gateway keys usage --ray-address`)
 SLOTS = 60
 
@@ -89,6 +90,7 @@ class Ledger:
         self.asking: dict[tuple[str, str, str], float] = {}  # (key, kind, gateway) -> when it last wanted more
         self.usage: dict[str, dict[str, Any]] = {}  # gateway -> its last usage report (for `gateway keys usage`)
         self.dirty = False
+        self.started = clock()
         if state:
             self.keys = {name: _Key.from_json(data) for name, data in state.get("keys", {}).items()}
             self.seen = {name: float(when) for name, when in state.get("seen", {}).items()}
@@ -159,13 +161,18 @@ class Ledger:
             if not report.get("slots_busy") and now < key.contended:
                 want = 0  # an idle gateway's spare waits while a busy one is refused
             free = slots - sum(key.slots.values())
-            grant = min(want, free) if want > 0 and free > 0 else 0
+            # A ledger that just started (or restarted) lends no slot until every gateway has said what it holds.
+            grant = min(want, free) if want > 0 and free > 0 and now - self.started >= SETTLE_S else 0
             key.slots[gateway] = held + grant
             out["slots"] = grant
             if grant < want and report.get("slots_busy"):
                 key.contended = now + 4 * SYNC_S  # a gateway with traffic waits: idle spares go back
             elif now < key.contended and held > int(report.get("slots_in_flight", held)):
                 out["slots_spare_back"] = True
+            if free < 0:
+                # More is held than the limit (gateways back from an equal share hold the slots of what they admitted
+                # then): this gateway gives slots back as its requests end, instead of starting new ones on them.
+                out["slots_owed"] = min(-free, held)
         else:
             key.slots.clear()
         minute = limits.get("tokens_per_minute", 0.0)

@@ -179,7 +179,7 @@ class FrontDoor:
             held[0].settle(held[1], meter.total if meter is not None else 0)
         state = request.key_counted
         if state is not None:
-            state.in_flight -= 1  # the state it was counted against, whatever reloads happened since
+            state.finished()  # the state it was counted against, whatever reloads happened since
             request.key_counted = None
 
     def response_headers(self, request: Request | None) -> bytes:

@@ -29,7 +29,7 @@ LEASE_HORIZON_S = 0.5  # a lease covers about this long of the recent demand (tw
 class KeyLease:
     """Requests and request slots lent to this process by the ledger."""
 
-    __slots__ = ("requests", "spent", "refused", "retry_at", "slots", "slots_refused", "started")
+    __slots__ = ("requests", "spent", "refused", "retry_at", "slots", "slots_refused", "started", "owed")
 
     def __init__(self) -> None:
         self.requests = 0.0
@@ -39,6 +39,7 @@ class KeyLease:
         self.slots = 0
         self.slots_refused = 0
         self.started = 0
+        self.owed = 0  # slots to give back to the ledger as requests end (more was held than the limit)
 
 
 class KeyState:
@@ -78,6 +79,14 @@ class KeyState:
             lease.started += 1
             return False
         return bool(self.max_in_flight) and self.in_flight >= self.max_in_flight
+
+    def finished(self) -> None:
+        """A request counted here ended."""
+        self.in_flight -= 1
+        lease = self.lease
+        if lease is not None and lease.owed > 0:
+            lease.owed -= 1
+            lease.slots -= 1
 
     def take_request(self, now: float) -> float:
         """Take one request from the bucket: 0 when granted, else the seconds until one is there."""
@@ -210,6 +219,10 @@ class KeyStates:
             lease.slots += int(grant.get("slots", 0))
             if grant.get("slots_spare_back"):
                 lease.slots = min(lease.slots, state.in_flight)  # reported at the next sync, then the ledger lends it
+            owed = int(grant.get("slots_owed", 0))
+            spare = min(owed, max(0, lease.slots - state.in_flight))
+            lease.slots -= spare
+            lease.owed = owed - spare
             tokens = state.tokens.lease if state.tokens is not None else None
             if tokens is not None:
                 tokens.minute += int(grant.get("minute", 0))
