@@ -148,7 +148,6 @@ def test_bytes_after_a_connection_close_request_are_ignored_not_fatal(target: Ta
     assert target.forwarded() == before + 1
 
 
-@pytest.mark.xfail(strict=True, reason="data path (client.py): the Host header is not checked (RFC 9112 §3.2)")
 @pytest.mark.parametrize("head", [
     b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nhost: y\r\n",  # two Host lines
     b"POST /v1/chat/completions HTTP/1.1\r\n",  # HTTP/1.1 without Host

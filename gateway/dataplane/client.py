@@ -297,6 +297,9 @@ class ClientConnection(asyncio.Protocol):
         if lower == b"content-type":
             self._content_type = value
         elif lower == b"host":
+            if self._has_host:  # RFC 9112 §3.2: more than one Host field line is a 400
+                self._reject = Reason.BAD_REQUEST
+                raise RequestRejected(Reason.BAD_REQUEST)
             self._has_host = True
         elif len(lower) == self._session_key_len and self._session is None \
                 and lower.replace(b"_", b"-") == self.state.session_header_key:
@@ -307,8 +310,9 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
-        if self._url[:1] != b"/":
-            # Absolute-form or authority-form targets name another host: a gateway never follows them.
+        if self._url[:1] != b"/" or not self._has_host and self.parser.get_http_version() == "1.1":
+            # Absolute-form or authority-form targets name another host: a gateway never follows them. An HTTP/1.1
+            # request without Host is a 400 too (RFC 9112 §3.2).
             self._reject = Reason.BAD_REQUEST
             raise RequestRejected(Reason.BAD_REQUEST)
         if self._upgrade is not None and (not self.parser.should_upgrade() or self._upgrade.lower() != b"websocket"
