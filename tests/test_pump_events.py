@@ -295,3 +295,28 @@ def test_the_pump_strips_the_usage_chunk_as_the_meter_does(data) -> None:
         assert rig.stream.usage == ((meter.prompt, meter.completion) if meter.exact else None)
     finally:
         rig.close()
+
+
+@FUZZ
+@given(st.data())
+def test_the_c_batch_loop_is_resume_pys_own(data) -> None:
+    """resume.py's _batch takes the pump's token_ids() for its loop when the pump is built: the same client bytes
+    and the same state as its Python loop (what an install without a C compiler runs)."""
+    import gateway.dataplane.resume as resume
+
+    TRIED["events"] += 1
+    events, meta = data.draw(vllm_stream())
+    reads = data.draw(chunked(events, meta["ended"]))
+    with_c, out_c = python_path(reads, meta)
+    saved, resume._token_ids = resume._token_ids, None
+    try:
+        without_c, out_py = python_path(reads, meta)
+    finally:
+        resume._token_ids = saved
+    assert out_c == out_py
+    for name in ("finished", "usage_sent", "done", "broken", "no_ids", "prompt_ids", "ident", "created"):
+        assert getattr(with_c, name) == getattr(without_c, name), name
+    for stream in (with_c, without_c):
+        if stream._raw_ids:
+            stream._parse_raw_ids()
+    assert with_c.received == without_c.received

@@ -91,7 +91,7 @@ static int faulty(int which) {
  * The fields are found by their JSON key with the quote before it: vLLM's chunks are compact JSON, in which an
  * unescaped `"` cannot occur inside a string, so `"token_ids":[` is never content. */
 enum { EV_ON = 1, EV_RESUME = 2, EV_STRIP_IDS = 4, EV_NEED_USAGE = 8, EV_FINISHED = 16, EV_USAGE_SENT = 32,
-       EV_FIRST = 64, EV_STRIP_USAGE = 128 };
+       EV_FIRST = 64, EV_STRIP_USAGE = 128, EV_PROMPT_KNOWN = 256 };
 /* EV_STRIP_USAGE: a chunk not complete after this many bytes is not vLLM's: stop filtering, relay as it comes
  * (usage.py's _MAX_HELD). */
 #define MAX_HELD_BYTES (1 << 20)
@@ -146,7 +146,7 @@ typedef struct Stream {
     struct Stream *prev, *next;  /* the pump's registered streams, or its zombies */
     double wake;
     /* SSE events (EV_* flags) */
-    int evflags, ev_err, done_sent, broken, finished, usage_sent, no_ids, have_prompt;
+    int evflags, ev_err, done_sent, broken, finished, usage_sent, no_ids, have_prompt, got_prompt;
     long long events, prompt_tokens, completion_tokens;
     Buf ev;      /* payload not yet split into events */
     Buf ids;     /* token ids as the replica wrote them, comma separated: "12,7,5" */
@@ -518,7 +518,7 @@ static int has_text(const char *d, size_t n) {
 
 /* One complete event (`ev` ends with its blank line): what it tells, and what of it goes to `out` (NULL: the
  * bytes are relayed as they came). resume.py's ResumeStream._event and _batch, event by event. */
-static int handle_event(Stream *s, const char *ev, size_t n, Buf *out) {
+static int handle_event(Stream *s, const char *ev, size_t n, int lines, Buf *out) {
     int flags = s->evflags;
     int resume = flags & EV_RESUME;
     if (n < 8 || memcmp(ev, "data: ", 6) != 0)
@@ -535,18 +535,22 @@ static int handle_event(Stream *s, const char *ev, size_t n, Buf *out) {
         }
         return buf_put(out, ev, n);
     }
-    int json = dn >= 2 && d[0] == '{' && d[dn - 1] == '}' && memchr(d, '\n', dn) == NULL;
+    /* Per event the searches stop at their first match, near the event's start or end (vLLM's key order: id, object,
+     * created, model, choices, then the choice's finish_reason and token_ids): only the rare events scan it all. */
+    int json = dn >= 2 && d[0] == '{' && d[dn - 1] == '}' && lines == 0;
+    const char *choices = find(d, dn, LIT("\"choices\":["));
     if (resume) {
-        if (!json || (has_key(d, dn, LIT("\"error\"")) && !has_key(d, dn, LIT("\"choices\"")))) {
+        if (!json || (choices == NULL && has_key(d, dn, LIT("\"error\"")) && !has_key(d, dn, LIT("\"choices\"")))) {
             s->broken = 1;  /* vLLM's in-band engine error, or not an event of its: resume from what the client has */
             return 0;
         }
         if ((flags & EV_FIRST) && s->first.len == 0 && buf_put(&s->first, d, dn) < 0) return -1;
     }
-    const char *usage = find(d, dn, LIT("\"usage\":"));
-    int usage_chunk = usage != NULL && find(d, dn, LIT("\"choices\":[]")) != NULL;
-    if (json && !usage_chunk) s->events++;
-    if (usage_chunk) {
+    const char *after = choices != NULL ? choices + sizeof("\"choices\":[") - 1 : d;
+    const char *usage = choices != NULL && after < d + dn && *after == ']'  /* the usage chunk: no choices */
+        ? find(after, (size_t)(d + dn - after), LIT("\"usage\":")) : NULL;
+    if (json && usage == NULL) s->events++;
+    if (usage != NULL) {
         s->usage_sent = 1;
         size_t rest = (size_t)(d + dn - usage);
         long long prompt = count_after(usage, rest, LIT("\"prompt_tokens\":"));
@@ -556,14 +560,14 @@ static int handle_event(Stream *s, const char *ev, size_t n, Buf *out) {
             s->completion_tokens = completion >= 0 ? completion : 0;
         }
     }
-    if (find(d, dn, LIT("\"finish_reason\":\"")) != NULL) s->finished = 1;
+    if (find(after, (size_t)(d + dn - after), LIT("\"finish_reason\":\"")) != NULL) s->finished = 1;
     if (!resume) return 0;
     /* Token ids: recorded, and written as null when the client did not ask for them. */
-    const char *at = ev, *end = ev + n;
+    const char *at = ev, *end = ev + n, *from = after;  /* the ids are in the choices or after them */
     int found_ids = 0;
     for (;;) {
-        const char *ids = find(at, (size_t)(end - at), LIT("\"token_ids\":["));
-        const char *prompt = s->have_prompt ? NULL : find(at, (size_t)(end - at), LIT("\"prompt_token_ids\":["));
+        const char *ids = find(from, (size_t)(end - from), LIT("\"token_ids\":["));
+        const char *prompt = s->have_prompt ? NULL : find(from, (size_t)(end - from), LIT("\"prompt_token_ids\":["));
         int is_prompt = prompt != NULL && (ids == NULL || prompt < ids);
         const char *key = is_prompt ? prompt : ids;
         if (key == NULL) break;
@@ -571,7 +575,7 @@ static int handle_event(Stream *s, const char *ev, size_t n, Buf *out) {
         const char *close = memchr(open, ']', (size_t)(end - open));
         if (close == NULL) break;
         if (is_prompt) {
-            s->have_prompt = 1;
+            s->have_prompt = s->got_prompt = 1;
             s->prompt.len = 0;
             if (buf_put(&s->prompt, open + 1, (size_t)(close - open - 1)) < 0) return -1;
         } else {
@@ -586,7 +590,7 @@ static int handle_event(Stream *s, const char *ev, size_t n, Buf *out) {
         } else if (buf_put(out, at, (size_t)(close + 1 - at)) < 0) {
             return -1;
         }
-        at = close + 1;
+        at = from = close + 1;
     }
     if (!found_ids && has_text(d, dn)) s->no_ids = 1;  /* output we could not resume from */
     return buf_put(out, at, (size_t)(end - at));
@@ -598,10 +602,16 @@ static int handle_events(Stream *s, Buf *out) {
     char *data = s->ev.data;
     size_t len = s->ev.len, pos = 0;
     while (pos < len && !s->broken) {
-        const char *blank = find(data + pos, len - pos, "\n\n", 2);
-        if (blank == NULL) break;
-        size_t n = (size_t)(blank + 2 - (data + pos));
-        if (!s->done_sent && handle_event(s, data + pos, n, out) < 0) return -1;
+        /* The event ends at the first blank line; a lone newline before it makes it a multi-line event. */
+        const char *nl = data + pos, *end = data + len;
+        int lines = 0;
+        while ((nl = memchr(nl, '\n', (size_t)(end - nl))) != NULL && nl + 1 < end && nl[1] != '\n') {
+            lines++;
+            nl++;
+        }
+        if (nl == NULL || nl + 1 >= end) break;
+        size_t n = (size_t)(nl + 2 - (data + pos));
+        if (!s->done_sent && handle_event(s, data + pos, n, lines, out) < 0) return -1;
         pos += n;
     }
     if (pos) {
@@ -929,7 +939,7 @@ static PyObject *Stream_get_usage_sent(Stream *s, void *c) { return PyBool_FromL
 static PyObject *Stream_get_no_ids(Stream *s, void *c) { return PyBool_FromLong(s->no_ids); }
 static PyObject *Stream_get_token_ids(Stream *s, void *c) { return PyBytes_FromStringAndSize(s->ids.data, (Py_ssize_t)s->ids.len); }
 static PyObject *Stream_get_prompt_token_ids(Stream *s, void *c) {
-    if (!s->have_prompt) Py_RETURN_NONE;
+    if (!s->got_prompt) Py_RETURN_NONE;
     return PyBytes_FromStringAndSize(s->prompt.data, (Py_ssize_t)s->prompt.len);
 }
 static PyObject *Stream_get_first_event(Stream *s, void *c) {
@@ -1113,10 +1123,12 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     s->next_sleeper = s->prev = s->next = NULL;
     s->wake = 0.0;
     s->evflags = evflags & (EV_ON | EV_RESUME | EV_STRIP_IDS | EV_NEED_USAGE | EV_FIRST | EV_STRIP_USAGE);
+    /* Python has the prompt's ids already: later prompt_token_ids are left as they are (resume.py's _batch). */
+    s->have_prompt = (evflags & EV_PROMPT_KNOWN) != 0;
     if (s->evflags & EV_RESUME) s->evflags = (s->evflags | EV_ON) & ~EV_STRIP_USAGE;  /* resume re-frames */
     if (s->evflags & EV_STRIP_USAGE) s->evflags |= EV_ON;
     s->plain = 0;
-    s->ev_err = s->done_sent = s->broken = s->no_ids = s->have_prompt = 0;
+    s->ev_err = s->done_sent = s->broken = s->no_ids = s->got_prompt = 0;
     s->finished = (evflags & EV_FINISHED) != 0;  /* what the Python path saw before handing the stream over */
     s->usage_sent = (evflags & EV_USAGE_SENT) != 0;
     s->events = 0;
@@ -1281,7 +1293,72 @@ static PyObject *fault(PyObject *module, PyObject *args) {
     return NULL;
 }
 
+/* resume.py's ResumeStream._batch, its loop over a read's events in C: (the read with each `"token_ids":[..]`
+ * written as null when `strip`, the ids as "12,7,5", whether the last event with ids carries a finish_reason,
+ * how many ids keys, events (blank lines) and usage chunks (`"choices":[]`) there were); None when an ids list
+ * does not close (resume.py then takes its own path). */
+static PyObject *token_ids(PyObject *module, PyObject *args) {
+    Py_buffer b;
+    int strip;
+    if (!PyArg_ParseTuple(args, "y*p", &b, &strip)) return NULL;
+    const char *d = b.buf, *end = d + b.len, *at = d, *seg = d, *last_start = d, *last_end = d;
+    Buf out = {0}, ids = {0};
+    Py_ssize_t n = 0;
+    PyObject *result = NULL;
+    for (;;) {
+        const char *key = find(at, (size_t)(end - at), LIT("\"token_ids\":["));
+        if (key == NULL) break;
+        const char *open = key + sizeof("\"token_ids\":[") - 2;
+        const char *close = memchr(open + 1, ']', (size_t)(end - open - 1));
+        if (close == NULL) {
+            result = Py_None;
+            Py_INCREF(result);
+            goto done;
+        }
+        n++;
+        last_start = seg;  /* resume.py's parts[-2]: from the previous key's ids to this key */
+        last_end = key;
+        seg = open + 1;
+        if (close > open + 1 && ((ids.len && buf_put(&ids, ",", 1) < 0)
+                                 || buf_put(&ids, open + 1, (size_t)(close - open - 1)) < 0))
+            goto nomem;
+        if (strip && (buf_put(&out, at, (size_t)(key - at)) < 0 || buf_put(&out, LIT("\"token_ids\":null")) < 0))
+            goto nomem;
+        at = close + 1;
+    }
+    int finished = n > 0 && find(last_start, (size_t)(last_end - last_start), LIT("\"finish_reason\":\"")) != NULL;
+    PyObject *text;
+    if (strip && n > 0) {
+        if (buf_put(&out, at, (size_t)(end - at)) < 0) goto nomem;
+        text = PyBytes_FromStringAndSize(out.data, (Py_ssize_t)out.len);
+    } else {
+        text = PyBytes_FromStringAndSize(d, b.len);
+    }
+    if (text == NULL) goto done;
+    Py_ssize_t events = 0, usage = 0;
+    for (const char *nl = d; (nl = memchr(nl, '\n', (size_t)(end - nl))) != NULL && nl + 1 < end; nl++) {
+        if (nl[1] == '\n') {
+            events++;
+            nl++;
+        }
+    }
+    if (n && events != n) usage = (Py_ssize_t)count_of(d, (size_t)b.len, LIT("\"choices\":[]"));
+    result = Py_BuildValue("(Ny#Onnn)", text, ids.data ? ids.data : "", (Py_ssize_t)ids.len,
+                           finished ? Py_True : Py_False, n, events, usage);
+    goto done;
+nomem:
+    PyErr_NoMemory();
+done:
+    buf_free(&out);
+    buf_free(&ids);
+    PyBuffer_Release(&b);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
+    {"token_ids", token_ids, METH_VARARGS,
+     "token_ids(read, strip) -> (read, ids, finished, keys, events, usage chunks) | None: resume.py's batch "
+     "path over one read"},
     {"_fault", fault, METH_VARARGS,
      "_fault(name, count): the next `count` calls of epoll_add, epoll_del, epoll_wait or alloc fail (-1: all, "
      "0: none); for the tests only"},
@@ -1315,6 +1392,7 @@ PyMODINIT_FUNC PyInit__pump(void) {
             || PyModule_AddIntConstant(m, "EV_USAGE_SENT", EV_USAGE_SENT) < 0
             || PyModule_AddIntConstant(m, "EV_FIRST", EV_FIRST) < 0
             || PyModule_AddIntConstant(m, "EV_STRIP_USAGE", EV_STRIP_USAGE) < 0
+            || PyModule_AddIntConstant(m, "EV_PROMPT_KNOWN", EV_PROMPT_KNOWN) < 0
             || PyModule_AddIntConstant(m, "MAX_CHUNK_LINE", MAX_CHUNK_LINE) < 0
             || PyModule_AddIntConstant(m, "MAX_TRAILER_BYTES", MAX_TRAILER_BYTES) < 0) {
         Py_DECREF(m);

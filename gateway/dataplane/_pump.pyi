@@ -17,6 +17,7 @@ EV_FINISHED: int
 EV_USAGE_SENT: int
 EV_FIRST: int
 EV_STRIP_USAGE: int
+EV_PROMPT_KNOWN: int
 MAX_CHUNK_LINE: int
 MAX_TRAILER_BYTES: int
 
@@ -59,3 +60,6 @@ class Pump:
 
 
 def _fault(name: str, count: int) -> None: ...
+
+
+def token_ids(read: bytes, strip: bool) -> tuple[bytes, bytes, bool, int, int, int] | None: ...

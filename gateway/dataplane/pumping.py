@@ -153,6 +153,8 @@ def resume_flags(resume: Any) -> int:
         flags |= _pump.EV_USAGE_SENT
     if resume.ident is None:
         flags |= _pump.EV_FIRST
+    if resume.prompt_ids is not None:
+        flags |= _pump.EV_PROMPT_KNOWN
     return flags
 
 

@@ -28,6 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+try:
+    from gateway.dataplane._pump import token_ids as _token_ids
+except ImportError:  # installed without a C compiler: the loop in ResumeStream._batch
+    _token_ids = None
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -234,9 +239,21 @@ class ResumeStream:
             buffer = buffer[:end]
         if self.broken or self.done:
             return
-        if self.segment == 0 and self.prompt_ids is not None and self._batch(buffer):
-            return
-        out: list[bytes] = []
+        if self.segment == 0:
+            if self.prompt_ids is None and (first := buffer.find(b"\n\n") + 2) < len(buffer):
+                # The first event names the prompt's token ids (the JSON path, for it alone); the rest of the read
+                # then takes the batch path as later reads do: a stream that comes whole with its head is not
+                # JSON-parsed event by event (stream200 c=16 with resume on: 2.3x the CPU of resume off, before).
+                out: list[bytes] = []
+                self._event(buffer[:first], out)
+                if out and self.transport is not None:
+                    self.transport.write(b"".join(out))
+                buffer = buffer[first:]
+                if self.broken or self.done:
+                    return
+            if self.prompt_ids is not None and self._batch(buffer):
+                return
+        out = []
         start = 0
         find = buffer.find
         while (end := find(b"\n\n", start)) >= 0:
@@ -251,17 +268,39 @@ class ResumeStream:
         operations and no JSON round trip (a per-event JSON path cost 4x the relay itself, measured).
         vLLM writes a choice's token ids as `"token_ids":[..]`, which no JSON string can hold unescaped.
         False: the read holds something unusual (an error event, an event without token ids)."""
-        parts = buffer.split(_IDS_KEY)
-        n = len(parts) - 1
+        batched = _token_ids(buffer, not self.wants_ids) if _token_ids is not None else None
+        if batched is not None:
+            rewritten, ids, finished, n, events, usage = batched
+        else:
+            parts = buffer.split(_IDS_KEY)
+            n = len(parts) - 1
         if not n:
             return False  # the usage chunk or [DONE] alone: the event path
-        events = buffer.count(b"\n\n")
-        done = usage = 0
+        if batched is None:
+            events = buffer.count(b"\n\n")
+            usage = 0
+        done = 0
         if events != n:
             done = buffer.endswith(_DONE_EVENT)
-            usage = buffer.count(b'"choices":[]')
+            if batched is None:
+                usage = buffer.count(b'"choices":[]')
             if events != n + usage + done:
                 return False
+        if batched is not None:  # the C pump's loop (_pump.c token_ids), the same as the one below
+            if ids:
+                self._raw_ids.append(ids)
+            self.finished = self.finished or finished
+            if usage:
+                self.usage_sent = True
+            if done:
+                if self.finished and (self.usage_sent or not self.include_usage):
+                    self.done = True
+                else:
+                    self.broken = True  # the engine gave up without finishing
+                    rewritten = rewritten[:-len(_DONE_EVENT)]
+            if rewritten and self.transport is not None:
+                self.transport.write(b"%x\r\n%s\r\n" % (len(rewritten), rewritten))
+            return True
         raw = self._raw_ids
         wants_ids = self.wants_ids
         out = [parts[0]]
