@@ -205,3 +205,26 @@ def test_a_resumed_stream_counts_what_the_client_got(stack: Stack) -> None:
     report = usage_of(gateway.url)["keys"][""]["mock"]["since_start"]
     assert (report["prompt_tokens"], report["completion_tokens"]) == (p, 20)
     assert 'gateway_resumes_total{outcome="resumed"} 1.0' in gateway.metrics()
+
+
+def test_the_span_carries_the_counts(stack: Stack) -> None:
+    """OpenTelemetry's GenAI names on the request's SERVER span: gen_ai.usage.input_tokens / output_tokens."""
+    from tests.test_tracing import needs_otel
+
+    if needs_otel.args[0]:
+        pytest.skip(needs_otel.kwargs["reason"])
+    from tests.otlp_receiver import Receiver
+
+    receiver = Receiver().start()
+    try:
+        replica = stack.replica("r1", "--itl-ms", "1")
+        gateway = stack.gateway([], [replica], "--token-accounting", "--otlp-endpoint", receiver.url,
+                                "--trace-sample-ratio", "1")
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="none", max_retries=0)
+        list(client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=7, stream=True))
+        root = wait_until(lambda: next((s for s in receiver.spans if s.name == "POST /v1/chat/completions"), None),
+                          deadline_s=15, what="the request's span")
+        assert root.attributes["gen_ai.usage.output_tokens"] == 7
+        assert root.attributes["gen_ai.usage.input_tokens"] > 0 and root.attributes["gen_ai.request.model"] == "mock"
+    finally:
+        receiver.stop()

@@ -130,6 +130,10 @@ class TokenBudget:
                 lease.day += need_day - (used if self.per_day else 0)
             if day == self.day_index:
                 self.day_used += used
+            # Kept in the local window too: should the ledger become unreachable, this process's share starts
+            # from what it used in the last minute, not from an empty window.
+            self.slots[slot % SLOTS] += used
+            self.window += used
             return
         if slot - reservation.slot < SLOTS:
             self.slots[reservation.slot % SLOTS] += used - reservation.amount
