@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import resource
@@ -51,6 +52,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import uvloop  # noqa: E402
 
 import haproxy_ray  # noqa: E402
+from benchkit import load  # noqa: E402
 from benchkit.load import hold_streams, perf, run_phase  # noqa: E402
 from benchkit.report import write_outputs  # noqa: E402
 from benchkit.stack import Stack, gateway_runnable, upstream_modules_ok  # noqa: E402
@@ -89,6 +91,9 @@ def parse_args(argv=None):
     ap.add_argument("--router-module", default="replicas.router")
     ap.add_argument("--gateway-module", default="gateway")
     ap.add_argument("--pythonpath", action="append", default=[], help="extra PYTHONPATH entry for children")
+    ap.add_argument("--request-extra", default="", metavar="JSON",
+                    help='fields added to every request body, e.g. \'{"return_token_ids": true}\' (what resume asks '
+                         "the replica for, so a system without resume gets the same bytes)")
     ap.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for `gateway serve` (repeatable), e.g. --gateway-arg=--no-access-log")
     ap.add_argument("--haproxy-env", action="append", default=[], metavar="KEY=VALUE",
@@ -134,6 +139,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.request_extra:
+        load.REQUEST_EXTRA.update(json.loads(a.request_extra))
     out = Path(a.out).resolve()
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from benchkit.procstats import cpu_seconds, foreign_probe, proc_tree, rss_bytes
 perf = time.perf_counter
 TLS_CONTEXTS: dict[tuple[str, int], ssl.SSLContext] = {}
 EXTRA_HEADERS = b""  # whole header lines, each ending with CRLF
+REQUEST_EXTRA: dict = {}  # fields added to every request body (bench.py --request-extra)
 
 
 class ClientConn(asyncio.Protocol):
@@ -92,7 +93,7 @@ class ClientConn(asyncio.Protocol):
 
 def build_request(host: str, port: int, stream: bool, max_tokens: int, extra: dict | None = None) -> bytes:
     body = {"model": "mock", "messages": [{"role": "user", "content": "Say something."}],
-            "stream": stream, "max_tokens": max_tokens, **(extra or {})}
+            "stream": stream, "max_tokens": max_tokens, **REQUEST_EXTRA, **(extra or {})}
     b = json.dumps(body, separators=(",", ":")).encode()
     return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\n%sContent-Type: application/json\r\n"
             b"Accept: %s\r\nContent-Length: %d\r\n\r\n%s"
