@@ -314,3 +314,40 @@ def test_wss_through_the_tls_listener(stack: Stack, tmp_path) -> None:
         with pytest.raises(ConnectionClosed) as closed:
             conn.recv(timeout=10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+
+
+def test_frames_sent_with_the_handshake_reach_the_replica(rig) -> None:
+    """A client that writes its first frame in the same segment as its upgrade request (before the 101): those
+    bytes are held while the replica answers, then sent on through the tunnel."""
+    gateway, _ = rig
+    key = base64.b64encode(os.urandom(16))
+    payload, mask = b"early bird", os.urandom(4)
+    frame = bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"GET /ws/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n%s" % (key, frame))
+        data = b""
+        while not data.endswith(bytes([0x81, len(payload)]) + payload):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 101 ")
+
+
+def test_an_upgrade_after_a_request_on_the_same_connection(rig) -> None:
+    gateway, _ = rig
+    key = base64.b64encode(os.urandom(16))
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        data = b""
+        while b"hello from" not in data:
+            data += sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET /ws/whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key)
+        data = b""
+        while not (b"\r\n\r\n" in data and data.split(b"\r\n\r\n", 1)[1][2:] in (b"ws1", b"ws2")):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 101 ")
