@@ -90,13 +90,13 @@ class Rig:
             self.start(f"replica{i}", [sys.executable, "-m", "replicas.mock_engine", "--port", str(port),
                                        "--replica-id", rid, "--max-num-seqs", str(self.a.slots),
                                        "--ttft-ms", str(self.a.ttft_ms), "--itl-ms", str(self.a.itl_ms)],
-                       port, self.a.load_cpu)
+                       port, self.a.upstream_cpu or self.a.load_cpu)
             reps.append((rid, "127.0.0.1", port))
         rport = free_port()
         argv = [sys.executable, "-m", "replicas.router", "--port", str(rport), "--health-interval-s", "0"]
         for rid, host, port in reps:
             argv += ["--replica", f"{rid}=http://{host}:{port}"]
-        self.start("router", argv, rport, self.a.load_cpu)
+        self.start("router", argv, rport, self.a.upstream_cpu or self.a.load_cpu)
         return ("127.0.0.1", rport), reps
 
     def gateway(self, name: str, router: tuple[str, int], reps: list, extra: list[str]) -> Child:
@@ -369,6 +369,7 @@ def main() -> int:
     ap.add_argument("--cost-slices", type=int, default=4, help="slices per system (ABBA order)")
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
+    ap.add_argument("--upstream-cpu", default="", help="replicas and router (default: --load-cpu)")
     ap.add_argument("--access-log", action="store_true")
     ap.add_argument("--out", default="bench-results/admission")
     args = ap.parse_args()
@@ -465,8 +466,8 @@ def main() -> int:
     lines = [f"# Admission under overload (capacity ~{report['capacity_rps']} req/s: {args.replicas} replica(s) x "
              f"{args.slots} slots, TTFT {args.ttft_ms:g} ms, {args.tokens[0]}-{args.tokens[1]} tokens "
              f"{args.itl_ms:g} ms apart; gateway target {args.target} + burst {args.burst} per replica; "
-             f"flood {args.flood_x:g}x capacity; proxy on CPU {args.proxy_cpu}, "
-             f"load and replicas on CPU {args.load_cpu}; load average at the end {report['load_avg'][0]:.1f})", ""]
+             f"flood {args.flood_x:g}x capacity; proxy on CPU {args.proxy_cpu}, load generator on CPU {args.load_cpu}, "
+             f"replicas and router on CPU {args.upstream_cpu or args.load_cpu}; load average at the end {report['load_avg'][0]:.1f})", ""]
     for name, value in report["results"].items():
         if name == "cost":
             lines += ["| nothing saturated | req/s | CPU us/request (all) | median slice | slices (req/s, us) | "

@@ -321,3 +321,27 @@ def test_a_higher_key_weight_is_a_larger_share():
     assert all(send(adm, app, req(f"l{i}", light)) for i in range(6))
     # heavy's share is 2/3 of 6 = 4: four go through the headroom, the fifth waits.
     assert [send(adm, app, req(f"h{i}", heavy)) for i in range(5)] == [True] * 4 + [False]
+
+
+def test_vllm_metrics_are_read_and_a_queueing_engine_holds_its_replica():
+    from gateway.controlplane.health import EngineScraper, parse_engine_metrics
+    from gateway.controlplane.targets import Target
+
+    page = (b'# HELP vllm:num_requests_running Number of requests in model execution batches.\n'
+            b'vllm:num_requests_running{engine="0",model_name="m"} 7.0\n'
+            b'vllm:num_requests_running{engine="1",model_name="m"} 5.0\n'
+            b'vllm:num_requests_waiting{engine="0",model_name="m"} 3.0\n'
+            b'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.42\n'
+            b'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.61\n'
+            b'vllm:num_requests_waiting_by_reason{reason="capacity"} 9.0\n')
+    assert parse_engine_metrics(page) == (12.0, 3.0, 0.61)
+    assert parse_engine_metrics(b"process_cpu_seconds_total 3.0\n") is None
+    scraper = EngineScraper(lambda: [], 1.0, 1.0, 0.9, lambda: None)
+    target = Target("r0", "127.0.0.1", 9000, in_flight=15)
+    scraper.update(target, 12, 3, 0.5)
+    # The engine queues 3 of the gateway's 15: the replica is held at 12 until a scrape finds no queue.
+    assert target.saturated_at == 12
+    scraper.update(target, 12, 0, 0.95)
+    assert target.saturated_at == 15  # KV cache past the limit: no more than now
+    scraper.update(target, 10, 0, 0.5)
+    assert target.saturated_at is None
