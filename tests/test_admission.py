@@ -245,3 +245,37 @@ def test_a_router_answering_5xx_falls_back_and_a_4xx_is_still_the_answer(stack: 
     assert off.status_code == 503 and off.headers["x-serve-reason"] == "router_non_200"
     bad = httpx.post(f"{four_hundred.url}/v1/completions", json=chat, timeout=10)
     assert bad.status_code == 400 and bad.headers["x-serve-reason"] == "router_non_200"
+
+
+def test_the_wait_in_the_queue_is_a_span_before_the_router(stack: Stack, tmp_path: Path) -> None:
+    import pytest
+
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    from tests.otlp_receiver import Receiver
+
+    receiver = Receiver().start()
+    try:
+        replica = stack.replica("r1", "--max-num-seqs", "1")
+        router = stack.router([replica])
+        gateway = stack.gateway([router], [replica], "--api-keys-file", keys_file(tmp_path),
+                                "--saturation-in-flight", "1", "--otlp-endpoint", receiver.url,
+                                "--trace-sample-ratio", "0")
+        blocker = threading.Thread(target=lambda: httpx.post(f"{gateway.url}/v1/completions", json=body(10, 50),
+                                                             headers=auth("A"), timeout=30))
+        blocker.start()
+        wait_until(lambda: replica.stats()["in_flight"] == 1, what="the replica's slot taken")
+        trace_id = "%032x" % 0xADA
+        traced = {**auth("B"), "traceparent": f"00-{trace_id}-{'%016x' % 0xB}-01"}
+        answer = httpx.post(f"{gateway.url}/v1/completions", json=body(3, 1), headers=traced, timeout=30)
+        blocker.join()
+        assert answer.status_code == 200
+        spans = wait_until(lambda: {s.name: s for s in receiver.trace(trace_id)} if
+                           {"queue", "router"} <= {s.name for s in receiver.trace(trace_id)} else None,
+                           20, what="the queue and router spans")
+        queue, routed, root = spans["queue"], spans["router"], spans["POST /v1/completions"]
+        assert queue.parent_span_id == root.span_id and root.start_ns == queue.start_ns
+        # The router decided when the request left the queue, not before.
+        assert queue.end_ns == routed.start_ns and queue.end_ns > queue.start_ns
+        assert queue.attributes["gateway.queue.outcome"] == "admitted"
+    finally:
+        receiver.stop()
