@@ -300,6 +300,7 @@ class LeaseClient:
         self._ray: Any = None
         self.last_sync = time.monotonic()
         self.syncs = 0
+        self.ever_up = False
 
     async def start(self, workers: int = 1) -> None:
         import ray
@@ -346,7 +347,7 @@ class LeaseClient:
         if not self.up:
             # A first call with nothing to settle: only once it answers do the leases replace the equal share.
             reply = await self._call(self.actor.sync.remote(self.gateway_id, limits, {}, None))
-            self.up = True
+            self.up = self.ever_up = True
             self.failures = 0
             log.warning("quota ledger reached: keys' limits hold for the cluster (%d gateways)", reply["gateways"])
             self.metrics.ledger_up.set(1)
@@ -362,6 +363,9 @@ class LeaseClient:
     def _failed(self, exc: BaseException) -> None:
         self.failures += 1
         self.actor = None if self.failures >= FAILURES_TO_FALLBACK else self.actor
+        if not self.up and self.failures == FAILURES_TO_FALLBACK and not self.ever_up:
+            log.warning("quota ledger not reachable yet (%s: %s): each of %d gateways holds 1/%d of every key's "
+                        "limits until it is", type(exc).__name__, exc, self.fallback_n, self.fallback_n)
         if self.up and self.failures >= FAILURES_TO_FALLBACK:
             self.up = False
             self.metrics.ledger_up.set(0)

@@ -158,7 +158,7 @@ class Metrics:
                               "cut short: what reached the client), by API key name, model and kind",
                               ["key", "model", "kind"], registry=registry)
         self.ledger_up = Gauge("gateway_quota_ledger_up", "1 while the cluster's quota ledger lends this gateway its "
-                               "keys' limits; 0: each gateway holds an equal share", registry=registry)
+                               "keys' limits; 0: an equal share (or no ledger: without Ray, or no keys)", registry=registry)
         self._token_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         # Accept side (process/refusal.py): clients answered 503 because the connection cap was reached; `limit`
         # says which cap: max_connections, or the lower one the file descriptor limit holds.
