@@ -228,3 +228,21 @@ def test_the_span_carries_the_counts(stack: Stack) -> None:
         assert root.attributes["gen_ai.usage.input_tokens"] > 0 and root.attributes["gen_ai.request.model"] == "mock"
     finally:
         receiver.stop()
+
+
+def test_usage_on_the_admin_listener_needs_a_key(stack: Stack, tmp_path: Path) -> None:
+    from gateway.stacks.procs import free_port
+
+    admin = free_port()
+    replica = stack.replica("r1", "--itl-ms", "1")
+    gateway = stack.gateway([], [replica], "--api-keys-file", str(keys_file(tmp_path / "k.toml", "")),
+                            "--admin-port", str(admin), "--token-accounting", "--token-state-file",
+                            str(tmp_path / "t.json"))
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+    usage = client.completions.create(model="mock", prompt="hello", max_tokens=3).usage
+    url = f"http://127.0.0.1:{admin}/-/usage"
+    assert httpx.get(url, timeout=5).status_code == 401
+    assert httpx.get(url, headers={"authorization": "Bearer sk-wrong"}, timeout=5).status_code == 401
+    report = httpx.get(url, headers={"authorization": f"Bearer {KEY}"}, timeout=5).json()
+    assert report["keys"]["budget"]["mock"]["day"]["completion_tokens"] == usage.completion_tokens == 3
+    assert httpx.get(f"{gateway.url}/-/usage", headers={"authorization": f"Bearer {KEY}"}, timeout=5).status_code == 404
