@@ -83,6 +83,7 @@ class ClientConnection(asyncio.Protocol):
         self._linger = 0  # > 0: the answer is out with a FIN; bytes still read are dropped (this many left)
         self._reject_close = False
         self._begins = 0
+        self._body = bytearray()
         self._session_key_len = len(state.session_header_key)
         # The front door (gateway/security), when configured: it also claims the Authorization (and, for
         # CORS, Origin) headers, which then land in the drop branch below and are never forwarded.
@@ -100,7 +101,7 @@ class ClientConnection(asyncio.Protocol):
         self._reset_message()
 
     def _reset_message(self) -> None:
-        body = getattr(self, "_body", None)
+        body = self._body
         if body:
             self.state.buffered_body -= len(body)  # a message given up before it completed
         self._url = b""
@@ -147,8 +148,24 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.current is None and not self.in_head:
             self.deadline = time.monotonic() + self.config.header_timeout_s
-        if self._backlog or self._waiting():
-            self._hold(data)
+        if self._backlog or self.pending or self.writing_paused:
+            if self._backlog or self._waiting():
+                self._hold(data)
+                return
+        elif len(data) <= _PIECE and not self.in_head:
+            # The common case: a whole request (or several) in one small read, nothing waiting: one feed.
+            begins = self._begins
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                self._upgraded(exc, data, data, 0)
+                return
+            except httptools.HttpParserError as exc:
+                self._parse_error(exc)
+                return
+            if self.in_head and not self._headers_done:
+                self._head_raw = len(data)  # exact when the head began at this read's first byte
+                self._head_slack = 0 if self._begins - begins == 1 else _PIECE
             return
         self._feed(data)
 
@@ -179,17 +196,10 @@ class ClientConnection(asyncio.Protocol):
             try:
                 self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade as exc:
-                if self._upgrade is None:
-                    self._reject_now(Reason.BAD_REQUEST, "protocol upgrades other than websocket are not supported")
-                    return
-                # The request is dispatched; what follows its head belongs to the tunnel, if the replica accepts.
-                self._early = piece[exc.args[0]:] + data[start:]
-                self.reading_paused = True
-                self.transport.pause_reading()
+                self._upgraded(exc, piece, data, start)
                 return
             except httptools.HttpParserError as exc:
-                reason = self._reject or Reason.BAD_REQUEST
-                self._reject_now(reason, None if self._reject else f"malformed HTTP request: {exc}")
+                self._parse_error(exc)
                 return
             if self.in_head and not self._headers_done:
                 # The head is still open: the bytes fed since it began bound it (httptools buffers a header
@@ -205,6 +215,19 @@ class ClientConnection(asyncio.Protocol):
                     self._reject = Reason.HEADERS_TOO_LARGE
                     self._reject_now(Reason.HEADERS_TOO_LARGE, None)
                     return
+
+    def _upgraded(self, exc: httptools.HttpParserUpgrade, piece: bytes, data: bytes, start: int) -> None:
+        if self._upgrade is None:
+            self._reject_now(Reason.BAD_REQUEST, "protocol upgrades other than websocket are not supported")
+            return
+        # The request is dispatched; what follows its head belongs to the tunnel, if the replica accepts.
+        self._early = piece[exc.args[0]:] + data[start:]
+        self.reading_paused = True
+        self.transport.pause_reading()
+
+    def _parse_error(self, exc: httptools.HttpParserError) -> None:
+        reason = self._reject or Reason.BAD_REQUEST
+        self._reject_now(reason, None if self._reject else f"malformed HTTP request: {exc}")
 
     def _feed_backlog(self) -> None:
         backlog, self._backlog = self._backlog, b""
@@ -450,7 +473,8 @@ class ClientConnection(asyncio.Protocol):
             exchange.end(Outcome.ANSWERED)
         request, self.current = self.current, None
         if request is not None:
-            self._release(request)
+            if request.body_charge:
+                self._release(request)
             self.state.request_finished(request)
         if self.closed:
             return
@@ -467,7 +491,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if not self.pending and not self.in_head:
             self.deadline = time.monotonic() + self.config.client_timeout_s
-        if not self._serving:
+        if self.pending and not self._serving:
+            self._serve_pending()
+        elif self._backlog or self._continue_owed:
             self._serve_pending()
 
     # -- writing answers the gateway makes itself

@@ -20,16 +20,19 @@ MAX_HEAD_BYTES = 64 * 1024
 
 class Framing:
     """How the response body ends (RFC 9112 §6.3), read from the lowered head."""
-    __slots__ = ("chunked", "bodiless", "close_delimited", "content_length", "has_request_id")
+    __slots__ = ("chunked", "bodiless", "close_delimited", "has_request_id")
 
     def __init__(self, lower: bytes, status: int, head_request: bool):
         self.chunked = b"\ntransfer-encoding:" in lower
         self.bodiless = head_request or status in (204, 304)
-        length = None if self.chunked or self.bodiless else _CONTENT_LENGTH.search(lower)
-        # -1: not known from the head (chunked, bodiless or close-delimited)
-        self.content_length = int(length.group(1)) if length is not None else -1
         self.close_delimited = not (self.chunked or self.bodiless or b"\ncontent-length:" in lower)
         self.has_request_id = b"\nx-request-id:" in lower
+
+
+def content_length_of(lower: bytes) -> int:
+    """The Content-Length of a lowered head, -1 when it has none (read only on the rare paths)."""
+    match = _CONTENT_LENGTH.search(lower)
+    return int(match.group(1)) if match is not None else -1
 
 
 def strip_headers(head: bytes, drop_framing: bool) -> bytes:
@@ -54,19 +57,24 @@ def client_head(head: bytes, lower: bytes, dechunk: bool) -> bytes:
     return head
 
 
+# A last-chunk line (RFC 9112 §7.1: one or more zeros, optional extensions) at a line start.
+_LAST_CHUNK = re.compile(rb"(?:\A\n?|\r\n)0+(?:;[^\r\n]*)?\r\n")
+
+
 def end_of_chunked(data: bytes) -> int:
     """Where a chunked body that ended inside `data` ends (after its last chunk and trailers), or -1.
 
-    Only for the rare path of a replica that wrote more after its response in the same read: the
-    payload of an OpenAI stream never holds a bare CRLF (JSON escapes it), so the first last-chunk
-    at a line start is the end.
+    Only for the rare path of a replica that wrote more after its response in the same read (the parser
+    says the message ended, not where): the payload of an OpenAI stream never holds a bare CRLF (JSON
+    escapes it), so the first last-chunk line is the end. When it cannot be found (a last chunk and
+    trailers cut over more than the reads kept), the caller fails the exchange rather than relay a
+    byte too many. The C pump tracks the framing itself and cuts exactly (pumping.py).
     """
-    start = 0 if data.startswith(b"0\r\n") else data.find(b"\r\n0\r\n")
-    if start < 0:
+    match = _LAST_CHUNK.search(data)
+    if match is None:
         return -1
-    if start:
-        start += 2
-    end = data.find(b"\r\n\r\n", start + 1)
-    if data.startswith(b"0\r\n\r\n", start):
-        return start + 5
+    start = match.end()
+    if data.startswith(b"\r\n", start):
+        return start + 2  # no trailers
+    end = data.find(b"\r\n\r\n", start)
     return -1 if end < 0 else end + 4

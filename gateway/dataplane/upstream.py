@@ -30,7 +30,7 @@ import httptools
 
 from gateway.controlplane.targets import Target
 from gateway.dataplane.pumping import PumpedResponses
-from gateway.dataplane.response_head import MAX_HEAD_BYTES, Framing, client_head, end_of_chunked
+from gateway.dataplane.response_head import MAX_HEAD_BYTES, Framing, client_head, content_length_of, end_of_chunked
 from gateway.dataplane.upstream_events import PayloadSink, UpstreamEvents
 
 log = logging.getLogger("gateway.upstream")
@@ -68,7 +68,8 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
         self._head_buffer = b""
         self._head_parsed = False
         self._head_len = 0
-        self._content_length = -1
+        self._lower = b""
+        self._chunked = False
         self._begun = False
         self._no_body = False  # HEAD request: the parser cannot know the body is absent
         self._dechunk = False  # HTTP/1.0 client: it cannot read chunked framing
@@ -81,6 +82,7 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
         self.meter: Any = None  # the request's token meter (observability/usage.py): every body read goes through it
         self._upgrade = False  # the request asked for a WebSocket upgrade: a 101 is its answer (tunnel.py)
         self._head_keep_alive = False
+        self._status = 0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -131,8 +133,9 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
 
     def _message_end(self, data: bytes) -> int:
         """Where the current response ends in `data`, the last read (-1: cannot tell)."""
-        if self._content_length >= 0:
-            return self._head_len + self._content_length - (self.bytes_in - len(data))
+        if not self._chunked:
+            length = content_length_of(self._lower)
+            return -1 if length < 0 else self._head_len + length - (self.bytes_in - len(data))
         return end_of_chunked(data)
 
     def _complete_with_extra(self, exchange: UpstreamEvents, data: bytes) -> None:
@@ -188,6 +191,7 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
         if self.extra:
             return
         self._head_parsed = True
+        self._status = self.parser.get_status_code()  # (a second response in the same read would overwrite it)
         # Kept for a body the pump relays: the parser never sees its end (already right here, unlike after feed_data).
         self._head_keep_alive = self.parser.should_keep_alive()
 
@@ -218,7 +222,8 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
         self._head_buffer = b""
         self._head_parsed = self._begun = False
         self._head_len = 0
-        self._content_length = -1
+        self._lower = b""
+        self._chunked = False
         self._no_body = head_request
         self._dechunk = dechunk
         self._close_delimited = False
@@ -317,7 +322,7 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
                 return
             self._head_buffer = buffer
             return
-        status = self.parser.get_status_code()
+        status = self._status
         if status < 200:
             # We never send Expect upstream, so an interim response is unexpected: refuse rather than mis-frame.
             exchange.upstream_failed("malformed")
@@ -333,7 +338,8 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
         self._head_len = end + 4
         lower = head.lower()
         framing = Framing(lower, status, self._no_body)
-        self._content_length = framing.content_length
+        self._lower = lower
+        self._chunked = framing.chunked
         self._close_delimited = framing.close_delimited
         chunked = framing.chunked
         sink = self._sink
