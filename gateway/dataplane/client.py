@@ -158,7 +158,7 @@ class ClientConnection(asyncio.Protocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade as exc:
-                self._upgraded(exc, data, data, 0)
+                self._upgraded(exc, data, b"")
                 return
             except httptools.HttpParserError as exc:
                 self._parse_error(exc)
@@ -196,7 +196,7 @@ class ClientConnection(asyncio.Protocol):
             try:
                 self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade as exc:
-                self._upgraded(exc, piece, data, start)
+                self._upgraded(exc, piece, data[start:])
                 return
             except httptools.HttpParserError as exc:
                 self._parse_error(exc)
@@ -216,12 +216,12 @@ class ClientConnection(asyncio.Protocol):
                     self._reject_now(Reason.HEADERS_TOO_LARGE, None)
                     return
 
-    def _upgraded(self, exc: httptools.HttpParserUpgrade, piece: bytes, data: bytes, start: int) -> None:
+    def _upgraded(self, exc: httptools.HttpParserUpgrade, piece: bytes, rest: bytes) -> None:
         if self._upgrade is None:
             self._reject_now(Reason.BAD_REQUEST, "protocol upgrades other than websocket are not supported")
             return
         # The request is dispatched; what follows its head belongs to the tunnel, if the replica accepts.
-        self._early = piece[exc.args[0]:] + data[start:]
+        self._early = piece[exc.args[0]:] + rest
         self.reading_paused = True
         self.transport.pause_reading()
 
