@@ -107,10 +107,11 @@ def ledger_up(gateway: Gateway) -> float:
 
 
 def ledger_call(stack: RayStack, what: str) -> dict:
-    """The ledger actor's info(), or kill it (no restart), from a driver of our own."""
+    """The ledger actor's info(), or kill it (for good, or for Ray to restart), from a driver of our own."""
     script = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
               "a = ray.get_actor('gateway-quota-ledger', namespace='gateway'); ") % stack.address
-    script += "ray.kill(a, no_restart=True); print('{}')" if what == "kill" else "print(json.dumps(ray.get(a.info.remote())))"
+    script += {"kill": "ray.kill(a, no_restart=True); print('{}')", "restart": "ray.kill(a, no_restart=False); print('{}')",
+               "info": "print(json.dumps(ray.get(a.info.remote())))"}[what]
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **stack.env()}, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -158,10 +159,16 @@ def test_limits_hold_for_the_cluster_and_survive_the_ledger(cluster: tuple[RaySt
         assert tpm.refused and rps.refused and conc.refused  # every gateway was driven past its key's limits
         figures = {"tokens_served_in_a_window": served, "limit": 600, "requests_in_a_window": requests,
                    "rps_limit_x_window": 4 * MINUTE_S, "most_at_once": most_at_once(conc.ok)}
-        # The ledger actor dies for good (no restart): the gateways fall back to an equal share, requests keep
-        # flowing, and the next gateway to look starts a new ledger from the state saved in the GCS store.
-        killed_at = time.monotonic()
+        # The ledger actor is killed and Ray restarts it (max_restarts=-1): it reads its state back from the GCS store.
         old = ledger_call(stack, "info")
+        ledger_call(stack, "restart")
+        restarted = wait_until(lambda: (info := ledger_call(stack, "info"))["pid"] != old["pid"] and info, 60, 0.5,
+                               "Ray to restart the ledger")
+        assert restarted["restored"]
+        # Then it dies for good (no restart): the gateways fall back to an equal share, requests keep flowing, and
+        # the next gateway to look starts a new ledger from the state saved in the GCS store.
+        killed_at = time.monotonic()
+        old = restarted
         ledger_call(stack, "kill")
         time.sleep(MINUTE_S)
         assert tpm.between(killed_at, killed_at + MINUTE_S) and rps.between(killed_at, killed_at + MINUTE_S)
