@@ -42,7 +42,7 @@ class Request:
         self.bytes_out = 0
         self.retries = 0
         self.upstream_head = b""
-        self.extra_headers: dict[str, str] | None = None
+        self.extra_headers = b""  # header lines a router decision added (forwarding.decision_headers)
         # Set by the tracer for a sampled request only (observability/tracing.py); None costs nothing.
         self.trace: object | None = None
         # Set only when the front door is on (gateway/security): the client's Origin and the API key its
