@@ -44,6 +44,7 @@ log = logging.getLogger("gateway.usage")
 _ACCOUNTED = (b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings")
 _USAGE_CHUNK = b'"choices":[]'  # vLLM's usage chunk has no choices (and only it, in a vLLM stream)
 _FINISHED = b'"finish_reason":"'  # a choice that ends here (null otherwise)
+_CONTENT_END = b'}]}\n\n\r\n'  # a chunk whose event ends with its (non-empty) choices: never the usage chunk
 _FINGERPRINT = re.compile(rb'"system_fingerprint":("(?:[^"\\]|\\.)*")')
 _EVENT = b"data: {"
 _MAX_HELD = 1 << 20  # a "stream" whose frames never end is not vLLM's: stop filtering, pass it through
@@ -198,8 +199,12 @@ class StreamMeter:
         mode = self._mode
         if mode == _STRIP:
             # The read that finishes a choice is held until the usage chunk; a read that does not end on a chunk
-            # boundary (a chunk ends `\n\n\r\n`, the last `\r\n\r\n`; JSON never holds a raw CR) is walked.
-            if self._slow or _FINISHED in data or not data.endswith(b"\n\r\n"):
+            # boundary (a chunk ends `\n\n\r\n`, the last `\r\n\r\n`; JSON never holds a raw CR) is walked, and
+            # so is one that may hold the usage chunk (a stream need not finish a choice before it): a read ending
+            # in a content chunk (its `choices` last and not empty, as vLLM's pydantic models order them) cannot,
+            # vLLM writes nothing but [DONE] after the usage chunk; any other read is searched for it.
+            if self._slow or _FINISHED in data or not data.endswith(_CONTENT_END) and (
+                    not data.endswith(b"\n\r\n") or _USAGE_CHUNK in data):
                 return self._walk(data)
         elif mode == _WATCH:
             if self._slow or not data.endswith(b"\n\r\n"):
