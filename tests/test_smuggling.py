@@ -138,14 +138,18 @@ def test_a_clean_request_after_the_corpus_is_served(target: Target) -> None:
     assert answer.startswith(b"HTTP/1.1 200 ")
 
 
-@pytest.mark.xfail(strict=True, reason="data path (client.py): llhttp's 'data after Connection: close' error closes "
-                                       "the connection before the first request is answered or forwarded")
 def test_bytes_after_a_connection_close_request_are_ignored_not_fatal(target: Target) -> None:
     """RFC 9112 §9.6: the request that carried `close` is answered, and nothing after it is processed."""
     before = target.forwarded()
     answer = target.send(H + b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(B) + B + SMUGGLED)
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.") == 1
     assert target.forwarded() == before + 1
+    # Pipelined: the keep-alive request before it is answered too, in order; what follows `close` is not.
+    before = target.forwarded()
+    answer = target.send(H + b"content-length: %d\r\n\r\n" % len(B) + B
+                         + H + b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(B) + B + SMUGGLED * 3)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 200 ") == 2
+    assert answer.count(b"HTTP/1.") == 2 and target.forwarded() == before + 2
 
 
 @pytest.mark.parametrize("head", [

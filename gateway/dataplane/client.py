@@ -66,6 +66,10 @@ class ClientConnection(asyncio.Protocol):
         self.relay = relay
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
+        # RFC 9112 §9.6: the request that says `Connection: close` (or an HTTP/1.0 one without keep-alive) is the
+        # last; it is answered and what follows it is ignored. llhttp refuses bytes after it with an error
+        # (HPE_CLOSED_CONNECTION) that would drop the request it already parsed; this makes it skip them.
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.closed = False
         self.current: Request | None = None
         # The attempt answering `current` through a replica (exchange.py sets and clears it).
