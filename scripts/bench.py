@@ -90,6 +90,9 @@ def parse_args(argv=None):
     ap.add_argument("--engine-module", default="replicas.mock_engine")
     ap.add_argument("--router-module", default="replicas.router")
     ap.add_argument("--gateway-module", default="gateway")
+    ap.add_argument("--old-tree", default=None, metavar="PATH",
+                    help="source tree of system gateway-old (e.g. a `git worktree` at an older commit, its pump "
+                         "built): the same gateway serve, side by side with this tree's")
     ap.add_argument("--pythonpath", action="append", default=[], help="extra PYTHONPATH entry for children")
     ap.add_argument("--request-extra", default="", metavar="JSON",
                     help='fields added to every request body, e.g. \'{"return_token_ids": true}\' (what resume asks '
@@ -130,6 +133,10 @@ def parse_args(argv=None):
     for s in a.systems:
         if s not in SYSTEM_LABEL:
             ap.error(f"unknown system {s!r}")
+    if "gateway-old" in a.systems and not a.old_tree:
+        ap.error("system gateway-old needs --old-tree PATH")
+    if a.old_tree:
+        a.old_tree = str(Path(a.old_tree).resolve())
     for w in a.workloads:
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w!r}")
@@ -205,7 +212,8 @@ def main(argv=None) -> int:
             elif s in GATEWAY_SYSTEMS:
                 w = 2 if s == "gateway2" else 1
                 try:
-                    c = stack.gateway("", router, reps, w, a.proxy_cpu if w == 1 else a.gw2_cpus, SYSTEM_ARGS.get(s, ()))
+                    c = stack.gateway("", router, reps, w, a.proxy_cpu if w == 1 else a.gw2_cpus, SYSTEM_ARGS.get(s, ()),
+                                      a.old_tree if s == "gateway-old" else None)
                 except (RuntimeError, TimeoutError) as e:
                     print(f"{s}: SKIPPED - failed to start: {e}", flush=True)
                     meta["skipped"][s] = f"failed to start: {e}"

@@ -26,6 +26,7 @@ class StackOptions:
     gateway_module: str = "gateway"
     pythonpath: list[str] = field(default_factory=list)
     gateway_arg: list[str] = field(default_factory=list)  # extra arguments of every gateway
+    old_tree: str | None = None  # another source tree of the gateway (system gateway-old)
     haproxy_env: list[str] = field(default_factory=list)  # KEY=VALUE Ray knobs for the HAProxy render
     unary_bytes: int = 10000
     proxy_cpu: str = "0"
@@ -85,16 +86,21 @@ class Stack:
         time.sleep(0.8)  # health checks: rise 2 x fastinter 250 ms before servers are UP
         return c
 
-    def gateway(self, tag: str, router, reps, workers: int, cpu, extra: Sequence[str] = ()) -> Child:
+    def gateway(self, tag: str, router, reps, workers: int, cpu, extra: Sequence[str] = (),
+                tree: str | None = None) -> Child:
+        """A gateway; with `tree`, imported from that source tree (-P: the working directory is not put first on
+        sys.path, so the tree's own package is the one imported)."""
         port = free_port()
-        argv = [sys.executable, "-m", self.a.gateway_module, "serve", "--host", "127.0.0.1", "--port", str(port),
-                "--router", f"http://{router[0]}:{router[1]}"]
+        argv = [sys.executable, *(["-P"] if tree else []), "-m", self.a.gateway_module, "serve", "--host", "127.0.0.1",
+                "--port", str(port), "--router", f"http://{router[0]}:{router[1]}"]
         for rid, h, p in reps:
             argv += ["--replica", f"{rid}=http://{h}:{p}"]
         if workers != 1:
             argv += ["--workers", str(workers)]
         argv += [*self.a.gateway_arg, *extra]
-        return self.start(f"gateway{tag}-{workers}w{'-' + extra[0].strip('-') if extra else ''}", argv, port, cpu)
+        env = {"PYTHONPATH": os.pathsep.join([tree, self.env["PYTHONPATH"]])} if tree else None
+        name = f"gateway{tag}-{workers}w{'-' + extra[0].strip('-') if extra else ''}{'-old' if tree else ''}"
+        return self.start(name, argv, port, cpu, env)
 
     def stop(self) -> None:
         for c in reversed(self.children):
