@@ -293,8 +293,12 @@ class Exchange:
             self.state.metrics.resume("refused_" + request.resume_refused)
         # Bytes already reached the client: nothing can be retried. Closing without the final chunk
         # makes the client see a broken stream, never a clean (and wrong) end.
-        request.reason = Reason.UPSTREAM_MALFORMED.value if why == "malformed" else Reason.UPSTREAM_DIED.value
         request.keep_alive = False
+        if why == "pump":  # the gateway's own failure (pumping.py): the replica is not blamed for it
+            request.reason = Reason.GATEWAY_ERROR.value
+            self.client.finish(close=True)
+            return
+        request.reason = Reason.UPSTREAM_MALFORMED.value if why == "malformed" else Reason.UPSTREAM_DIED.value
         self.relay.replica_failed(self.target)  # type: ignore[arg-type]
         self.state.metrics.upstream_died(self.target.replica_id)  # type: ignore[union-attr]
         self.client.finish(close=True)

@@ -134,6 +134,8 @@ class PumpedResponses:
             exchange.client_write_failed()
         elif code == _pump.BROKEN:
             exchange.upstream_failed("incomplete")  # an in-band error or an early [DONE]: resume.py's _stream_broke
+        elif code == _pump.PUMP_ERROR:
+            exchange.upstream_failed("pump")  # the pump's own failure (epoll, memory): not the replica's
         else:
             exchange.upstream_failed("malformed" if code == _pump.MALFORMED else "lost")
 

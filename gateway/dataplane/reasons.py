@@ -31,6 +31,8 @@ class Reason(str, enum.Enum):
     BODY_TOO_LARGE = "body_too_large"
     REQUEST_TIMEOUT = "request_timeout"
     OVERLOADED = "overloaded"
+    # The gateway's own failure while relaying (the C stream pump's PUMP_ERROR: epoll, memory): never the replica's.
+    GATEWAY_ERROR = "gateway_error"
     # Admission (admission.py): shed from the queue of a saturated app.
     QUEUE_TIMEOUT = "queue_timeout"
     QUEUE_FULL = "queue_full"
@@ -66,6 +68,7 @@ _DETAILS: dict[Reason, tuple[int, str, str]] = {
     Reason.BODY_TOO_LARGE: (413, "invalid_request_error", "request body too large"),
     Reason.REQUEST_TIMEOUT: (408, "invalid_request_error", "request not received in time"),
     Reason.OVERLOADED: (503, "service_unavailable", "the gateway is at its configured limit"),
+    Reason.GATEWAY_ERROR: (503, "service_unavailable", "the gateway failed relaying the response (not the replica)"),
     Reason.QUEUE_TIMEOUT: (429, "rate_limit_error", "waited too long for a replica: every replica is saturated"),
     Reason.QUEUE_FULL: (429, "rate_limit_error", "every replica is saturated and the queue is full"),
     Reason.DRAINING: (503, "service_unavailable", "the gateway is shutting down"),

@@ -303,9 +303,10 @@ class Relay:
         request, target = exchange.request, exchange.target
         resume = request.resume
         assert resume is not None and target is not None
-        resume.failed.add(target)
-        target.resumes_from += 1
-        self.replica_failed(target)
+        if why != "pump":  # the pump's own failure (pumping.py) is not the replica's: resume, but blame no one
+            resume.failed.add(target)
+            target.resumes_from += 1
+            self.replica_failed(target)
         if resume.can_finish_here():
             resume.finish_here()  # only [DONE] was missing
             self.metrics.resume("resumed")
@@ -313,7 +314,7 @@ class Relay:
             return
         reason = resume.cannot_resume()
         if reason is not None:
-            request.reason = Reason.UPSTREAM_DIED.value
+            request.reason = Reason.GATEWAY_ERROR.value if why == "pump" else Reason.UPSTREAM_DIED.value
             self.cut(exchange, "failed" if reason == "limit" else "refused_" + reason)
             return
         request.reason = ""
