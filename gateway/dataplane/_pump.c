@@ -88,10 +88,19 @@ static int faulty(int which) {
  *   EV_STRIP_USAGE the gateway asked for the usage chunk, the client did not: what usage.py's StreamMeter does,
  *                  chunk by chunk with the replica's framing kept: the usage chunk is dropped, the chunks from the
  *                  one with a finish_reason on are held until it comes and get its system_fingerprint back.
+ *   EV_RESUMED     (with EV_RESUME) a resumed part of a /v1/completions client's stream: resume.py's
+ *                  ResumeStream._resumed, event by event. The top-level `id` and `created` get the original's values
+ *                  (add()'s `ident` and `created`, orjson-encoded by Python; appended when absent, as a dict
+ *                  assignment does), a choice's `prompt_token_ids` list becomes null (the resumed prompt is not the
+ *                  client's), the usage numbers become those of an uninterrupted request (prompt - offset,
+ *                  completion + offset); token ids are recorded and stripped as above; anything but `data:` events is
+ *                  dropped; every event is its own chunk, as resume.py frames them. An event whose top level is not
+ *                  compact JSON (which orjson would re-serialize differently) breaks the stream instead (END_BROKEN:
+ *                  Python resumes it elsewhere) rather than reach the client other than the Python path writes it.
  * The fields are found by their JSON key with the quote before it: vLLM's chunks are compact JSON, in which an
  * unescaped `"` cannot occur inside a string, so `"token_ids":[` is never content. */
 enum { EV_ON = 1, EV_RESUME = 2, EV_STRIP_IDS = 4, EV_NEED_USAGE = 8, EV_FINISHED = 16, EV_USAGE_SENT = 32,
-       EV_FIRST = 64, EV_STRIP_USAGE = 128, EV_PROMPT_KNOWN = 256 };
+       EV_FIRST = 64, EV_STRIP_USAGE = 128, EV_PROMPT_KNOWN = 256, EV_RESUMED = 512 };
 /* EV_STRIP_USAGE: a chunk not complete after this many bytes is not vLLM's: stop filtering, relay as it comes
  * (usage.py's _MAX_HELD). */
 #define MAX_HELD_BYTES (1 << 20)
@@ -155,6 +164,10 @@ typedef struct Stream {
     Buf frames;  /* EV_STRIP_USAGE: the start of a chunk not complete yet */
     Buf held;    /* EV_STRIP_USAGE: whole chunks held until the usage chunk */
     int plain;   /* EV_STRIP_USAGE: relay as it comes from here on (the last chunk, or not vLLM's framing) */
+    /* EV_RESUMED: the original's `id` and `created` as JSON, the tokens the resumed prompt holds, one event */
+    Buf rw_ident, rw_created, rw_event;
+    long long rw_offset;
+    int unmatched;  /* EV_RESUMED: an event was not in the shape the rewrite follows (the stream broke on it) */
 } Stream;
 
 struct Pump {
@@ -596,6 +609,230 @@ static int handle_event(Stream *s, const char *ev, size_t n, int lines, Buf *out
     return buf_put(out, at, (size_t)(end - at));
 }
 
+/* ---------------------------------------------------------------- EV_RESUMED: resume.py's _resumed in C */
+
+/* Past the JSON string at c (its opening quote), or NULL. */
+static const char *skip_string(const char *c, const char *end) {
+    for (c++; c < end; c++) {
+        if (*c == '\\') c++;
+        else if (*c == '"') return c + 1;
+    }
+    return NULL;
+}
+
+/* Past the JSON value at c, or NULL. A scalar must be a literal or a number as orjson writes them (no blank). */
+static const char *skip_value(const char *c, const char *end) {
+    if (c >= end) return NULL;
+    if (*c == '"') return skip_string(c, end);
+    if (*c == '{' || *c == '[') {
+        int depth = 0;
+        while (c < end) {
+            if (*c == '"') {
+                if ((c = skip_string(c, end)) == NULL) return NULL;
+                continue;
+            }
+            if (*c == '{' || *c == '[') depth++;
+            else if ((*c == '}' || *c == ']') && --depth == 0) return c + 1;
+            c++;
+        }
+        return NULL;
+    }
+    const char *start = c;
+    for (; c < end && *c != ',' && *c != '}' && *c != ']'; c++)
+        if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') || *c == '-' || *c == '+' || *c == '.' || *c == 'E'))
+            return NULL;
+    return c > start ? c : NULL;
+}
+
+typedef struct { const char *at, *end; } Span;  /* a member's value */
+
+/* The values of the wanted keys among an object's members ([c, end): between its braces). -1: not compact JSON, or
+ * a wanted key twice (orjson keeps the last one in the first one's place: not worth following). */
+static int members(const char *c, const char *end, const char *const *keys, int nkeys, Span *found) {
+    for (int k = 0; k < nkeys; k++) found[k].at = found[k].end = NULL;
+    if (c == end) return 0;
+    for (;;) {
+        if (*c != '"') return -1;
+        const char *key = c;
+        if ((c = skip_string(c, end)) == NULL || c >= end || *c != ':') return -1;
+        size_t kn = (size_t)(c - key);
+        const char *value = ++c;
+        if ((c = skip_value(c, end)) == NULL) return -1;
+        for (int k = 0; k < nkeys; k++) {
+            if (strlen(keys[k]) == kn && memcmp(keys[k], key, kn) == 0) {
+                if (found[k].at != NULL) return -1;
+                found[k].at = value;
+                found[k].end = c;
+            }
+        }
+        if (c == end) return 0;
+        if (*c != ',' || ++c == end) return -1;
+    }
+}
+
+/* The integer a value holds as orjson writes one (Python's int: not a float, not a bool), in *v; 0: not one. */
+static int int_value(Span v, long long *out) {
+    const char *c = v.at;
+    int neg = c < v.end && *c == '-';
+    if (neg) c++;
+    size_t digits = (size_t)(v.end - c);
+    if (digits == 0 || digits > 17 || (digits > 1 && *c == '0')) return 0;
+    long long n = 0;
+    for (; c < v.end; c++) {
+        if (*c < '0' || *c > '9') return 0;
+        n = n * 10 + (*c - '0');
+    }
+    *out = neg ? -n : n;
+    return 1;
+}
+
+static int put_int(Buf *b, long long v) {
+    char text[24];
+    int m = snprintf(text, sizeof text, "%lld", v);
+    return buf_put(b, text, (size_t)m);
+}
+
+/* The choices' token ids: recorded (and written as null unless the client asked for them); a choice's
+ * prompt_token_ids list is written as null. */
+static int resumed_choices(Stream *s, Span v, Buf *out) {
+    const char *at = v.at, *from = v.at, *end = v.end;
+    int found_ids = 0;
+    for (;;) {
+        const char *ids = find(from, (size_t)(end - from), LIT("\"token_ids\":["));
+        const char *prompt = find(from, (size_t)(end - from), LIT("\"prompt_token_ids\":["));
+        int is_prompt = prompt != NULL && (ids == NULL || prompt < ids);
+        const char *key = is_prompt ? prompt : ids;
+        if (key == NULL) break;
+        const char *open = key + (is_prompt ? sizeof("\"prompt_token_ids\":[") : sizeof("\"token_ids\":[")) - 2;
+        const char *close = memchr(open, ']', (size_t)(end - open));
+        if (close == NULL) break;
+        if (!is_prompt) {
+            found_ids = 1;
+            if (close > open + 1) {
+                if (s->ids.len && buf_put(&s->ids, ",", 1) < 0) return -1;
+                if (buf_put(&s->ids, open + 1, (size_t)(close - open - 1)) < 0) return -1;
+            }
+        }
+        if (is_prompt || (s->evflags & EV_STRIP_IDS)) {
+            if (buf_put(out, at, (size_t)(open - at)) < 0 || buf_put(out, "null", 4) < 0) return -1;
+        } else if (buf_put(out, at, (size_t)(close + 1 - at)) < 0) {
+            return -1;
+        }
+        at = from = close + 1;
+    }
+    if (find(v.at, (size_t)(v.end - v.at), LIT("\"finish_reason\":\"")) != NULL) s->finished = 1;
+    if (!found_ids && has_text(v.at, (size_t)(v.end - v.at))) s->no_ids = 1;  /* output we could not resume from */
+    return buf_put(out, at, (size_t)(end - at));
+}
+
+/* The usage of an uninterrupted request: the resumed prompt held `offset` tokens the client got as output. */
+static int resumed_usage(Stream *s, Span v, Buf *out) {
+    static const char *const keys[] = {"\"prompt_tokens\"", "\"completion_tokens\""};
+    Span f[2];
+    long long prompt = 0, completion = 0;
+    if (v.end - v.at < 2 || *v.at != '{' || members(v.at + 1, v.end - 1, keys, 2, f) < 0)
+        return buf_put(out, v.at, (size_t)(v.end - v.at)) < 0 ? -1 : 0;  /* not a dict: as it is (scanned already) */
+    if (f[0].at == NULL || !int_value(f[0], &prompt)) return buf_put(out, v.at, (size_t)(v.end - v.at));
+    int has_completion = f[1].at != NULL && int_value(f[1], &completion);
+    prompt -= s->rw_offset;
+    if (has_completion) completion += s->rw_offset;
+    s->prompt_tokens = prompt;
+    s->completion_tokens = has_completion ? completion : 0;
+    Span first = f[0], second = f[1];
+    long long a = prompt, b = completion;
+    if (has_completion && f[1].at < f[0].at) {
+        first = f[1], second = f[0];
+        a = completion, b = prompt;
+    }
+    if (buf_put(out, v.at, (size_t)(first.at - v.at)) < 0 || put_int(out, a) < 0) return -1;
+    if (!has_completion) return buf_put(out, first.end, (size_t)(v.end - first.end));
+    if (buf_put(out, first.end, (size_t)(second.at - first.end)) < 0 || put_int(out, b) < 0) return -1;
+    return buf_put(out, second.end, (size_t)(v.end - second.end));
+}
+
+/* One complete event of a resumed part (EV_RESUMED), framed as its own chunk into `out`. */
+static int handle_resumed(Stream *s, const char *ev, size_t n, int lines, Buf *out) {
+    int flags = s->evflags;
+    if (n < 8 || memcmp(ev, "data: ", 6) != 0) return 0;  /* not the client's: resume.py drops it */
+    const char *d = ev + 6;
+    size_t dn = n - 8;
+    Buf *e = &s->rw_event;
+    e->len = 0;
+    if (dn == 6 && memcmp(d, "[DONE]", 6) == 0) {
+        if (!(s->finished && (s->usage_sent || !(flags & EV_NEED_USAGE)))) {
+            s->broken = 1;  /* the engine gave up without finishing */
+            return 0;
+        }
+        s->done_sent = 1;
+        if (buf_put(e, ev, n) < 0) return -1;
+    } else {
+        static const char *const keys[] = {"\"id\"", "\"created\"", "\"choices\"", "\"usage\"", "\"error\""};
+        enum { ID, CREATED, CHOICES, USAGE, ERROR };
+        Span f[5];
+        if (dn < 2 || d[0] != '{' || d[dn - 1] != '}' || lines) {
+            s->broken = 1;  /* not a JSON object: resume from what the client has */
+            return 0;
+        }
+        if (members(d + 1, d + dn - 1, keys, 5, f) < 0) {
+            s->broken = 1;
+            /* vLLM's in-band error (written by json.dumps, blanks and all) breaks it as on the Python path; anything
+             * else not compact is what EV_RESUMED does not follow */
+            s->unmatched = !(has_key(d, dn, LIT("\"error\"")) && !has_key(d, dn, LIT("\"choices\"")));
+            return 0;
+        }
+        if (f[ERROR].at != NULL && f[CHOICES].at == NULL) {
+            s->broken = 1;  /* vLLM's in-band engine error */
+            return 0;
+        }
+        Span *v = &f[CHOICES];
+        int no_choices = v->at == NULL || (v->end - v->at == 2 && v->at[0] == '[') || (v->end - v->at == 4 &&
+                                                                                        memcmp(v->at, "null", 4) == 0);
+        if (no_choices && f[USAGE].at != NULL && !(f[USAGE].end - f[USAGE].at == 4 && memcmp(f[USAGE].at, "null", 4) == 0))
+            s->usage_sent = 1;
+        else
+            s->events++;
+        /* The members to rewrite, in their order in the event. */
+        int order[4] = {ID, CREATED, CHOICES, USAGE}, k = 0;
+        for (int i = 1; i < 4; i++)
+            for (int j = i; j > 0; j--) {
+                const char *x = f[order[j]].at, *y = f[order[j - 1]].at;
+                if (x == NULL || (y != NULL && y < x)) break;
+                int t = order[j]; order[j] = order[j - 1]; order[j - 1] = t;
+            }
+        const char *at = d;
+        if (buf_put(e, "data: ", 6) < 0) return -1;
+        for (k = 0; k < 4; k++) {
+            int which = order[k];
+            Span m = f[which];
+            if (m.at == NULL) continue;
+            if (buf_put(e, at, (size_t)(m.at - at)) < 0) return -1;
+            int r = which == ID ? buf_put(e, s->rw_ident.data, s->rw_ident.len)
+                : which == CREATED ? buf_put(e, s->rw_created.data, s->rw_created.len)
+                : which == CHOICES ? (no_choices ? buf_put(e, m.at, (size_t)(m.end - m.at)) : resumed_choices(s, m, e))
+                : resumed_usage(s, m, e);
+            if (r < 0) return -1;
+            at = m.end;
+        }
+        if (buf_put(e, at, (size_t)(d + dn - 1 - at)) < 0) return -1;
+        int empty = dn == 2;
+        if (f[ID].at == NULL) {  /* ev["id"] = ...: a new key goes last */
+            if ((!empty && buf_put(e, ",", 1) < 0) || buf_put(e, LIT("\"id\":")) < 0
+                    || buf_put(e, s->rw_ident.data, s->rw_ident.len) < 0)
+                return -1;
+            empty = 0;
+        }
+        if (f[CREATED].at == NULL && ((!empty && buf_put(e, ",", 1) < 0) || buf_put(e, LIT("\"created\":")) < 0
+                                      || buf_put(e, s->rw_created.data, s->rw_created.len) < 0))
+            return -1;
+        if (buf_put(e, "}\n\n", 3) < 0) return -1;
+    }
+    char line[18];
+    int m = snprintf(line, sizeof line, "%zx\r\n", e->len);
+    if (buf_put(out, line, (size_t)m) < 0 || buf_put(out, e->data, e->len) < 0 || buf_put(out, "\r\n", 2) < 0)
+        return -1;
+    return 0;
+}
+
 /* Split what the payload holds into events and handle each complete one; the rest waits for the next read.
  * With `out` the events that go to the client are appended to it. -1: out of memory. */
 static int handle_events(Stream *s, Buf *out) {
@@ -611,7 +848,9 @@ static int handle_events(Stream *s, Buf *out) {
         }
         if (nl == NULL || nl + 1 >= end) break;
         size_t n = (size_t)(nl + 2 - (data + pos));
-        if (!s->done_sent && handle_event(s, data + pos, n, lines, out) < 0) return -1;
+        if (!s->done_sent && ((s->evflags & EV_RESUMED) ? handle_resumed(s, data + pos, n, lines, out)
+                              : handle_event(s, data + pos, n, lines, out)) < 0)
+            return -1;
         pos += n;
     }
     if (pos) {
@@ -625,6 +864,10 @@ static int handle_events(Stream *s, Buf *out) {
 static int reframe(Pump *p, Stream *s, size_t *start) {
     Buf *out = &p->out;
     out->len = 0;
+    if (s->evflags & EV_RESUMED) {  /* each event framed as its own chunk already */
+        *start = 0;
+        return handle_events(s, out);
+    }
     static const char room[18] = {0};  /* the chunk-size line goes right before the payload */
     if (buf_put(out, room, sizeof room) < 0 || handle_events(s, out) < 0) return -1;
     size_t payload = out->len - sizeof room;
@@ -910,6 +1153,9 @@ static void Stream_dealloc(Stream *s) {
     buf_free(&s->first);
     buf_free(&s->frames);
     buf_free(&s->held);
+    buf_free(&s->rw_ident);
+    buf_free(&s->rw_created);
+    buf_free(&s->rw_event);
     Py_XDECREF(s->on_end);
     PyObject_GC_Del(s);
 }
@@ -946,6 +1192,7 @@ static PyObject *Stream_get_first_event(Stream *s, void *c) {
     if (s->first.len == 0) Py_RETURN_NONE;
     return PyBytes_FromStringAndSize(s->first.data, (Py_ssize_t)s->first.len);
 }
+static PyObject *Stream_get_unmatched(Stream *s, void *c) { return PyBool_FromLong(s->unmatched); }
 static PyObject *Stream_get_partial(Stream *s, void *c) { return PyBytes_FromStringAndSize(s->ev.data, (Py_ssize_t)s->ev.len); }
 static PyObject *Stream_get_usage(Stream *s, void *c) {
     if (s->prompt_tokens < 0) Py_RETURN_NONE;
@@ -969,6 +1216,8 @@ static PyGetSetDef Stream_getset[] = {
     {"prompt_token_ids", (getter)Stream_get_prompt_token_ids, NULL, "EV_RESUME: the prompt's token ids, or None",
      NULL},
     {"first_event", (getter)Stream_get_first_event, NULL, "EV_FIRST: the first JSON event's data, or None", NULL},
+    {"unmatched", (getter)Stream_get_unmatched, NULL, "EV_RESUMED: an event's top level was not compact JSON (it broke "
+     "the stream)", NULL},
     {"partial", (getter)Stream_get_partial, NULL, "payload of an event not complete yet", NULL},
     {NULL}
 };
@@ -1076,35 +1325,46 @@ static void Pump_dealloc(Pump *p) {
 }
 
 static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"replica_fd", "client_fd", "on_end", "body_so_far", "events", "prefix", NULL};
+    static char *kwlist[] = {"replica_fd", "client_fd", "on_end", "body_so_far", "events", "prefix", "ident",
+                             "created", "offset", NULL};
     int up_fd, cl_fd, evflags = 0;
+    long long offset = 0;
     PyObject *on_end;
-    Py_buffer body, prefix = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOy*|iy*", kwlist, &up_fd, &cl_fd, &on_end, &body, &evflags,
-                                     &prefix))
+    Py_buffer body, prefix = {0}, ident = {0}, created = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOy*|iy*y*y*L", kwlist, &up_fd, &cl_fd, &on_end, &body, &evflags,
+                                     &prefix, &ident, &created, &offset))
         return NULL;
     int ok = PyCallable_Check(on_end);
-    Buf ev = {0};
-    if (ok && prefix.buf != NULL && buf_put(&ev, prefix.buf, (size_t)prefix.len) < 0) {
-        PyBuffer_Release(&body);
-        PyBuffer_Release(&prefix);
-        return PyErr_NoMemory();
-    }
+    int resumed = (evflags & EV_RESUMED) && (evflags & EV_RESUME);
+    Buf ev = {0}, rw_ident = {0}, rw_created = {0};
+    int nomem = ok && ((prefix.buf != NULL && buf_put(&ev, prefix.buf, (size_t)prefix.len) < 0)
+                       || (resumed && ident.buf != NULL && buf_put(&rw_ident, ident.buf, (size_t)ident.len) < 0)
+                       || (resumed && created.buf != NULL && buf_put(&rw_created, created.buf, (size_t)created.len) < 0));
     if (prefix.buf != NULL) PyBuffer_Release(&prefix);
-    if (!ok) {
+    if (ident.buf != NULL) PyBuffer_Release(&ident);
+    if (created.buf != NULL) PyBuffer_Release(&created);
+    if (!ok || nomem || (resumed && (rw_ident.len == 0 || rw_created.len == 0))) {
         PyBuffer_Release(&body);
-        PyErr_SetString(PyExc_TypeError, "on_end must be callable");
+        buf_free(&ev);
+        buf_free(&rw_ident);
+        buf_free(&rw_created);
+        if (nomem) return PyErr_NoMemory();
+        PyErr_SetString(PyExc_TypeError, ok ? "EV_RESUMED needs ident and created (JSON)" : "on_end must be callable");
         return NULL;
     }
     if (p->broken || p->epfd < 0) {  /* the Python path relays it */
         PyBuffer_Release(&body);
         buf_free(&ev);
+        buf_free(&rw_ident);
+        buf_free(&rw_created);
         Py_RETURN_NONE;
     }
     Stream *s = PyObject_GC_New(Stream, &StreamType);
     if (s == NULL) {
         PyBuffer_Release(&body);
         buf_free(&ev);
+        buf_free(&rw_ident);
+        buf_free(&rw_created);
         return NULL;
     }
     s->pump = NULL;
@@ -1122,7 +1382,8 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     s->pending_len = s->pending_off = 0;
     s->next_sleeper = s->prev = s->next = NULL;
     s->wake = 0.0;
-    s->evflags = evflags & (EV_ON | EV_RESUME | EV_STRIP_IDS | EV_NEED_USAGE | EV_FIRST | EV_STRIP_USAGE);
+    s->evflags = evflags & (EV_ON | EV_RESUME | EV_STRIP_IDS | EV_NEED_USAGE | EV_FIRST | EV_STRIP_USAGE
+                            | (resumed ? EV_RESUMED : 0));
     /* Python has the prompt's ids already: later prompt_token_ids are left as they are (resume.py's _batch). */
     s->have_prompt = (evflags & EV_PROMPT_KNOWN) != 0;
     if (s->evflags & EV_RESUME) s->evflags = (s->evflags | EV_ON) & ~EV_STRIP_USAGE;  /* resume re-frames */
@@ -1139,6 +1400,11 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     memset(&s->first, 0, sizeof s->first);
     memset(&s->frames, 0, sizeof s->frames);
     memset(&s->held, 0, sizeof s->held);
+    s->rw_ident = rw_ident;
+    s->rw_created = rw_created;
+    memset(&s->rw_event, 0, sizeof s->rw_event);
+    s->rw_offset = offset;
+    s->unmatched = 0;
     PyObject_GC_Track(s);
     /* The body bytes that came with the head were relayed already (their events handled by Python): they only
      * move the parser. */
@@ -1393,6 +1659,7 @@ PyMODINIT_FUNC PyInit__pump(void) {
             || PyModule_AddIntConstant(m, "EV_FIRST", EV_FIRST) < 0
             || PyModule_AddIntConstant(m, "EV_STRIP_USAGE", EV_STRIP_USAGE) < 0
             || PyModule_AddIntConstant(m, "EV_PROMPT_KNOWN", EV_PROMPT_KNOWN) < 0
+            || PyModule_AddIntConstant(m, "EV_RESUMED", EV_RESUMED) < 0
             || PyModule_AddIntConstant(m, "MAX_CHUNK_LINE", MAX_CHUNK_LINE) < 0
             || PyModule_AddIntConstant(m, "MAX_TRAILER_BYTES", MAX_TRAILER_BYTES) < 0) {
         Py_DECREF(m);

@@ -18,6 +18,7 @@ EV_USAGE_SENT: int
 EV_FIRST: int
 EV_STRIP_USAGE: int
 EV_PROMPT_KNOWN: int
+EV_RESUMED: int  # with EV_RESUME: a resumed part of a /v1/completions client's stream (ids, created, usage rewritten)
 MAX_CHUNK_LINE: int
 MAX_TRAILER_BYTES: int
 
@@ -38,6 +39,7 @@ class Stream:
     token_ids: bytes
     prompt_token_ids: bytes | None
     first_event: bytes | None
+    unmatched: bool
     partial: bytes
 
     def cancel(self) -> None: ...
@@ -52,7 +54,8 @@ class Pump:
     def __init__(self, coalesce_s: float = 0.0, min_streams: int = 0) -> None: ...
 
     def add(self, replica_fd: int, client_fd: int, on_end: Callable[[int, bytes | None], None],
-            body_so_far: bytes, events: int = 0, prefix: bytes = b"") -> Stream | None: ...
+            body_so_far: bytes, events: int = 0, prefix: bytes = b"", ident: bytes = b"", created: bytes = b"",
+            offset: int = 0) -> Stream | None: ...
 
     def run(self) -> None: ...
 

@@ -11,7 +11,10 @@ Python per read stay in C: the original part of a resumable stream (resume.py: t
 and, unless the client asked for them, written as null; [DONE], finish_reason, vLLM's in-band
 error) and a metered stream (usage.py: the usage chunk read, and dropped when only the gateway
 asked for it). What the pump saw goes back to the ResumeStream or the meter when it lets go
-(`_pumped_done`); a resumed part is rewritten event by event and stays in Python.
+(`_pumped_done`). A resumed part of a /v1/completions client's stream goes back to the pump too (EV_RESUMED: the
+original's id and created, the usage of an uninterrupted request, written by C as resume.py's _resumed writes
+them); a chat client's resumed part (completions chunks turned into chat ones) and the rewound token of a resume
+after the last one stay in Python.
 """
 
 from __future__ import annotations
@@ -81,11 +84,18 @@ class PumpedResponses:
         would not follow, or its events need Python (a resumed part)."""
         prefix = b""
         if self.streaming:
-            events = resume_flags(self._sink)
+            sink = self._sink
+            events = resume_flags(sink)
             if events < 0:
                 return False
-            prefix = self._sink._buffer  # an event the sink had begun: the pump finishes it
-        stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events, prefix)
+            prefix = sink._buffer  # an event the sink had begun: the pump finishes it
+            if sink.segment:  # a resumed part: the pump writes the original's id and created, and usage (EV_RESUMED)
+                stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events, prefix,
+                                  orjson.dumps(sink.ident), orjson.dumps(sink.created), sink.offset)
+            else:
+                stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events, prefix)
+        else:
+            stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events, prefix)
         if stream is None:
             return False  # httptools goes on deciding
         if prefix:
@@ -142,9 +152,15 @@ class PumpedResponses:
 
 def resume_flags(resume: Any) -> int:
     """The pump's event flags for a resumable stream (resume.py's ResumeStream); -1: it stays in Python."""
-    if resume.segment or resume.broken or resume.done:
-        return -1  # a resumed part is rewritten event by event (ids, created, chat chunks from completions)
+    if resume.broken or resume.done:
+        return -1
     flags = _pump.EV_RESUME
+    if resume.segment:
+        if resume.chat or resume.skip:
+            # A chat client's resumed part: each completions choice is rebuilt as a chat one (resume.py _resumed),
+            # not a substitution the pump makes. The rewound token (skip) is dropped by Python, one event or two.
+            return -1
+        flags |= _pump.EV_RESUMED
     if not resume.wants_ids:
         flags |= _pump.EV_STRIP_IDS
     if resume.include_usage:
