@@ -216,6 +216,9 @@ class Relay:
         request = exchange.request
         request.extra_headers = extra_headers
         conn = target.pool.take_idle()
+        while conn is not None and conn.has_unread():
+            conn.close()  # unsolicited bytes (or the replica's close) not read yet: never the next response
+            conn = target.pool.take_idle()
         if conn is None:
             self.state.loop.create_task(self.connect_fresh(exchange))
             return

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import time
 from typing import Any
@@ -79,6 +80,7 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
         self._sink: PayloadSink | None = None
         self.streaming = False  # a sink gets this response's payload (a 200 chunked stream)
         self.fd = -1
+        self._poll: Any = None  # poll(2) on our socket alone: has_unread()
         self.meter: Any = None  # the request's token meter (observability/usage.py): every body read goes through it
         self._upgrade = False  # the request asked for a WebSocket upgrade: a 101 is its answer (tunnel.py)
         self._head_keep_alive = False
@@ -92,6 +94,8 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.fd = sock.fileno()
+            self._poll = select.poll()
+            self._poll.register(self.fd, select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -207,6 +211,13 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
     def usable(self) -> bool:
         return not self.closed and self.exchange is None and self.transport is not None \
             and not self.transport.is_closing()
+
+    def has_unread(self) -> bool:
+        """Bytes or an EOF wait in the kernel that the loop has not read yet: one poll(2), no wait. An idle
+        connection in that state is not taken from the pool: in the loop iteration that takes it those bytes (a
+        second, unsolicited response) would otherwise be read as the next request's response."""
+        poll = self._poll
+        return poll is not None and bool(poll.poll(0))
 
     def send(self, exchange: UpstreamEvents, out: asyncio.Transport, request: bytes, *, head_request: bool,
              dechunk: bool, sink: PayloadSink | None = None, meter: Any = None, upgrade: bool = False) -> None:
