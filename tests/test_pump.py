@@ -194,9 +194,9 @@ def test_streams_from_the_mock_engine_go_through_the_pump(stack: Stack) -> None:
 def test_a_resumable_stream_goes_through_the_pump_and_resumes_from_what_it_saw(stack: Stack) -> None:
     """Resume on: the original part of a stream is pumped (its token ids recorded in C, stripped for a client that
     did not ask); when its replica dies the resume continues from the pump's record, and the client's stream is the
-    one an unbroken request gets. A /v1/completions client's resumed part is pumped too (EV_RESUMED: the original's
-    id and created, the usage of an uninterrupted request), and a second death resumes from the pump's record of
-    it; a chat client's resumed part stays in Python (its chunks are rebuilt as chat ones)."""
+    one an unbroken request gets. The resumed part is pumped too (EV_RESUMED: the original's id and created, the
+    usage of an uninterrupted request, chat chunks for a chat client), and a second death resumes from the pump's
+    record of it."""
     from replicas.mock_engine import greedy_text, prompt_ids
     from tests.test_resume import content, events, normalized, prompt_length
 
@@ -215,21 +215,21 @@ def test_a_resumable_stream_goes_through_the_pump_and_resumes_from_what_it_saw(s
         p = prompt_length(path, body)
         broken = events(gateway, path, body, {**rid, "x-mock-fault": "close-mid-stream", "x-mock-die-at": f"{p + 12}@{p}"})
         chat = "chat" in path
-        # the original part, and the resumed part unless the client asked for chat
-        assert metric(gateway.url, "gateway_native_relay_streams_total") == before + (2 if chat else 3)
+        # the clean stream, the original part and the resumed part
+        assert metric(gateway.url, "gateway_native_relay_streams_total") == before + 3
         assert normalized(broken) == normalized(clean)
         assert content(broken) == greedy_text(prompt_ids(chat, body), 30)
-        if not chat:  # twice: the second resume starts from what the pump recorded of the first resumed part
-            usage = {**body, "stream_options": {"include_usage": True}}
-            clean = events(gateway, path, usage, rid)
-            before = metric(gateway.url, "gateway_native_relay_streams_total")
-            broken = events(gateway, path, usage, {**rid, "x-mock-fault": "close-mid-stream",
-                                                   "x-mock-die-at": f"{p + 7},{p + 19}"})
-            assert metric(gateway.url, "gateway_native_relay_streams_total") == before + 3
-            assert normalized(broken) == normalized(clean)
-            assert json.loads(broken[-2][6:])["usage"] == {"prompt_tokens": p, "total_tokens": p + 30,
-                                                          "completion_tokens": 30}
-    assert 'gateway_resumes_total{outcome="resumed"} 4.0' in httpx.get(f"{gateway.url}/-/metrics", timeout=5).text
+        # twice: the second resume starts from what the pump recorded of the first resumed part
+        usage = {**body, "stream_options": {"include_usage": True}}
+        clean = events(gateway, path, usage, rid)
+        before = metric(gateway.url, "gateway_native_relay_streams_total")
+        broken = events(gateway, path, usage, {**rid, "x-mock-fault": "close-mid-stream",
+                                               "x-mock-die-at": f"{p + 7},{p + 19}"})
+        assert metric(gateway.url, "gateway_native_relay_streams_total") == before + 3
+        assert normalized(broken) == normalized(clean)
+        assert json.loads(broken[-2][6:])["usage"] == {"prompt_tokens": p, "total_tokens": p + 30,
+                                                      "completion_tokens": 30}
+    assert 'gateway_resumes_total{outcome="resumed"} 6.0' in httpx.get(f"{gateway.url}/-/metrics", timeout=5).text
 
 
 def test_a_metered_stream_goes_through_the_pump_byte_for_byte(stack: Stack, tmp_path) -> None:

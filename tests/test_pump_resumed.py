@@ -1,5 +1,6 @@
-"""The pump's rewrite of a resumed part (Pump.add(..., events=EV_RESUME | EV_RESUMED, ident, created, offset))
-against the Python path it replaces: resume.py's ResumeStream in its second segment (`_resumed`), fed the same
+"""The pump's rewrite of a resumed part (Pump.add(..., events=EV_RESUME | EV_RESUMED [| EV_RESUMED_CHAT], ident,
+created, offset)) against the Python path it replaces: resume.py's ResumeStream in its second segment (`_resumed`:
+for a chat client, completions chunks turned into chat ones), fed the same
 chunked bytes split into the same reads. What the client receives must be the same bytes on the wire (both write
 one chunk per event), and so must what a second resume needs (token ids, finish, usage, [DONE], broken, no ids).
 The flags and the template come from pumping.py's own glue (resume_flags, as start_pump passes them).
@@ -38,17 +39,16 @@ json_scalar = st.one_of(st.none(), st.integers(-2**53, 2**53), st.text(max_size=
 @st.composite
 def resumed_part(draw) -> tuple[list[bytes], dict[str, Any]]:
     """The SSE events of a resumed part (the continuation's /v1/completions stream), and the stream's state."""
+    chat = draw(st.booleans())
     include_usage = draw(st.booleans())
     continuous = include_usage and draw(st.integers(0, 3)) == 0
     prompt = draw(st.lists(st.integers(0, 200000), min_size=1, max_size=4))
     offset = draw(st.integers(0, 40))
     members = {"id": draw(st.text(max_size=12)), "object": "text_completion", "created": draw(st.integers(0, 2**40)),
                "model": draw(st.text(max_size=8))}
-    shape = draw(st.sampled_from(["vllm"] * 5 + ["shuffled", "no_id", "no_created", "extra"]))
-    if shape == "no_id":
-        del members["id"]
-    elif shape == "no_created":
-        del members["created"]
+    shape = draw(st.sampled_from(["vllm"] * 5 + ["shuffled", "no_id", "no_created", "no_object", "extra", "choices"]))
+    if shape.startswith("no_"):
+        del members[shape[3:]]
     tokens = draw(st.lists(st.tuples(st.text(max_size=6), st.lists(st.integers(0, 200000), max_size=2),
                                      st.integers(0, 30)), max_size=8))
     ending = draw(st.sampled_from(["normal"] * 6 + ["early_done", "error", "garbage", "truncated", "no_ids"]))
@@ -71,13 +71,20 @@ def resumed_part(draw) -> tuple[list[bytes], dict[str, Any]]:
     for i, (text, ids, noise) in enumerate(tokens):
         last = i == len(tokens) - 1 and ending in ("normal", "no_ids")
         choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None,
-                                  "finish_reason": "length" if last else None, "stop_reason": None,
+                                  "finish_reason": draw(st.sampled_from(["length", "stop"])) if last else None,
+                                  "stop_reason": draw(st.sampled_from([None, None, 7, "</s>"])) if last else None,
                                   "prompt_token_ids": [*prompt, 1, 2] if i == 0 else None}
         if not (ending == "no_ids" and i == 1):
             choice["token_ids"] = ids
+        if shape == "choices":  # members missing, or in another order; a second choice
+            for key in draw(st.lists(st.sampled_from(["index", "text", "stop_reason", "logprobs"]), max_size=2)):
+                choice.pop(key, None)
+            keys = list(choice)
+            order.shuffle(keys)
+            choice = {k: choice[k] for k in keys}
         usage = {"prompt_tokens": len(prompt) + offset, "total_tokens": len(prompt) + offset + i + 1,
                  "completion_tokens": i + 1} if continuous else None
-        events.append(make([choice], usage))
+        events.append(make([choice, {**choice, "index": 1}] if shape == "choices" and noise == 3 else [choice], usage))
         if noise == 0:
             events.append(b": keep-alive\n\n")
         elif noise == 1:
@@ -97,18 +104,19 @@ def resumed_part(draw) -> tuple[list[bytes], dict[str, Any]]:
         events.append(make([], usage))
     if ending != "truncated":
         events.append(b"data: [DONE]\n\n")
-    body = {"prompt": "x", "stream": True, "stream_options": {"include_usage": include_usage}}
+    body = {"messages": [], "model": "m"} if chat else {"prompt": "x"}
+    body.update({"stream": True, "stream_options": {"include_usage": include_usage}})
     wants_ids = draw(st.booleans())
     if wants_ids:
         body["return_token_ids"] = True
-    return events, {"wants_ids": wants_ids, "include_usage": include_usage, "body": body, "offset": offset,
+    return events, {"chat": chat, "wants_ids": wants_ids, "include_usage": include_usage, "body": body, "offset": offset,
                     "prompt": prompt, "ident": draw(json_scalar), "created": draw(json_scalar),
                     "ended": ending != "truncated"}
 
 
 def resumed_stream(meta: dict[str, Any], transport: Collect) -> ResumeStream:
     """A ResumeStream as relay.py leaves it when the second segment's head comes (next_body, then start_segment)."""
-    stream = ResumeStream(dict(meta["body"]), False, meta["wants_ids"], 2)
+    stream = ResumeStream(dict(meta["body"]), meta.get("chat", False), meta["wants_ids"], 2)
     stream.prompt_ids = list(meta["prompt"])
     stream.ident, stream.created = meta["ident"], meta["created"]
     stream.replying = True
@@ -227,13 +235,48 @@ def test_resumed_needs_its_template() -> None:
         Rig(events=_pump.EV_RESUME | _pump.EV_RESUMED)
 
 
-def test_a_chat_clients_resumed_part_and_a_rewound_one_stay_in_python() -> None:
+def test_a_rewound_resumed_part_stays_in_python() -> None:
     chat = ResumeStream({"messages": [], "stream": True}, True, False, 2)
     chat.prompt_ids = [1]
     chat.next_body()
-    assert resume_flags(chat) == -1
+    assert resume_flags(chat) & _pump.EV_RESUMED_CHAT
     rewound = ResumeStream({"prompt": "x", "stream": True}, False, False, 2)
     rewound.prompt_ids, rewound.finished = [1], True
     rewound.received_ids([5])
     rewound.next_body()
     assert rewound.skip and resume_flags(rewound) == -1
+
+
+def test_a_chat_clients_resumed_part_reads_as_chat_chunks() -> None:
+    """A chat client's stream resumed on /v1/completions: the pump writes chat chunks, as resume.py does."""
+    meta = {**META, "chat": True, "body": {"messages": [], "stream": True}}
+    head = b'{"id":"cmpl-new","object":"text_completion","created":1700000099,"model":"m","choices":['
+    events = [b"data: " + head + b'{"index":0,"text":" on","logprobs":null,"finish_reason":null,"stop_reason":null,'
+              b'"prompt_token_ids":[1,2,3,9,9],"token_ids":[11]}]}\n\n',
+              b"data: " + head + b'{"index":0,"text":"ce","logprobs":null,"finish_reason":"stop",'
+              b'"stop_reason":7,"prompt_token_ids":null,"token_ids":[12]}]}\n\n',
+              b"data: " + head + b'],"usage":{"prompt_tokens":10,"total_tokens":12,"completion_tokens":2}}\n\n',
+              b"data: [DONE]\n\n"]
+    rig, expected = feed_all(meta, events)
+    try:
+        assert rig.code == _pump.COMPLETE and bytes(rig.received) == expected
+        text = dechunk(bytes(rig.received))
+        assert text.startswith(b'data: {"id":"cmpl-orig","object":"chat.completion.chunk","created":1700000000,'
+                               b'"model":"m","choices":[{"index":0,"delta":{"content":" on"},"logprobs":null,'
+                               b'"finish_reason":null,"token_ids":null}]}\n\n')
+        assert b'"finish_reason":"stop","stop_reason":7,"token_ids":null}' in text
+        assert rig.stream.token_ids == b"11,12" and rig.stream.finished
+    finally:
+        rig.close()
+
+
+def test_a_chat_choice_the_rewrite_does_not_follow_breaks_the_stream() -> None:
+    meta = {**META, "chat": True, "body": {"messages": [], "stream": True}}
+    first = event({"id": "c", "choices": [{"index": 0, "text": "a", "finish_reason": None, "token_ids": [4]}]})
+    odd = b'data: {"id":"c","choices":[{"index": 0,"text":"b"}]}\n\n'
+    rig, _ = feed_all(meta, [first, odd, b"data: [DONE]\n\n"])
+    try:
+        assert rig.code == _pump.BROKEN and rig.stream.unmatched and rig.stream.token_ids == b"4"
+        assert dechunk(bytes(rig.received) + (rig.ended[0][1] or b"")).count(b"data: ") == 1
+    finally:
+        rig.close()

@@ -97,10 +97,12 @@ static int faulty(int which) {
  *                  dropped; every event is its own chunk, as resume.py frames them. An event whose top level is not
  *                  compact JSON (which orjson would re-serialize differently) breaks the stream instead (END_BROKEN:
  *                  Python resumes it elsewhere) rather than reach the client other than the Python path writes it.
+ *   EV_RESUMED_CHAT (with EV_RESUMED) the client asked for chat: `object` becomes "chat.completion.chunk" and each
+ *                  completions choice is rebuilt as _resumed's chat choice, member by member (chat_choices).
  * The fields are found by their JSON key with the quote before it: vLLM's chunks are compact JSON, in which an
  * unescaped `"` cannot occur inside a string, so `"token_ids":[` is never content. */
 enum { EV_ON = 1, EV_RESUME = 2, EV_STRIP_IDS = 4, EV_NEED_USAGE = 8, EV_FINISHED = 16, EV_USAGE_SENT = 32,
-       EV_FIRST = 64, EV_STRIP_USAGE = 128, EV_PROMPT_KNOWN = 256, EV_RESUMED = 512 };
+       EV_FIRST = 64, EV_STRIP_USAGE = 128, EV_PROMPT_KNOWN = 256, EV_RESUMED = 512, EV_RESUMED_CHAT = 1024 };
 /* EV_STRIP_USAGE: a chunk not complete after this many bytes is not vLLM's: stop filtering, relay as it comes
  * (usage.py's _MAX_HELD). */
 #define MAX_HELD_BYTES (1 << 20)
@@ -750,6 +752,67 @@ static int resumed_usage(Stream *s, Span v, Buf *out) {
     return buf_put(out, second.end, (size_t)(v.end - second.end));
 }
 
+static int is_null(Span v) { return v.at == NULL || (v.end - v.at == 4 && memcmp(v.at, "null", 4) == 0); }
+
+/* Python's truth of a JSON value (missing: None). */
+static int truthy(Span v) {
+    static const char *const falsy[] = {"null", "\"\"", "false", "0", "[]", "{}"};
+    if (v.at == NULL) return 0;
+    for (int i = 0; i < 6; i++)
+        if (strlen(falsy[i]) == (size_t)(v.end - v.at) && memcmp(falsy[i], v.at, (size_t)(v.end - v.at)) == 0)
+            return 0;
+    return 1;
+}
+
+static int put_span(Buf *b, Span v, const char *absent, size_t n) {
+    return v.at == NULL ? buf_put(b, absent, n) : buf_put(b, v.at, (size_t)(v.end - v.at));
+}
+
+/* EV_RESUMED_CHAT: each /v1/completions choice rebuilt as the chat choice resume.py's _resumed makes of it:
+ * {"index","delta":{"content":text},"logprobs":null,"finish_reason"[,"stop_reason" when finished],"token_ids"}, the
+ * values copied as they are (compact JSON is what orjson writes back). -2: not an array of compact objects. */
+static int chat_choices(Stream *s, Span v, Buf *out) {
+    static const char *const keys[] = {"\"index\"", "\"text\"", "\"finish_reason\"", "\"stop_reason\"",
+                                       "\"token_ids\""};
+    enum { INDEX, TEXT, FINISH, STOP, IDS };
+    const char *c = v.at, *end = v.end - 1;
+    if (v.end - v.at < 2 || *c != '[' || *end != ']') return -2;
+    if (buf_put(out, "[", 1) < 0) return -1;
+    for (c++; c < end;) {
+        const char *next = *c == '{' ? skip_value(c, end) : NULL;
+        Span f[5];
+        if (next == NULL || members(c + 1, next - 1, keys, 5, f) < 0) return -2;
+        if (buf_put(out, LIT("{\"index\":")) < 0 || put_span(out, f[INDEX], LIT("0")) < 0
+                || buf_put(out, LIT(",\"delta\":{\"content\":")) < 0 || put_span(out, f[TEXT], LIT("null")) < 0
+                || buf_put(out, LIT("},\"logprobs\":null,\"finish_reason\":")) < 0
+                || put_span(out, f[FINISH], LIT("null")) < 0)
+            return -1;
+        if (!is_null(f[FINISH])) {
+            s->finished = 1;
+            if (buf_put(out, LIT(",\"stop_reason\":")) < 0 || put_span(out, f[STOP], LIT("null")) < 0) return -1;
+        }
+        if (buf_put(out, LIT(",\"token_ids\":")) < 0) return -1;
+        Span ids = f[IDS];
+        if (ids.at != NULL && *ids.at == '[') {
+            if (ids.end - ids.at > 2) {
+                if (s->ids.len && buf_put(&s->ids, ",", 1) < 0) return -1;
+                if (buf_put(&s->ids, ids.at + 1, (size_t)(ids.end - ids.at - 2)) < 0) return -1;
+            }
+            if ((s->evflags & EV_STRIP_IDS) ? buf_put(out, LIT("null")) < 0 : put_span(out, ids, NULL, 0) < 0)
+                return -1;
+        } else {
+            if (put_span(out, ids, LIT("null")) < 0) return -1;
+            if (truthy(f[TEXT])) s->no_ids = 1;  /* output we could not resume from */
+        }
+        if (buf_put(out, "}", 1) < 0) return -1;
+        c = next;
+        if (c == end) break;
+        if (*c != ',' || ++c == end) return -2;
+        if (buf_put(out, ",", 1) < 0) return -1;
+    }
+    return buf_put(out, "]", 1);
+}
+
 /* One complete event of a resumed part (EV_RESUMED), framed as its own chunk into `out`. */
 static int handle_resumed(Stream *s, const char *ev, size_t n, int lines, Buf *out) {
     int flags = s->evflags;
@@ -766,14 +829,16 @@ static int handle_resumed(Stream *s, const char *ev, size_t n, int lines, Buf *o
         s->done_sent = 1;
         if (buf_put(e, ev, n) < 0) return -1;
     } else {
-        static const char *const keys[] = {"\"id\"", "\"created\"", "\"choices\"", "\"usage\"", "\"error\""};
-        enum { ID, CREATED, CHOICES, USAGE, ERROR };
-        Span f[5];
+        static const char *const keys[] = {"\"id\"", "\"created\"", "\"choices\"", "\"usage\"", "\"object\"",
+                                           "\"error\""};
+        enum { ID, CREATED, CHOICES, USAGE, OBJECT, ERROR };
+        int chat = (flags & EV_RESUMED_CHAT) != 0;
+        Span f[6];
         if (dn < 2 || d[0] != '{' || d[dn - 1] != '}' || lines) {
             s->broken = 1;  /* not a JSON object: resume from what the client has */
             return 0;
         }
-        if (members(d + 1, d + dn - 1, keys, 5, f) < 0) {
+        if (members(d + 1, d + dn - 1, keys, 6, f) < 0) {
             s->broken = 1;
             /* vLLM's in-band error (written by json.dumps, blanks and all) breaks it as on the Python path; anything
              * else not compact is what EV_RESUMED does not follow */
@@ -792,8 +857,8 @@ static int handle_resumed(Stream *s, const char *ev, size_t n, int lines, Buf *o
         else
             s->events++;
         /* The members to rewrite, in their order in the event. */
-        int order[4] = {ID, CREATED, CHOICES, USAGE}, k = 0;
-        for (int i = 1; i < 4; i++)
+        int order[5] = {ID, CREATED, CHOICES, USAGE, OBJECT}, k = 0;
+        for (int i = 1; i < 5; i++)
             for (int j = i; j > 0; j--) {
                 const char *x = f[order[j]].at, *y = f[order[j - 1]].at;
                 if (x == NULL || (y != NULL && y < x)) break;
@@ -801,15 +866,22 @@ static int handle_resumed(Stream *s, const char *ev, size_t n, int lines, Buf *o
             }
         const char *at = d;
         if (buf_put(e, "data: ", 6) < 0) return -1;
-        for (k = 0; k < 4; k++) {
+        for (k = 0; k < 5; k++) {
             int which = order[k];
             Span m = f[which];
-            if (m.at == NULL) continue;
+            if (m.at == NULL || (which == OBJECT && !chat)) continue;
             if (buf_put(e, at, (size_t)(m.at - at)) < 0) return -1;
             int r = which == ID ? buf_put(e, s->rw_ident.data, s->rw_ident.len)
                 : which == CREATED ? buf_put(e, s->rw_created.data, s->rw_created.len)
-                : which == CHOICES ? (no_choices ? buf_put(e, m.at, (size_t)(m.end - m.at)) : resumed_choices(s, m, e))
+                : which == CHOICES ? (no_choices ? buf_put(e, m.at, (size_t)(m.end - m.at))
+                                      : chat ? chat_choices(s, m, e) : resumed_choices(s, m, e))
+                : which == OBJECT ? buf_put(e, LIT("\"chat.completion.chunk\""))
                 : resumed_usage(s, m, e);
+            if (r == -2) {
+                s->broken = s->unmatched = 1;  /* a choice not in compact JSON: see EV_RESUMED */
+                e->len = 0;
+                return 0;
+            }
             if (r < 0) return -1;
             at = m.end;
         }
@@ -821,8 +893,14 @@ static int handle_resumed(Stream *s, const char *ev, size_t n, int lines, Buf *o
                 return -1;
             empty = 0;
         }
-        if (f[CREATED].at == NULL && ((!empty && buf_put(e, ",", 1) < 0) || buf_put(e, LIT("\"created\":")) < 0
-                                      || buf_put(e, s->rw_created.data, s->rw_created.len) < 0))
+        if (f[CREATED].at == NULL) {
+            if ((!empty && buf_put(e, ",", 1) < 0) || buf_put(e, LIT("\"created\":")) < 0
+                    || buf_put(e, s->rw_created.data, s->rw_created.len) < 0)
+                return -1;
+            empty = 0;
+        }
+        if (chat && f[OBJECT].at == NULL
+                && ((!empty && buf_put(e, ",", 1) < 0) || buf_put(e, LIT("\"object\":\"chat.completion.chunk\"")) < 0))
             return -1;
         if (buf_put(e, "}\n\n", 3) < 0) return -1;
     }
@@ -1383,7 +1461,7 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     s->next_sleeper = s->prev = s->next = NULL;
     s->wake = 0.0;
     s->evflags = evflags & (EV_ON | EV_RESUME | EV_STRIP_IDS | EV_NEED_USAGE | EV_FIRST | EV_STRIP_USAGE
-                            | (resumed ? EV_RESUMED : 0));
+                            | (resumed ? evflags & (EV_RESUMED | EV_RESUMED_CHAT) : 0));
     /* Python has the prompt's ids already: later prompt_token_ids are left as they are (resume.py's _batch). */
     s->have_prompt = (evflags & EV_PROMPT_KNOWN) != 0;
     if (s->evflags & EV_RESUME) s->evflags = (s->evflags | EV_ON) & ~EV_STRIP_USAGE;  /* resume re-frames */
@@ -1660,6 +1738,7 @@ PyMODINIT_FUNC PyInit__pump(void) {
             || PyModule_AddIntConstant(m, "EV_STRIP_USAGE", EV_STRIP_USAGE) < 0
             || PyModule_AddIntConstant(m, "EV_PROMPT_KNOWN", EV_PROMPT_KNOWN) < 0
             || PyModule_AddIntConstant(m, "EV_RESUMED", EV_RESUMED) < 0
+            || PyModule_AddIntConstant(m, "EV_RESUMED_CHAT", EV_RESUMED_CHAT) < 0
             || PyModule_AddIntConstant(m, "MAX_CHUNK_LINE", MAX_CHUNK_LINE) < 0
             || PyModule_AddIntConstant(m, "MAX_TRAILER_BYTES", MAX_TRAILER_BYTES) < 0) {
         Py_DECREF(m);

@@ -18,6 +18,7 @@ EV_USAGE_SENT: int
 EV_FIRST: int
 EV_STRIP_USAGE: int
 EV_PROMPT_KNOWN: int
+EV_RESUMED_CHAT: int  # with EV_RESUMED: the client asked for chat (completions choices rebuilt as chat ones)
 EV_RESUMED: int  # with EV_RESUME: a resumed part of a /v1/completions client's stream (ids, created, usage rewritten)
 MAX_CHUNK_LINE: int
 MAX_TRAILER_BYTES: int

@@ -11,10 +11,9 @@ Python per read stay in C: the original part of a resumable stream (resume.py: t
 and, unless the client asked for them, written as null; [DONE], finish_reason, vLLM's in-band
 error) and a metered stream (usage.py: the usage chunk read, and dropped when only the gateway
 asked for it). What the pump saw goes back to the ResumeStream or the meter when it lets go
-(`_pumped_done`). A resumed part of a /v1/completions client's stream goes back to the pump too (EV_RESUMED: the
-original's id and created, the usage of an uninterrupted request, written by C as resume.py's _resumed writes
-them); a chat client's resumed part (completions chunks turned into chat ones) and the rewound token of a resume
-after the last one stay in Python.
+(`_pumped_done`). A resumed part goes back to the pump too (EV_RESUMED: the original's id and created, the usage
+of an uninterrupted request, for a chat client each completions choice rebuilt as a chat one, written by C as
+resume.py's _resumed writes them); only the rewound token of a resume after the last one stays in Python.
 """
 
 from __future__ import annotations
@@ -156,11 +155,9 @@ def resume_flags(resume: Any) -> int:
         return -1
     flags = _pump.EV_RESUME
     if resume.segment:
-        if resume.chat or resume.skip:
-            # A chat client's resumed part: each completions choice is rebuilt as a chat one (resume.py _resumed),
-            # not a substitution the pump makes. The rewound token (skip) is dropped by Python, one event or two.
-            return -1
-        flags |= _pump.EV_RESUMED
+        if resume.skip:
+            return -1  # the rewound token of a resume after the last one: dropped by Python (one event or two)
+        flags |= _pump.EV_RESUMED_CHAT | _pump.EV_RESUMED if resume.chat else _pump.EV_RESUMED
     if not resume.wants_ids:
         flags |= _pump.EV_STRIP_IDS
     if resume.include_usage:
