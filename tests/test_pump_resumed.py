@@ -34,6 +34,11 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 json_scalar = st.one_of(st.none(), st.integers(-2**53, 2**53), st.text(max_size=10), st.booleans())
+# Any value orjson writes back as it reads it (what vLLM's pydantic writes: no floats in these chunks).
+json_value = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**18 + 1, 10**18 - 1), st.text(max_size=8)),
+                          lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                  st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+                          max_leaves=8)
 
 
 @st.composite
@@ -53,6 +58,7 @@ def resumed_part(draw) -> tuple[list[bytes], dict[str, Any]]:
                                      st.integers(0, 30)), max_size=8))
     ending = draw(st.sampled_from(["normal"] * 6 + ["early_done", "error", "garbage", "truncated", "no_ids"]))
     order = random.Random(draw(st.integers(0, 2**16)))
+    extra = draw(json_value)
 
     def make(choices: list[dict[str, Any]], usage: Any) -> bytes:
         doc: dict[str, Any] = {**members, "choices": choices}
@@ -60,7 +66,7 @@ def resumed_part(draw) -> tuple[list[bytes], dict[str, Any]]:
             doc["usage"] = usage
         if shape == "extra":
             doc["system_fingerprint"] = "fp"
-            doc["kv_transfer_params"] = None
+            doc["kv_transfer_params"] = extra
         if shape == "shuffled":
             keys = list(doc)
             order.shuffle(keys)
@@ -215,11 +221,25 @@ def test_a_vllm_resumed_part_reads_as_the_original_stream() -> None:
         rig.close()
 
 
-@pytest.mark.parametrize("data", [b'{"id": "x", "choices": []}', b'{"id":"x" ,"choices":[]}',
-                                  b'{"id":"x","id":"y","choices":[]}', b'{"id":"x","n":1 }'])
+@pytest.mark.parametrize("data", [
+    b'{"id": "x", "choices": []}', b'{"id":"x" ,"choices":[]}', b'{"id":"x","id":"y","choices":[]}',
+    b'{"id":"x","n":1 }', b'{"model":"caf\\u00e9","choices":[]}', b'{"model":"a\\/b","choices":[]}',
+    b'{"x":1.5,"choices":[]}', b'{"x":-0,"choices":[]}', b'{"x":1E2,"choices":[]}', b'{"x":007,"choices":[]}',
+    b'{"x":{"a":1,"a":2},"choices":[]}', b'{"x":[1, 2],"choices":[]}', b'{"model":"\xff","choices":[]}',
+    b'{"model":"\xed\xa0\x80","choices":[]}', b'{"x":[1,2},"choices":[]}', b'{"x":{"a":1],"choices":[]}',
+    b'{"x":tru,"choices":[]}', b'{"model":"tab\there","choices":[]}', b'{"model":"\\u0009","choices":[]}',
+])
 def test_an_event_the_rewrite_does_not_follow_breaks_the_stream(data: bytes) -> None:
-    """Not compact JSON at the top level (orjson would write it otherwise): the stream breaks there (Python resumes
-    it from what the client has) rather than reach the client in other bytes than the Python path's."""
+    """Not what orjson writes back unchanged (blanks, other escapes, floats, a key twice, invalid UTF-8, malformed):
+    the stream breaks there (Python resumes it from what the client has) rather than reach the client in other
+    bytes than the Python path's, which re-serializes (or refuses) it."""
+    # (1.5 is written back as it is, but floats are not followed at all: orjson writes 1E2 as 100.0)
+    if b"\xff" not in data and b"\xed" not in data and b"1.5" not in data:
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            parsed = None
+        assert parsed is None or orjson.dumps(parsed) != data  # the case is one the Python path rewrites or refuses
     first = event({"id": "c", "choices": [{"index": 0, "text": "a", "finish_reason": None, "token_ids": [4]}]})
     rig, _ = feed_all(META, [first, b"data: " + data + b"\n\n", b"data: [DONE]\n\n"])
     try:

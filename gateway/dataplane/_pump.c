@@ -94,9 +94,10 @@ static int faulty(int which) {
  *                  assignment does), a choice's `prompt_token_ids` list becomes null (the resumed prompt is not the
  *                  client's), the usage numbers become those of an uninterrupted request (prompt - offset,
  *                  completion + offset); token ids are recorded and stripped as above; anything but `data:` events is
- *                  dropped; every event is its own chunk, as resume.py frames them. An event whose top level is not
- *                  compact JSON (which orjson would re-serialize differently) breaks the stream instead (END_BROKEN:
- *                  Python resumes it elsewhere) rather than reach the client other than the Python path writes it.
+ *                  dropped; every event is its own chunk, as resume.py frames them. Values are copied where resume.py
+ *                  re-serializes the event with orjson: an event that orjson would not write back byte for byte
+ *                  (valid_value) breaks the stream instead (END_BROKEN, Stream.unmatched: Python resumes it
+ *                  elsewhere) rather than reach the client other than the Python path writes it.
  *   EV_RESUMED_CHAT (with EV_RESUMED) the client asked for chat: `object` becomes "chat.completion.chunk" and each
  *                  completions choice is rebuilt as _resumed's chat choice, member by member (chat_choices).
  * The fields are found by their JSON key with the quote before it: vLLM's chunks are compact JSON, in which an
@@ -613,56 +614,82 @@ static int handle_event(Stream *s, const char *ev, size_t n, int lines, Buf *out
 
 /* ---------------------------------------------------------------- EV_RESUMED: resume.py's _resumed in C */
 
+/* The rewrite copies values as they came where resume.py re-serializes the event with orjson, so it follows only
+ * what orjson writes back unchanged: compact JSON (no blanks), strings of valid UTF-8 with orjson's escapes only
+ * (\" \\ \b \t \n \f \r, \u00xx for the other control characters), integers of up to 18 digits (no -0, no float:
+ * orjson writes 1E2 as 100.0), no key twice in an object. Anything else is "unmatched" (see EV_RESUMED). */
+#define MAX_DEPTH 32
+#define MAX_KEYS 32
+
+typedef struct { const char *at, *end; } Span;  /* a member's value */
+
 /* Past the JSON string at c (its opening quote), or NULL. */
-static const char *skip_string(const char *c, const char *end) {
-    for (c++; c < end; c++) {
-        if (*c == '\\') c++;
-        else if (*c == '"') return c + 1;
+static const char *valid_string(const char *c, const char *end) {
+    for (c++; c < end;) {
+        unsigned char u = (unsigned char)*c;
+        if (u == '"') return c + 1;
+        if (u < 0x20) return NULL;
+        if (u == '\\') {
+            if (end - c < 2) return NULL;
+            char x = c[1];
+            if (x == '"' || x == '\\' || x == 'b' || x == 't' || x == 'n' || x == 'f' || x == 'r') {
+                c += 2;
+                continue;
+            }
+            if (x != 'u' || end - c < 6 || c[2] != '0' || c[3] != '0' || (c[4] != '0' && c[4] != '1')) return NULL;
+            char lo = c[5];
+            int v = (c[4] - '0') * 16 + (lo >= '0' && lo <= '9' ? lo - '0' : lo >= 'a' && lo <= 'f' ? lo - 'a' + 10 : -100);
+            if (v < 0 || v == 8 || v == 9 || v == 10 || v == 12 || v == 13) return NULL;  /* those have short forms */
+            c += 6;
+            continue;
+        }
+        if (u < 0x80) {
+            c++;
+            continue;
+        }
+        int n;
+        unsigned cp;
+        if (u >= 0xc2 && u <= 0xdf) n = 1, cp = u & 0x1f;
+        else if (u >= 0xe0 && u <= 0xef) n = 2, cp = u & 0x0f;
+        else if (u >= 0xf0 && u <= 0xf4) n = 3, cp = u & 0x07;
+        else return NULL;
+        if (end - c <= n) return NULL;
+        for (int i = 1; i <= n; i++) {
+            unsigned char b = (unsigned char)c[i];
+            if ((b & 0xc0) != 0x80) return NULL;
+            cp = cp << 6 | (b & 0x3f);
+        }
+        if ((n == 2 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (n == 3 && (cp < 0x10000 || cp > 0x10ffff)))
+            return NULL;  /* overlong, a surrogate, past U+10FFFF: orjson refuses it */
+        c += n + 1;
     }
     return NULL;
 }
 
-/* Past the JSON value at c, or NULL. A scalar must be a literal or a number as orjson writes them (no blank). */
-static const char *skip_value(const char *c, const char *end) {
-    if (c >= end) return NULL;
-    if (*c == '"') return skip_string(c, end);
-    if (*c == '{' || *c == '[') {
-        int depth = 0;
-        while (c < end) {
-            if (*c == '"') {
-                if ((c = skip_string(c, end)) == NULL) return NULL;
-                continue;
-            }
-            if (*c == '{' || *c == '[') depth++;
-            else if ((*c == '}' || *c == ']') && --depth == 0) return c + 1;
-            c++;
-        }
-        return NULL;
-    }
-    const char *start = c;
-    for (; c < end && *c != ',' && *c != '}' && *c != ']'; c++)
-        if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') || *c == '-' || *c == '+' || *c == '.' || *c == 'E'))
-            return NULL;
-    return c > start ? c : NULL;
-}
+static const char *valid_value(const char *c, const char *end, int depth);
 
-typedef struct { const char *at, *end; } Span;  /* a member's value */
-
-/* The values of the wanted keys among an object's members ([c, end): between its braces). -1: not compact JSON, or
- * a wanted key twice (orjson keeps the last one in the first one's place: not worth following). */
-static int members(const char *c, const char *end, const char *const *keys, int nkeys, Span *found) {
+/* The members of an object ([c, end): between its braces): each key once, each value valid; the values of the
+ * wanted keys in `found` (when not NULL). -1: not in the form above. */
+static int object_members(const char *c, const char *end, int depth, const char *const *keys, int nkeys,
+                          Span *found) {
+    const char *seen[MAX_KEYS];
+    size_t seen_len[MAX_KEYS];
+    int nseen = 0;
     for (int k = 0; k < nkeys; k++) found[k].at = found[k].end = NULL;
     if (c == end) return 0;
     for (;;) {
-        if (*c != '"') return -1;
+        if (c >= end || *c != '"' || nseen == MAX_KEYS) return -1;
         const char *key = c;
-        if ((c = skip_string(c, end)) == NULL || c >= end || *c != ':') return -1;
+        if ((c = valid_string(c, end)) == NULL || c >= end || *c != ':') return -1;
         size_t kn = (size_t)(c - key);
+        for (int i = 0; i < nseen; i++)
+            if (seen_len[i] == kn && memcmp(seen[i], key, kn) == 0) return -1;  /* orjson keeps one: not followed */
+        seen[nseen] = key;
+        seen_len[nseen++] = kn;
         const char *value = ++c;
-        if ((c = skip_value(c, end)) == NULL) return -1;
+        if ((c = valid_value(c, end, depth + 1)) == NULL) return -1;
         for (int k = 0; k < nkeys; k++) {
             if (strlen(keys[k]) == kn && memcmp(keys[k], key, kn) == 0) {
-                if (found[k].at != NULL) return -1;
                 found[k].at = value;
                 found[k].end = c;
             }
@@ -672,13 +699,76 @@ static int members(const char *c, const char *end, const char *const *keys, int 
     }
 }
 
+/* Past the JSON value at c, or NULL. */
+static const char *valid_value(const char *c, const char *end, int depth) {
+    if (c >= end || depth > MAX_DEPTH) return NULL;
+    switch (*c) {
+    case '"':
+        return valid_string(c, end);
+    case '{': {
+        /* Its closing brace: the first '}' at this depth, found while validating. */
+        const char *at = c + 1;
+        if (at < end && *at == '}') return at + 1;
+        const char *seen[MAX_KEYS];
+        size_t seen_len[MAX_KEYS];
+        int nseen = 0;
+        for (;;) {
+            if (at >= end || *at != '"' || nseen == MAX_KEYS) return NULL;
+            const char *key = at;
+            if ((at = valid_string(at, end)) == NULL || at >= end || *at != ':') return NULL;
+            size_t kn = (size_t)(at - key);
+            for (int i = 0; i < nseen; i++)
+                if (seen_len[i] == kn && memcmp(seen[i], key, kn) == 0) return NULL;
+            seen[nseen] = key;
+            seen_len[nseen++] = kn;
+            if ((at = valid_value(at + 1, end, depth + 1)) == NULL || at >= end) return NULL;
+            if (*at == '}') return at + 1;
+            if (*at != ',') return NULL;
+            at++;
+        }
+    }
+    case '[': {
+        const char *at = c + 1;
+        if (at < end && *at == ']') return at + 1;
+        for (;;) {
+            if ((at = valid_value(at, end, depth + 1)) == NULL || at >= end) return NULL;
+            if (*at == ']') return at + 1;
+            if (*at != ',') return NULL;
+            at++;
+        }
+    }
+    case 't':
+        return end - c >= 4 && memcmp(c, "true", 4) == 0 ? c + 4 : NULL;
+    case 'f':
+        return end - c >= 5 && memcmp(c, "false", 5) == 0 ? c + 5 : NULL;
+    case 'n':
+        return end - c >= 4 && memcmp(c, "null", 4) == 0 ? c + 4 : NULL;
+    default: {
+        const char *at = c;
+        if (*at == '-') at++;
+        const char *digits = at;
+        while (at < end && *at >= '0' && *at <= '9') at++;
+        size_t n = (size_t)(at - digits);
+        if (n == 0 || n > 18 || (n > 1 && *digits == '0') || (n == 1 && *digits == '0' && digits > c)) return NULL;
+        if (at < end && (*at == '.' || *at == 'e' || *at == 'E')) return NULL;  /* a float: orjson may write it back otherwise */
+        return at;
+    }
+    }
+}
+
+/* The values of the wanted keys among an object's members ([c, end): between its braces); -1: not in the form
+ * above. */
+static int members(const char *c, const char *end, const char *const *keys, int nkeys, Span *found) {
+    return object_members(c, end, 0, keys, nkeys, found);
+}
+
 /* The integer a value holds as orjson writes one (Python's int: not a float, not a bool), in *v; 0: not one. */
 static int int_value(Span v, long long *out) {
     const char *c = v.at;
     int neg = c < v.end && *c == '-';
     if (neg) c++;
     size_t digits = (size_t)(v.end - c);
-    if (digits == 0 || digits > 17 || (digits > 1 && *c == '0')) return 0;
+    if (digits == 0 || digits > 18 || (digits > 1 && *c == '0')) return 0;
     long long n = 0;
     for (; c < v.end; c++) {
         if (*c < '0' || *c > '9') return 0;
@@ -779,7 +869,7 @@ static int chat_choices(Stream *s, Span v, Buf *out) {
     if (v.end - v.at < 2 || *c != '[' || *end != ']') return -2;
     if (buf_put(out, "[", 1) < 0) return -1;
     for (c++; c < end;) {
-        const char *next = *c == '{' ? skip_value(c, end) : NULL;
+        const char *next = *c == '{' ? valid_value(c, end, 1) : NULL;
         Span f[5];
         if (next == NULL || members(c + 1, next - 1, keys, 5, f) < 0) return -2;
         if (buf_put(out, LIT("{\"index\":")) < 0 || put_span(out, f[INDEX], LIT("0")) < 0
