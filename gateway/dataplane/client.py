@@ -95,6 +95,7 @@ class ClientConnection(asyncio.Protocol):
         self._drop = (DROP if door is None else door.drop_set(DROP)) | FORWARDED
         self._trust_forwarded = config.trust_forwarded
         self._budget = config.max_buffered_body_bytes
+        self._max_head = config.max_header_bytes
         self._auth: bytes | None = None
         self._origin: bytes | None = None
         self._key: object = None
@@ -290,12 +291,17 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
+        # _count_head, inline: one Python call less per header line
+        self._head_size += len(url)
+        if self._head_size > self._max_head:
+            self._count_head(0)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._headers_done:
             return  # a trailer field of a chunked body: never merged into the forwarded headers
-        self._count_head(len(name) + len(value) + 4)
+        self._head_size += len(name) + len(value) + 4  # _count_head, inline
+        if self._head_size > self._max_head:
+            self._count_head(0)
         lower = name.lower()
         if lower in self._drop:
             if lower == b"x-request-id":
@@ -418,13 +424,26 @@ class ClientConnection(asyncio.Protocol):
         if self._upgrade is not None:
             request.upgrade = b"websocket"
             request.keep_alive = False  # refused by the replica (no 101): nothing more can be read on this connection
+        if self.current is None and not self._serving and not self.pending and not self.closed \
+                and not self.writing_paused:
+            # The common case, nothing queued before it: _serve_pending's first turn, without the queue.
+            self.deadline = None
+            self.current = request
+            self._serving = True
+            try:
+                self.relay.dispatch(self, request)
+            finally:
+                self._serving = False
+            if self.current is None:
+                self._serve_pending()  # answered at once: then what waits behind it, as in the loop
+            return
         self.pending.append(request)
         if self.current is None and not self._serving:
             self._serve_pending()
 
     def _count_head(self, size: int) -> None:
         self._head_size += size
-        if self._head_size > self.config.max_header_bytes:
+        if self._head_size > self._max_head:
             self._reject = Reason.HEADERS_TOO_LARGE
             raise RequestRejected(Reason.HEADERS_TOO_LARGE)
 
@@ -477,8 +496,9 @@ class ClientConnection(asyncio.Protocol):
             exchange.end(Outcome.ANSWERED)
         request, self.current = self.current, None
         if request is not None:
-            if request.body_charge:
-                self._release(request)
+            if request.body_charge:  # _release, inline: every POST holds some
+                self.state.buffered_body -= request.body_charge
+                request.body_charge = 0
             self.state.request_finished(request)
         if self.closed:
             return

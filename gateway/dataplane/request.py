@@ -78,6 +78,7 @@ class Request:
 
     def log_record(self) -> dict[str, object]:
         now = time.monotonic()
+        meter, key = self.meter, self.key
         record = {
             "request_id": self.request_id.decode("latin-1"),
             "method": self.method.decode("latin-1"),
@@ -91,9 +92,9 @@ class Request:
             "router_ms": round(self.router_s * 1000, 3),
             "ttfb_ms": round(self.first_byte_s * 1000, 3) if self.first_byte_s else None,
             "total_ms": round((now - self.started) * 1000, 3),
-            "key": self.key.name if self.key is not None else None,
-            "prompt_tokens": self.meter.prompt if self.meter is not None else None,
-            "completion_tokens": self.meter.completion if self.meter is not None else None,
+            "key": key.name if key is not None else None,
+            "prompt_tokens": meter.prompt if meter is not None else None,
+            "completion_tokens": meter.completion if meter is not None else None,
             "queued_ms": round(self.queued_s * 1000, 3) if self.queued_s else None,
             "router_fallback": self.router_fallback or None,
         }

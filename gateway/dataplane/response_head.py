@@ -23,10 +23,13 @@ class Framing:
     __slots__ = ("chunked", "bodiless", "close_delimited", "has_request_id")
 
     def __init__(self, lower: bytes, status: int, head_request: bool):
-        self.chunked = b"\ntransfer-encoding:" in lower
+        # find(), not `in`: bytes.__contains__ first tries its argument as an integer and formats the TypeError
+        # it clears (CPython 3.11 Objects/bytes_methods.c, _Py_bytes_contains): ~10x the instructions of the search.
+        find = lower.find
+        self.chunked = find(b"\ntransfer-encoding:") >= 0
         self.bodiless = head_request or status in (204, 304)
-        self.close_delimited = not (self.chunked or self.bodiless or b"\ncontent-length:" in lower)
-        self.has_request_id = b"\nx-request-id:" in lower
+        self.close_delimited = not (self.chunked or self.bodiless or find(b"\ncontent-length:") >= 0)
+        self.has_request_id = find(b"\nx-request-id:") >= 0
 
 
 def content_length_of(lower: bytes) -> int:

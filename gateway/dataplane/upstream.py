@@ -258,7 +258,8 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
 
     def detach(self) -> None:
         """The exchange is over: stop the pump and forget the client (the exchange decides the rest)."""
-        self.stop_pump()
+        if self.pumped is not None:
+            self.stop_pump()
         self.exchange = None
         self.out = None
         self.meter = None
