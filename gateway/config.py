@@ -36,6 +36,16 @@ def _bool(text: str | bool) -> bool:
     raise ConfigError(f"expected a boolean (1/0, true/false), got {text!r}")
 
 
+def _auto_bool(text: str | bool | None) -> bool | None:
+    """A switch that may also be left to the gateway: `auto` (None) decides from the rest of the config."""
+    if text is None or isinstance(text, str) and text.strip().lower() == "auto":
+        return None
+    try:
+        return _bool(text)
+    except ConfigError:
+        raise ConfigError(f"expected a boolean (1/0, true/false) or auto, got {text!r}") from None
+
+
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -166,9 +176,12 @@ OPTIONS: tuple[Option, ...] = (
            "one API key clients must send as 'Authorization: Bearer KEY' (like vLLM's --api-key); its name is 'default'"),
     Option("api_keys_file", ("GATEWAY_API_KEYS_FILE",), str, "",
            "TOML file of [[keys]] (name, sha256, optional rps, burst, max_in_flight, models, tokens_per_minute, tokens_per_day, priority, weight, may_set_priority); reloaded on SIGHUP"),
-    Option("token_accounting", ("GATEWAY_TOKEN_ACCOUNTING",), _bool, False,
+    Option("token_accounting", ("GATEWAY_TOKEN_ACCOUNTING",), _auto_bool, None,
            "count every completion's prompt and completion tokens per key and model (gateway_tokens_total, /-/usage, "
-           "the access log); always on for keys with a token budget. Metered streams stay off the C pump for now"),
+           "the access log); auto: on when API keys are configured (each key is a tenant), off without (`gateway up` "
+           "turns it on); always on for keys with a token budget. On, a stream whose client did not ask for usage is "
+           "sent with stream_options.include_usage and its usage chunk is removed from what the client gets "
+           "(see docs/security.md)"),
     Option("token_default_max_tokens", ("GATEWAY_TOKEN_DEFAULT_MAX_TOKENS",), int, 1024,
            "completion tokens a token budget reserves for a request that sets no max_tokens"),
     Option("token_minute_s", ("GATEWAY_TOKEN_MINUTE_S",), _seconds, 60.0,
@@ -243,7 +256,7 @@ def parse_replica(text: str) -> ReplicaSpec:
 
 # The Python type of each option's value, from the parser that makes it.
 _TYPES: dict[Callable[[Any], Any], Any] = {str: str, int: int, float: float, _bool: bool, _seconds: float,
-                                           _list: list[str]}
+                                           _list: list[str], _auto_bool: bool | None}
 
 
 class _ConfigMethods:
@@ -272,10 +285,17 @@ class _ConfigMethods:
         return endpoint
 
     @property
+    def counts_tokens(self) -> bool:
+        """Whether every completion is metered (token_accounting; auto: when the gateway checks API keys)."""
+        if self.token_accounting is None:
+            return bool(self.api_key or self.api_keys_file)
+        return bool(self.token_accounting)
+
+    @property
     def front_door(self) -> bool:
         """Whether requests pass the security checks at all: off, the data plane pays nothing for them."""
         return bool(self.api_key or self.api_keys_file or self.upstream_api_key or self.cors_origins
-                    or self.admin_port or self.token_accounting)
+                    or self.admin_port or self.counts_tokens)
 
     @property
     def mode(self) -> str:
@@ -371,8 +391,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
         env = ", ".join(option.env)
         default = ",".join(option.default) if isinstance(option.default, list) else option.default
+        if option.kind is _auto_bool and default is None:
+            default = "auto"
         text = f"{option.help} [env: {env}; default: {default!s}]"
-        if option.kind is _bool:
+        if option.kind in (_bool, _auto_bool):
             parser.add_argument(option.cli_flag, dest=option.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=text)
         elif option.repeat:

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.config import MiB, OPTIONS, Option, _bool, _list, _seconds  # noqa: E402
+from gateway.config import MiB, OPTIONS, Option, _auto_bool, _bool, _list, _seconds  # noqa: E402
 
 PAGE = ROOT / "docs" / "reference" / "configuration.md"
 
@@ -42,7 +42,8 @@ first listed wins.
   variables carry units. Timeouts are enforced by one sweeper every 100 ms (no timer per request), so they fire
   within 0.1 s.
 - **Switches** are `--name` / `--no-name` on the command line, `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`
-  in the environment, `true`/`false` in TOML.
+  in the environment, `true`/`false` in TOML. A switch that may be `auto` (the gateway decides from the rest of
+  the configuration, as its row says) takes `auto` in the environment and TOML; its flags override it.
 - **Lists**: repeat the flag, comma-separate in the environment, a TOML array in the file.
 - **The config file** (`--config FILE` or `GATEWAY_CONFIG`) is flat or has a `[gateway]` table; `-` and `_` both
   work in keys, and `router` / `replica` are accepted for `routers` / `replicas`. An unknown key is an error.
@@ -60,7 +61,8 @@ router_timeout_s = "5s"
 
 """
 
-_KINDS = {str: "string", int: "integer", float: "number", _bool: "switch", _seconds: "duration", _list: "list"}
+_KINDS = {str: "string", int: "integer", float: "number", _bool: "switch", _auto_bool: "switch or `auto`",
+          _seconds: "duration", _list: "list"}
 
 
 def _escape(text: str) -> str:
@@ -72,7 +74,9 @@ def _escape(text: str) -> str:
 
 def default_text(option: Option) -> str:
     value = option.default
-    if option.kind is _bool:
+    if option.kind is _auto_bool and value is None:
+        return "auto"
+    if option.kind in (_bool, _auto_bool):
         return "on" if value else "off"
     if value in ("", []):
         return "none"
@@ -84,7 +88,7 @@ def default_text(option: Option) -> str:
 
 
 def flag_text(option: Option) -> str:
-    if option.kind is _bool:
+    if option.kind in (_bool, _auto_bool):
         return f"`{option.cli_flag}` / `--no-{option.cli_flag[2:]}`"
     if option.repeat:
         return f"`{option.cli_flag}` (repeat)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -135,6 +136,9 @@ class Stack:
         log_path = f"{LOG_DIR}/{self.name}-gateway-{port}.log"
         if os.path.exists(log_path):
             os.unlink(log_path)
+        # A gateway with keys counts tokens and keeps the day's totals in $XDG_STATE_HOME/gateway/tokens-PORT.json:
+        # a fresh directory each, so a gateway never reads what an earlier one on the same port counted.
+        env = {"XDG_STATE_HOME": tempfile.mkdtemp(prefix="state-", dir=LOG_DIR), **(env or {})}
         child = self._start(Child(argv, port=port, env=env, log_path=log_path))
         return Gateway(port, child, log_path)
 

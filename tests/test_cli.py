@@ -79,6 +79,9 @@ def test_gateway_up_runs_the_local_stack_and_stops_cleanly() -> None:
         text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="mock", messages=CHAT["messages"], stream=True, max_tokens=4) if c.choices)
         assert text.strip()
+        # The local stack counts tokens (no keys there: the key is ""), so /-/usage has something to show.
+        usage = httpx.get(f"http://127.0.0.1:{port}/-/usage").json()["keys"][""]["mock"]["since_start"]
+        assert usage["requests"] == 1 and usage["completion_tokens"] == 4
         routes = httpx.get(f"http://127.0.0.1:{port}/-/routes").json()
         assert len(routes["targets"]) == 2 and len(routes["routers"]) == 1
         children = [f"127.0.0.1:{t['address'].split(':')[1]}" for t in routes["targets"]]
@@ -140,6 +143,30 @@ def test_ray_haproxy_env_durations_carry_over() -> None:
                             "RAY_SERVE_HAPROXY_HEALTH_CHECK_FASTINTER": "250ms",
                             "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S": "3"})
     assert (config.health_interval_s, config.health_fast_interval_s, config.router_timeout_s) == (5.0, 0.25, 3.0)
+
+
+def test_token_accounting_is_auto_on_with_keys_and_flags_env_and_file_override(tmp_path) -> None:
+    from gateway.config import ConfigError, resolve
+
+    base = {"GATEWAY_REPLICAS": "http://127.0.0.1:1"}
+    assert resolve(None, base).token_accounting is None and not resolve(None, base).counts_tokens
+    assert resolve(None, {**base, "GATEWAY_API_KEYS_FILE": "keys.toml"}).counts_tokens
+    assert resolve(None, {**base, "GATEWAY_API_KEY": "sk-1"}).counts_tokens
+    assert not resolve(None, {**base, "GATEWAY_API_KEY": "sk-1", "GATEWAY_TOKEN_ACCOUNTING": "false"}).counts_tokens
+    assert resolve(None, {**base, "GATEWAY_TOKEN_ACCOUNTING": "on"}).counts_tokens
+    assert resolve(None, {**base, "GATEWAY_API_KEY": "sk-1", "GATEWAY_TOKEN_ACCOUNTING": "auto"}).counts_tokens
+    config = tmp_path / "gateway.toml"
+    config.write_text('token_accounting = false\napi_key = "sk-1"\n')
+    assert not resolve(None, {**base, "GATEWAY_CONFIG": str(config)}).counts_tokens
+    config.write_text('token_accounting = "auto"\napi_key = "sk-1"\n')
+    assert resolve(None, {**base, "GATEWAY_CONFIG": str(config)}).counts_tokens
+    try:
+        resolve(None, {**base, "GATEWAY_TOKEN_ACCOUNTING": "sometimes"})
+        raise AssertionError("accepted")
+    except ConfigError as exc:
+        assert "or auto" in str(exc)
+    text = " ".join(run_gateway("serve", "--help").stdout.split())  # as argparse wraps it, on one line
+    assert "--token-accounting, --no-token-accounting" in text and "default: auto]" in text
 
 
 def test_gateway_up_vllm_backend_explains_what_is_missing(tmp_path) -> None:

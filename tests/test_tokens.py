@@ -110,6 +110,70 @@ def keys_file(path: Path, extra: str) -> Path:
     return path
 
 
+ASKED_USAGE = b'{"stream_options":{"include_usage":true,"continuous_usage_stats":false},'  # usage.py's splice
+
+
+def tenants_file(path: Path) -> Path:
+    """Two keys, no budget: each a tenant whose tokens are counted by default."""
+    path.write_text("".join(f'[[keys]]\nname = "{name}"\nsha256 = "{digest_of(key).hex()}"\n'
+                            for name, key in (("alice", KEY), ("bob", KEY + "-bob"))))
+    return path
+
+
+@pytest.mark.parametrize("relay", ["pump", "python"])
+def test_a_gateway_with_keys_counts_tokens_without_being_asked(stack: Stack, tmp_path: Path, relay: str) -> None:
+    """token_accounting defaults to auto: a keys file alone turns it on (every key is a tenant)."""
+    if relay == "pump" and not PUMP_BUILT:
+        pytest.skip("the C pump is not built")
+    replica = stack.replica("r1", "--itl-ms", "2")
+    gateway = stack.gateway([], [replica], "--api-keys-file", str(tenants_file(tmp_path / "k.toml")),
+                            *(["--no-native-relay"] if relay == "python" else []))
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+    unary = client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=7).usage
+    asked = list(client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=9, stream=True,
+                                                stream_options={"include_usage": True}))[-1].usage
+    plain = list(client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=9, stream=True))
+    assert plain and all(chunk.usage is None and chunk.choices for chunk in plain)  # no usage chunk it did not ask for
+    completion = list(client.completions.create(model="mock", prompt="a few words", max_tokens=5, stream=True))
+    assert all(chunk.usage is None and chunk.choices for chunk in completion)
+    direct = raw_stream(replica.port, "/v1/completions", {"model": "mock", "prompt": "a few words", "max_tokens": 5,
+                                                          "stream": True, "stream_options": {"include_usage": True}},
+                        b"d")
+    prompt = unary.prompt_tokens + 2 * asked.prompt_tokens + int(re.search(rb'"prompt_tokens":(\d+)', direct)[1])
+    completed = unary.completion_tokens + 2 * asked.completion_tokens \
+        + int(re.search(rb'"completion_tokens":(\d+)', direct)[1])
+    report = usage_of(gateway.url, KEY)
+    counts = report["keys"]["alice"]["mock"]
+    for period in ("since_start", "minute", "day"):
+        assert (counts[period]["requests"], counts[period]["prompt_tokens"],
+                counts[period]["completion_tokens"]) == (4, prompt, completed), period
+    assert "bob" not in report["keys"]
+    # What the replica got: the client's body, plus only stream_options for a stream that did not ask for usage.
+    body = json.dumps({**CHAT, "stream": True, "max_tokens": 3}, separators=(",", ":")).encode()
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", content=body, timeout=10,
+                          headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert response.status_code == 200 and b'"usage"' not in response.content
+    assert replica.stats()["last_request"]["body"].encode() == ASKED_USAGE + body[1:]
+    unary_body = json.dumps({**CHAT, "max_tokens": 3}).encode()
+    httpx.post(f"{gateway.url}/v1/chat/completions", content=unary_body, timeout=10,
+               headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert replica.stats()["last_request"]["body"].encode() == unary_body
+
+
+def test_no_token_accounting_with_keys_and_no_keys_leave_bodies_alone(stack: Stack, tmp_path: Path) -> None:
+    """The explicit off switch wins over auto; without keys auto is off: the replica sees the client's bytes."""
+    replica = stack.replica("r1", "--itl-ms", "1")
+    body = json.dumps({**CHAT, "stream": True, "max_tokens": 3}).encode()
+    for args, headers in ((("--api-keys-file", str(tenants_file(tmp_path / "k.toml")), "--no-token-accounting"),
+                           {"authorization": f"Bearer {KEY}"}), ((), {})):
+        gateway = stack.gateway([], [replica], *args)
+        response = httpx.post(f"{gateway.url}/v1/chat/completions", content=body, timeout=10,
+                              headers={**headers, "content-type": "application/json"})
+        assert response.status_code == 200
+        assert replica.stats()["last_request"]["body"].encode() == body, args
+        assert usage_of(gateway.url, headers.get("authorization", "")[7:] or None)["keys"] == {}, args
+
+
 def test_tokens_per_minute_answers_429_token_limited_then_admits_again(stack: Stack, tmp_path: Path) -> None:
     replica = stack.replica("r1", "--itl-ms", "1")
     # A 6 s "minute" (slots of 0.1 s), so the test waits seconds, not a minute.

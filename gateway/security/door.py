@@ -45,7 +45,7 @@ class FrontDoor:
         self.config = config
         self.keys: KeyRing = load_keys(config.api_key, config.api_keys_file)
         self.usage = usage
-        self.accounting = config.token_accounting
+        self.accounting = config.counts_tokens
         # What each key name has used: outlives reloads (a request gives back to the state it took from).
         self.states = KeyStates(config.token_minute_s, usage.day_tokens if usage is not None else lambda name: 0)
         self.states.attach(self.keys.keys)

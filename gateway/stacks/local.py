@@ -34,7 +34,7 @@ def run_up(args: argparse.Namespace) -> int:
         children.append(Child(python_module("replicas.router", *router_args), port=router_port).start())
         config = Config(host=args.host, port=args.port, routers=[f"http://127.0.0.1:{router_port}"],
                         replicas=replicas, forward_body=args.policy == "prefix_affinity", access_log=False, resume_limit=3,
-                        log_level="warning").validate()
+                        token_accounting=True, log_level="warning").validate()  # /-/usage has counts to show
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         usage = EXAMPLE.format(replicas=args.replicas, policy=args.policy, base=f"http://{host}:{args.port}")
         return uvloop.run(serve_async(config, on_ready=lambda: print(usage, flush=True)))

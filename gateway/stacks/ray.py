@@ -316,7 +316,7 @@ def run_ray_up(args: argparse.Namespace) -> int:
         deployed = stack.deploy(*deploy_args, timeout_s=180.0 if backend == "mock" else 600.0)
         config = Config(host=args.host, port=args.port, ray_address=stack.address, strict_replica_id=True,
                         forward_body=True, health_path="/-/healthz", access_log=False,
-                        log_level="warning").validate()
+                        token_accounting=True, log_level="warning").validate()
         from gateway.process.serve import serve_async
 
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host

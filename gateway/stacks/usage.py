@@ -9,5 +9,6 @@ USAGE = """\
   python -c "from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='none'); \\
 print(c.chat.completions.create(model='mock', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
 
-  Gateway endpoints: {base}/-/routes  {base}/-/metrics  {base}/-/ready
+  Gateway endpoints: {base}/-/routes  {base}/-/metrics  {base}/-/ready  {base}/-/usage
+  Tokens used per model: gateway keys usage --url {base}
 """
