@@ -263,6 +263,19 @@ class ResumeStream:
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
 
+
+    def _ended_well(self, usage: bool, done: bool) -> bool:
+        """Fold one read's usage and [DONE] into the stream's state; False when its [DONE] must be held back
+        (the engine gave up without finishing: the stream is broken, not ended)."""
+        if usage:
+            self.usage_sent = True
+        if not done:
+            return True
+        if self.finished and (self.usage_sent or not self.include_usage):
+            self.done = True
+            return True
+        self.broken = True
+        return False
     def _batch(self, buffer: bytes) -> bool:
         """The per-read path of the original stream: all events of one read at once, with C-speed byte
         operations and no JSON round trip (a per-event JSON path cost 4x the relay itself, measured).
@@ -290,14 +303,8 @@ class ResumeStream:
             if ids:
                 self._raw_ids.append(ids)
             self.finished = self.finished or finished
-            if usage:
-                self.usage_sent = True
-            if done:
-                if self.finished and (self.usage_sent or not self.include_usage):
-                    self.done = True
-                else:
-                    self.broken = True  # the engine gave up without finishing
-                    rewritten = rewritten[:-len(_DONE_EVENT)]
+            if not self._ended_well(usage, done):
+                rewritten = rewritten[:-len(_DONE_EVENT)]
             if rewritten and self.transport is not None:
                 self.transport.write(b"%x\r\n%s\r\n" % (len(rewritten), rewritten))
             return True
@@ -313,14 +320,8 @@ class ResumeStream:
         last = parts[-2]
         if not last.endswith(_NOT_FINISHED) and b'"finish_reason":"' in last:
             self.finished = True
-        if usage:
-            self.usage_sent = True
-        if done:
-            if self.finished and (self.usage_sent or not self.include_usage):
-                self.done = True
-            else:
-                self.broken = True  # the engine gave up without finishing
-                out[-1] = out[-1][:-len(_DONE_EVENT)]
+        if not self._ended_well(usage, done):
+            out[-1] = out[-1][:-len(_DONE_EVENT)]
         buffer = (_IDS_KEY if wants_ids else _IDS_NULL).join(out)
         if buffer and self.transport is not None:
             self.transport.write(b"%x\r\n%s\r\n" % (len(buffer), buffer))
