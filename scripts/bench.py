@@ -8,7 +8,7 @@ One command from a fresh clone (after `pip install -e '.[test,bench,ray]'`)::
     .venv/bin/python scripts/bench.py --smoke         # seconds; what tests/test_bench_quick.py runs
     .venv/bin/python scripts/bench.py --systems direct,haproxy --out bench-results/
 
-Layout of one run (all processes in this process's session: no setsid, see DEVELOPERS.md):
+Layout of one run (all processes in this process's session: no setsid, see docs/contributing.md, "Real vLLM on CPU"):
 
 * upstreams on core 1: ``replicas.router`` (POST /internal/route) and ``--replicas`` mock engines
   (``replicas.mock_engine``, itl 0, ~10 KB unary body);

@@ -13,7 +13,7 @@ Knobs (environment): ``LOCUST_MAX_TOKENS`` (200), ``LOCUST_MODEL`` ("mock"), ``L
 ``LOCUST_UNARY_WEIGHT`` (0), ``LOCUST_TIMEOUT_S`` (120), ``LOCUST_SESSION_HEADER`` (unset: when
 set, every user sends a stable ``<header>: user-<n>`` so a session-affinity router pins it).
 
-Stack to point it at (one shell; no setsid, see DEVELOPERS.md)::
+Stack to point it at (one shell; no setsid, see docs/contributing.md, "Real vLLM on CPU")::
 
     .venv/bin/python -m replicas.mock_engine --port 8101 --replica-id r1 &
     .venv/bin/python -m replicas.mock_engine --port 8102 --replica-id r2 &

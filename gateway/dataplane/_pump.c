@@ -1,6 +1,7 @@
 /* The stream pump: relays the chunked body of replica responses to their clients, in C.
  *
- * Why C, and why one epoll set of its own (bench.py --paced, perf, README "Paced LLM traffic"):
+ * Why C, and why one epoll set of its own (scripts/bench.py --paced, perf; docs/performance.md,
+ * "Paced LLM traffic"):
  * on paced LLM traffic each token is one read of the replica socket and one write to the
  * client socket, the same system calls HAProxy makes; what made the Python relay cost more
  * per token was user space around them (uvloop's read callback, a bytes object, a Python

@@ -46,8 +46,8 @@ def wait_port(host: str, port: int, deadline_s: float = 20.0, proc: subprocess.P
 
 
 class Child:
-    """One server process: started in our session (see DEVELOPERS.md: a setsid-ed
-    process gets its own scheduler group and streams arrive in bursts)."""
+    """One server process: started in our session (docs/contributing.md, "Real vLLM on CPU": a
+    setsid-ed process gets its own scheduler group and streams arrive in bursts)."""
 
     def __init__(self, argv: Sequence[str], port: int | None = None, host: str = "127.0.0.1",
                  env: dict[str, str] | None = None, log_path: str | None = None, cpu: int | None = None):
