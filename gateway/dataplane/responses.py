@@ -41,6 +41,8 @@ from typing import Any
 
 import orjson
 
+from gateway.observability.usage import json_object
+
 RESPONSES = b"/v1/responses"
 _NONCE = 12
 _MAC = 12
@@ -100,11 +102,8 @@ class Affinity:
         if not rest:
             if method != b"POST":
                 return None
-            try:
-                document = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                return None  # the replica answers it with a 400
-            if not isinstance(document, dict):
+            document = json_object(body)
+            if document is None:
                 return None
             pinned = self.replica_of(document.get("previous_response_id"))
             tag = "request_id" not in document  # a client's own request_id is kept: no affinity for it

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.observability.usage import json_object
+
 try:
     from gateway.dataplane._pump import token_ids as _token_ids
 except ImportError:  # installed without a C compiler: the loop in ResumeStream._batch
@@ -137,11 +139,8 @@ def plan(method: bytes, path: bytes, url: bytes, version: str, body_bytes: bytes
     chat = path == CHAT
     if method != b"POST" or not (chat or path == COMPLETIONS) or version != "1.1":
         return _NO_PLAN
-    try:
-        body = orjson.loads(body_bytes)
-    except orjson.JSONDecodeError:
-        return _NO_PLAN  # the replica answers it with a 400
-    if not isinstance(body, dict) or body.get("stream") is not True:
+    body = json_object(body_bytes)
+    if body is None or body.get("stream") is not True:
         return _NO_PLAN
     if chat and not isinstance(body.get("messages"), list) or not chat and "prompt" not in body:
         return _NO_PLAN

@@ -72,6 +72,15 @@ class Ask:
         return self.prompt_estimate + (self.max_tokens if self.max_tokens is not None else default_max_tokens)
 
 
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """A request body's JSON object, or None: not JSON (the replica answers it with a 400), or not an object."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
 def _text_bytes(value: object) -> int:
     if isinstance(value, str):
         return len(value.encode())
@@ -98,11 +107,8 @@ def ask(method: bytes, path: bytes, body: bytes) -> tuple[Ask, bytes | None] | N
     a completion we count (then nothing about the request changes)."""
     if method != b"POST" or not path.endswith(_ACCOUNTED) or not body:
         return None
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None  # the replica answers it with a 400
-    if not isinstance(document, dict):
+    document = json_object(body)
+    if document is None:
         return None
     model = document.get("model")
     model = model if isinstance(model, str) else ""
