@@ -146,6 +146,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+# Each gateway beside the HAProxy it is compared with (the keyed gateway with the TLS HAProxy, which has no keys).
+PAIRS = (("haproxy-tls", "gateway-tls"), ("haproxy-tls", "gateway-tls-key"), ("haproxy", "gateway"))
+
+
+def compare(index: dict, point: tuple, cpu: str, name: str, summary: dict, lines: list[str], cells) -> None:
+    """One point's rows (`cells` of a row, then the gateway's CPU over HAProxy's) and its CPU ratios in `summary`."""
+    for haproxy, gateway in PAIRS:
+        h, g = index.get((haproxy, *point)), index.get((gateway, *point))
+        if h is None or g is None:
+            continue
+        ratio = g[cpu] / h[cpu] if h[cpu] and g[cpu] else None
+        summary[f"{gateway}/{haproxy} {name}"] = round(ratio, 3) if ratio else None
+        for row in (h, g) if gateway != "gateway-tls-key" else (g,):  # that HAProxy's row is printed once
+            ratio_cell = f"{ratio:.2f}" if row is g and ratio else ""
+            lines.append("| " + " | ".join(str(cell) for cell in cells(row)) + f" | {ratio_cell} |")
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     out = Path(a.out).resolve()
@@ -186,35 +203,19 @@ def main(argv=None) -> int:
     index = {(r["system"], r["workload"], r["concurrency"]): r for r in rows}
     lines = ["| workload | conc | system | req/s | p50 ms | cpu us/req | gateway / HAProxy CPU |",
              "|---|---|---|---|---|---|---|"]
-    summary = {}
+    summary: dict[str, float | None] = {}
     for workload in a.workloads:
         for conc in (a.unary_conc if workload == "unary" else a.stream_conc):
-            for pair in (("haproxy-tls", "gateway-tls"), ("haproxy-tls", "gateway-tls-key"), ("haproxy", "gateway")):
-                h, g = index.get((pair[0], workload, conc)), index.get((pair[1], workload, conc))
-                if h is None or g is None:
-                    continue
-                hc, gc = h["cpu_us_per_req"], g["cpu_us_per_req"]
-                ratio = gc / hc if hc and gc else None
-                summary[f"{pair[1]}/{pair[0]} {workload} c{conc}"] = round(ratio, 3) if ratio else None
-                for row in (h, g) if pair[1] != "gateway-tls-key" else (g,):
-                    lines.append(f"| {workload} | {conc} | {LABEL[row['system']]} | {row['rps']} | {row['p50_ms']} | "
-                                 f"{row['cpu_us_per_req']} | {f'{ratio:.2f}' if row is g and ratio else ''} |")
+            compare(index, (workload, conc), "cpu_us_per_req", f"{workload} c{conc}", summary, lines,
+                    lambda row: [workload, conc, LABEL[row["system"]], row["rps"], row["p50_ms"], row["cpu_us_per_req"]])
     if a.paced:
         lines += ["", "| paced point | system | events/s | TTFT p50 ms | gap p99 ms | cpu us/stream | gateway / HAProxy CPU |",
                   "|---|---|---|---|---|---|---|"]
         paced = {(r["system"], r["streams_per_replica"], r["step_ms"]): r for r in rows if "cpu_us_per_stream" in r}
         for spr, step in a.paced:
-            for pair in (("haproxy-tls", "gateway-tls"), ("haproxy-tls", "gateway-tls-key"), ("haproxy", "gateway")):
-                h, g = paced.get((pair[0], spr, step)), paced.get((pair[1], spr, step))
-                if h is None or g is None:
-                    continue
-                hc, gc = h["cpu_us_per_stream"], g["cpu_us_per_stream"]
-                ratio = gc / hc if hc and gc else None
-                summary[f"{pair[1]}/{pair[0]} paced {spr}x{step:g}"] = round(ratio, 3) if ratio else None
-                for row in (h, g) if pair[1] != "gateway-tls-key" else (g,):
-                    lines.append(f"| {spr}x{step:g} ms | {LABEL[row['system']]} | {row['events_per_s']} | "
-                                 f"{row['ttfb_p50_ms']} | {row['gap_p99_ms']} | {row['cpu_us_per_stream']} | "
-                                 f"{f'{ratio:.2f}' if row is g and ratio else ''} |")
+            compare(paced, (spr, step), "cpu_us_per_stream", f"paced {spr}x{step:g}", summary, lines,
+                    lambda row: [f"{spr}x{step:g} ms", LABEL[row["system"]], row["events_per_s"], row["ttfb_p50_ms"],
+                                 row["gap_p99_ms"], row["cpu_us_per_stream"]])
     text = "\n".join(lines)
     print("\n" + text)
     (out / "results_tls.md").write_text(text + "\n")
