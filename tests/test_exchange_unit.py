@@ -111,6 +111,12 @@ class Rig:
     def close(self) -> None:
         Exchange.on_end.remove(self._on_end)
 
+    def __enter__(self) -> "Rig":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _on_end(self, exchange: Exchange, outcome: Outcome) -> None:
         self.ended.append((exchange, outcome))
 
@@ -143,6 +149,19 @@ class Rig:
         client.connection_made(transport)
         return client, transport
 
+    def get(self) -> tuple[UpstreamConnection, ClientConnection, MockTransport]:
+        """A client's GET, sent on a pooled replica connection."""
+        conn = self.pooled()
+        client, out = self.client()
+        client.data_received(GET)
+        return conn, client, out
+
+    def streaming(self) -> tuple[UpstreamConnection, ClientConnection, MockTransport]:
+        """A client's GET whose chunked answer has begun (head and first event relayed)."""
+        conn, client, out = self.get()
+        conn.data_received(CHUNKED[:100])
+        return conn, client, out
+
 
 @pytest.fixture
 async def loop():
@@ -151,9 +170,8 @@ async def loop():
 
 @pytest.fixture
 async def rig(loop):
-    rig = Rig(loop)
-    yield rig
-    rig.close()
+    with Rig(loop) as rig:
+        yield rig
 
 
 async def settle(loop: asyncio.AbstractEventLoop, rounds: int = 5) -> None:
@@ -178,9 +196,7 @@ def counts_are_zero(rig: Rig) -> bool:
 async def test_every_split_of_a_response_completes_and_pools_the_connection(rig, response) -> None:
     """Head and body in separate reads (uvicorn), at every split point: keep-alive is decided at the end."""
     for cut in range(1, len(response)):
-        conn = rig.pooled()
-        client, out = rig.client()
-        client.data_received(GET)
+        conn, client, out = rig.get()
         exchange = client.exchange
         assert exchange is not None and exchange.phase is Phase.AWAITING_HEAD
         assert conn.mock.take().startswith(b"GET /v1/models HTTP/1.1\r\n")  # type: ignore[attr-defined]
@@ -197,9 +213,7 @@ async def test_every_split_of_a_response_completes_and_pools_the_connection(rig,
 
 async def test_phases_in_order_and_one_end(rig) -> None:
     phases = []
-    conn = rig.pooled()
-    client, out = rig.client()
-    client.data_received(GET)
+    conn, client, out = rig.get()
     exchange = client.exchange
     phases.append(exchange.phase)
     conn.data_received(CHUNKED[:90])
@@ -229,9 +243,7 @@ async def test_connecting_then_the_client_leaves_keeps_the_new_connection(rig, l
 
 
 async def test_client_gone_while_awaiting_the_head_aborts_the_replica_connection(rig) -> None:
-    conn = rig.pooled()
-    client, _ = rig.client()
-    client.data_received(GET)
+    conn, client, _ = rig.get()
     client.connection_lost(None)
     assert conn.mock.aborted and rig.target.pool.idle_count == 0  # type: ignore[attr-defined]
     assert [o for _, o in rig.ended] == [Outcome.CLIENT_GONE]
@@ -241,10 +253,7 @@ async def test_client_gone_while_awaiting_the_head_aborts_the_replica_connection
 
 
 async def test_replica_lost_mid_body_cuts_the_client_and_never_pools(rig) -> None:
-    conn = rig.pooled()
-    client, out = rig.client()
-    client.data_received(GET)
-    conn.data_received(CHUNKED[:100])
+    conn, client, out = rig.streaming()
     conn.connection_lost(None)
     assert [o for _, o in rig.ended] == [Outcome.FAILED]
     assert out.closed and rig.target.pool.idle_count == 0
@@ -253,9 +262,7 @@ async def test_replica_lost_mid_body_cuts_the_client_and_never_pools(rig) -> Non
 
 
 async def test_replica_lost_before_the_head_is_retried_once_then_503(rig, loop) -> None:
-    first = rig.pooled()
-    client, out = rig.client()
-    client.data_received(GET)
+    first, client, out = rig.get()
     first.data_received(b"HTTP/1.1 2")  # some bytes: not a stale connection
     first.connection_lost(None)
     await settle(loop)
@@ -269,9 +276,7 @@ async def test_replica_lost_before_the_head_is_retried_once_then_503(rig, loop) 
 
 
 async def test_a_stale_pooled_connection_is_resent_on_a_fresh_one(rig, loop) -> None:
-    stale = rig.pooled()
-    client, out = rig.client()
-    client.data_received(GET)
+    stale, client, out = rig.get()
     stale.connection_lost(None)  # closed by the replica as we reused it, before any byte
     await settle(loop)
     fresh = rig.upstreams[-1]
@@ -282,9 +287,7 @@ async def test_a_stale_pooled_connection_is_resent_on_a_fresh_one(rig, loop) -> 
 
 
 async def test_connection_close_from_the_replica_is_not_pooled(rig) -> None:
-    conn = rig.pooled()
-    client, out = rig.client()
-    client.data_received(GET)
+    conn, client, out = rig.get()
     conn.data_received(RESPONSE.replace(b"content-length", b"connection: close\r\ncontent-length"))
     assert conn.mock.closed and rig.target.pool.idle_count == 0  # type: ignore[attr-defined]
     assert not out.closed  # the client's own connection stays
@@ -294,9 +297,7 @@ async def test_connection_close_from_the_replica_is_not_pooled(rig) -> None:
 async def test_bytes_after_the_response_are_never_relayed(rig, same_read) -> None:
     evil = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!"
     for response in (RESPONSE, CHUNKED):
-        conn = rig.pooled()
-        client, out = rig.client()
-        client.data_received(GET)
+        conn, client, out = rig.get()
         if same_read:
             conn.data_received(response + evil)
         else:
@@ -308,35 +309,23 @@ async def test_bytes_after_the_response_are_never_relayed(rig, same_read) -> Non
 
 
 async def test_first_byte_timeout_is_504(loop) -> None:
-    rig = Rig(loop, first_byte_timeout_s=1.0)
-    try:
-        conn = rig.pooled()
-        client, out = rig.client()
-        client.data_received(GET)
+    with Rig(loop, first_byte_timeout_s=1.0) as rig:
+        conn, client, out = rig.get()
         exchange = client.exchange
         client.check_timeouts(exchange.first_byte_deadline + 0.1)
         assert exchange.outcome is Outcome.UPSTREAM_TIMEOUT and conn.mock.aborted  # type: ignore[attr-defined]
         assert out.take().startswith(b"HTTP/1.1 504 ") and counts_are_zero(rig)
-    finally:
-        rig.close()
 
 
 async def test_a_silent_replica_is_upstream_timeout_and_a_client_not_reading_is_client_timeout(loop) -> None:
-    rig = Rig(loop, idle_timeout_s=2.0)
-    try:
-        conn = rig.pooled()
-        client, out = rig.client()
-        client.data_received(GET)
-        conn.data_received(CHUNKED[:100])
+    with Rig(loop, idle_timeout_s=2.0) as rig:
+        conn, client, out = rig.streaming()
         exchange = client.exchange
         client.check_timeouts(100.0)
         client.check_timeouts(103.0)
         assert exchange.outcome is Outcome.UPSTREAM_TIMEOUT and rig.finished[0].reason == "upstream_timeout"
 
-        conn = rig.pooled()
-        client, out = rig.client()
-        client.data_received(GET)
-        conn.data_received(CHUNKED[:100])
+        conn, client, out = rig.streaming()
         exchange = client.exchange
         client.pause_writing()  # the client stopped reading
         assert not conn.mock.reading  # type: ignore[attr-defined]  # backpressure reaches the replica
@@ -348,25 +337,17 @@ async def test_a_silent_replica_is_upstream_timeout_and_a_client_not_reading_is_
         assert exchange.outcome is Outcome.CLIENT_TIMEOUT and out.aborted and conn.mock.aborted  # type: ignore
         client.connection_lost(None)
         assert rig.finished[1].reason == "client_timeout" and counts_are_zero(rig)
-    finally:
-        rig.close()
 
 
 async def test_a_slow_client_that_reads_is_not_cut(loop) -> None:
-    rig = Rig(loop, idle_timeout_s=2.0)
-    try:
-        conn = rig.pooled()
-        client, out = rig.client()
-        client.data_received(GET)
-        conn.data_received(CHUNKED[:100])
+    with Rig(loop, idle_timeout_s=2.0) as rig:
+        conn, client, out = rig.streaming()
         exchange = client.exchange
         client.pause_writing()
         for second in range(10):
             out.buffer_size = 300_000 - second * 1000  # it drains, slowly
             client.check_timeouts(300.0 + second * 1.5)
         assert exchange.phase is Phase.STREAMING
-    finally:
-        rig.close()
 
 
 async def test_emfile_on_connect_is_local_overload_not_a_replica_failure(rig, loop) -> None:
@@ -380,8 +361,7 @@ async def test_emfile_on_connect_is_local_overload_not_a_replica_failure(rig, lo
 
 
 async def test_max_in_flight_counts_requests_still_connecting(loop) -> None:
-    rig = Rig(loop, max_in_flight=2)
-    try:
+    with Rig(loop, max_in_flight=2) as rig:
         rig.connect_gate = asyncio.Event()
         outs = []
         for _ in range(5):
@@ -391,8 +371,6 @@ async def test_max_in_flight_counts_requests_still_connecting(loop) -> None:
         await settle(loop)
         refused = [o for o in outs if o.written.startswith(b"HTTP/1.1 503 ")]
         assert len(refused) == 3 and rig.state.in_flight == 2
-    finally:
-        rig.close()
 
 
 # -- the client side ------------------------------------------------------------------------------------------------
@@ -438,8 +416,7 @@ async def test_a_head_that_never_ends_is_431_at_the_byte_limit(rig, where) -> No
 
 
 async def test_the_body_budget_refuses_new_requests_past_it(loop) -> None:
-    rig = Rig(loop, max_buffered_body_bytes=1000)
-    try:
+    with Rig(loop, max_buffered_body_bytes=1000) as rig:
         first, _ = rig.client()
         first.data_received(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 900\r\n\r\n" + b"x" * 800)
         assert rig.state.buffered_body == 800
@@ -448,8 +425,6 @@ async def test_the_body_budget_refuses_new_requests_past_it(loop) -> None:
         assert out.take().startswith(b"HTTP/1.1 503 ")
         first.connection_lost(None)
         assert rig.state.buffered_body == 0  # given back by a client that left mid-body
-    finally:
-        rig.close()
 
 
 async def test_forwarded_headers_trailers_and_connection_named(rig) -> None:
@@ -477,8 +452,7 @@ async def test_decision_headers_are_tokens_not_framing_and_latin1() -> None:
 async def test_random_interleavings_keep_counts_exact(loop) -> None:
     """Random requests, splits, client departures and replica failures: every exchange ends once, nothing leaks."""
     rng = random.Random(7)
-    rig = Rig(loop)
-    try:
+    with Rig(loop) as rig:
         for _ in range(300):
             conn = rig.pooled() if rng.random() < 0.7 else None
             client, out = rig.client()
@@ -504,5 +478,3 @@ async def test_random_interleavings_keep_counts_exact(loop) -> None:
             assert counts_are_zero(rig), action
         ids = [id(exchange) for exchange, _ in rig.ended]
         assert len(ids) == len(set(ids))  # each exchange ended exactly once
-    finally:
-        rig.close()
