@@ -72,6 +72,13 @@ class Rig:
             self.pump.run()
         self.drain()
 
+    def feed_reads(self, reads: list[bytes]) -> None:
+        """The replica writes each read in turn, until the stream ended."""
+        for piece in reads:
+            self.feed(piece)
+            if self.ended:
+                return
+
     def drain(self) -> bytes:
         """What the client received so far (all of it, kept in `received`)."""
         while True:

@@ -26,6 +26,9 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
 TRIED = {"events": 0}
 ERROR_EVENT = (b'data: {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", '
                b'"param": null, "code": 500}}\n\n')
+# How a drawn stream ends: mostly as vLLM ends one; else [DONE] too early, vLLM's in-band error or an event that is
+# not JSON somewhere (spoil), cut before [DONE], or one event without token ids.
+ENDINGS = ["normal"] * 6 + ["early_done", "error", "garbage", "truncated", "no_ids"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,7 +60,7 @@ def vllm_stream(draw) -> tuple[list[bytes], dict[str, Any]]:
         events.append(event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                   "logprobs": None, "finish_reason": None}],
                              "prompt_token_ids": prompt}))
-    ending = draw(st.sampled_from(["normal"] * 6 + ["early_done", "error", "garbage", "truncated", "no_ids"]))
+    ending = draw(st.sampled_from(ENDINGS))
     for i, (text, ids, noise) in enumerate(tokens):
         last = i == len(tokens) - 1 and ending in ("normal", "no_ids")
         choice: dict[str, Any] = {"index": 0}
@@ -78,10 +81,7 @@ def vllm_stream(draw) -> tuple[list[bytes], dict[str, Any]]:
             events.append(b": keep-alive\n\n")
         elif noise == 1:
             events.append(b"event: ping\ndata: {}\n\n")
-    if ending == "error":
-        events.insert(draw(st.integers(0, len(events))), ERROR_EVENT)
-    elif ending == "garbage":
-        events.insert(draw(st.integers(0, len(events))), b"data: this is not json\n\n")
+    spoil(draw, events, ending)
     if ending in ("normal", "no_ids", "early_done") and include_usage and ending != "early_done":
         n = len(tokens)
         events.append(event({**head, "choices": [], "usage": {"prompt_tokens": len(prompt), "total_tokens":
@@ -93,6 +93,14 @@ def vllm_stream(draw) -> tuple[list[bytes], dict[str, Any]]:
         body["return_token_ids"] = True
     return events, {"chat": chat, "wants_ids": wants_ids, "include_usage": include_usage, "body": body,
                     "ended": ending != "truncated"}
+
+
+def spoil(draw, events: list[bytes], ending: str) -> None:
+    """The endings "error" and "garbage": vLLM's in-band error, or an event that is not JSON, at any place."""
+    if ending == "error":
+        events.insert(draw(st.integers(0, len(events))), ERROR_EVENT)
+    elif ending == "garbage":
+        events.insert(draw(st.integers(0, len(events))), b"data: this is not json\n\n")
 
 
 @st.composite
@@ -153,12 +161,17 @@ def python_path(reads: list[bytes], meta: dict[str, Any]) -> tuple[ResumeStream,
     stream = ResumeStream(dict(meta["body"]), meta["chat"], meta["wants_ids"], 1)
     transport = Collect()
     stream.start_segment(transport)  # type: ignore[arg-type]
+    feed_python(stream, reads)
+    return stream, dechunk(bytes(transport.data))
+
+
+def feed_python(stream: ResumeStream, reads: list[bytes]) -> None:
+    """The reads through httptools into the stream as upstream.py feeds it (_SinkFeeder), flushed after each."""
     parser = httptools.HttpResponseParser(Feeder(stream.pending))
     parser.feed_data(HEAD)
     for piece in reads:
         parser.feed_data(piece)
         stream.flush()
-    return stream, dechunk(bytes(transport.data))
 
 
 def flags(meta: dict[str, Any]) -> int:
@@ -185,10 +198,7 @@ def test_the_pump_handles_events_as_the_python_path_does(data) -> None:
         reference._parse_raw_ids()
     rig = Rig(events=flags(meta))
     try:
-        for piece in reads:
-            rig.feed(piece)
-            if rig.ended:
-                break
+        rig.feed_reads(reads)
         stream = rig.stream
         got = dechunk(bytes(rig.received) + (rig.ended[0][1] or b"" if rig.ended else b""))
         assert got == expected
@@ -287,10 +297,7 @@ def test_the_pump_strips_the_usage_chunk_as_the_meter_does(data) -> None:
     meter.end()
     rig = Rig(events=_pump.EV_ON | (_pump.EV_STRIP_USAGE if strip else 0))
     try:
-        for piece in reads:
-            rig.feed(piece)
-            if rig.ended:
-                break
+        rig.feed_reads(reads)
         assert bytes(rig.received) == expected
         assert rig.stream.usage == ((meter.prompt, meter.completion) if meter.exact else None)
     finally:

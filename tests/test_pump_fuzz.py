@@ -102,10 +102,7 @@ def pump_it(pieces: list[bytes], head_piece: bool) -> Rig:
     body_so_far = pieces[0] if head_piece and pieces else b""
     rig = Rig(body_so_far=body_so_far)
     if rig.stream is not None:
-        for piece in pieces[1 if head_piece else 0:]:
-            rig.feed(piece)
-            if rig.ended:
-                break
+        rig.feed_reads(pieces[1 if head_piece else 0:])
     return rig
 
 

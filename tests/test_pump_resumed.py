@@ -17,7 +17,6 @@ import os
 import random
 from typing import Any
 
-import httptools
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,8 +25,8 @@ from hypothesis import strategies as st
 from gateway.dataplane import _pump
 from gateway.dataplane.pumping import resume_absorb, resume_flags
 from gateway.dataplane.resume import ResumeStream
-from tests.pump_rig import HEAD, Rig
-from tests.test_pump_events import ERROR_EVENT, Collect, Feeder, chunked, dechunk, event
+from tests.pump_rig import Rig
+from tests.test_pump_events import ENDINGS, Collect, chunked, dechunk, event, feed_python, spoil
 
 EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -56,7 +55,7 @@ def resumed_part(draw) -> tuple[list[bytes], dict[str, Any]]:
         del members[shape[3:]]
     tokens = draw(st.lists(st.tuples(st.text(max_size=6), st.lists(st.integers(0, 200000), max_size=2),
                                      st.integers(0, 30)), max_size=8))
-    ending = draw(st.sampled_from(["normal"] * 6 + ["early_done", "error", "garbage", "truncated", "no_ids"]))
+    ending = draw(st.sampled_from(ENDINGS))
     order = random.Random(draw(st.integers(0, 2**16)))
     extra = draw(json_value)
 
@@ -97,10 +96,7 @@ def resumed_part(draw) -> tuple[list[bytes], dict[str, Any]]:
             events.append(b"event: ping\ndata: {}\n\n")
         elif noise == 2:
             events.append(b"data: {}\n\n")
-    if ending == "error":
-        events.insert(draw(st.integers(0, len(events))), ERROR_EVENT)
-    elif ending == "garbage":
-        events.insert(draw(st.integers(0, len(events))), b"data: this is not json\n\n")
+    spoil(draw, events, ending)
     if ending in ("normal", "no_ids") and include_usage:
         n = len(tokens)
         usage = {"prompt_tokens": len(prompt) + offset, "total_tokens": len(prompt) + offset + n,
@@ -135,11 +131,7 @@ def resumed_stream(meta: dict[str, Any], transport: Collect) -> ResumeStream:
 def python_path(reads: list[bytes], meta: dict[str, Any]) -> tuple[ResumeStream, bytes]:
     transport = Collect()
     stream = resumed_stream(meta, transport)
-    parser = httptools.HttpResponseParser(Feeder(stream.pending))
-    parser.feed_data(HEAD)
-    for piece in reads:
-        parser.feed_data(piece)
-        stream.flush()
+    feed_python(stream, reads)
     return stream, bytes(transport.data)
 
 
@@ -159,10 +151,7 @@ def test_the_pump_rewrites_a_resumed_part_as_the_python_path_does(data) -> None:
     reference, expected = python_path(reads, meta)
     rig, state = pump_rig(meta)
     try:
-        for piece in reads:
-            rig.feed(piece)
-            if rig.ended:
-                break
+        rig.feed_reads(reads)
         stream = rig.stream
         got = bytes(rig.received) + (rig.ended[0][1] or b"" if rig.ended else b"")
         assert got == expected  # on the wire: one chunk per event on both paths
@@ -199,16 +188,21 @@ def feed_all(meta: dict[str, Any], events: list[bytes]) -> tuple[Rig, bytes]:
     return rig, python_path([payload], meta)[1]
 
 
+def vllm_part(finish: bytes, stop: bytes) -> list[bytes]:
+    """A continuation as vLLM writes it: two tokens (the second ends it with `finish` and `stop`), usage, [DONE]."""
+    head = b'{"id":"cmpl-new","object":"text_completion","created":1700000099,"model":"m","choices":['
+    return [b"data: " + head + b'{"index":0,"text":" on","logprobs":null,"finish_reason":null,"stop_reason":null,'
+            b'"prompt_token_ids":[1,2,3,9,9],"token_ids":[11]}]}\n\n',
+            b"data: " + head + b'{"index":0,"text":"ce","logprobs":null,"finish_reason":' + finish + b','
+            b'"stop_reason":' + stop + b',"prompt_token_ids":null,"token_ids":[12]}]}\n\n',
+            b"data: " + head + b'],"usage":{"prompt_tokens":10,"total_tokens":12,"completion_tokens":2}}\n\n',
+            b"data: [DONE]\n\n"]
+
+
 def test_a_vllm_resumed_part_reads_as_the_original_stream() -> None:
     """The example: a continuation's chunks come out with the original's id and created, no token ids, the usage of
     an uninterrupted request, each event its own chunk."""
-    head = b'{"id":"cmpl-new","object":"text_completion","created":1700000099,"model":"m","choices":['
-    events = [b"data: " + head + b'{"index":0,"text":" on","logprobs":null,"finish_reason":null,"stop_reason":null,'
-              b'"prompt_token_ids":[1,2,3,9,9],"token_ids":[11]}]}\n\n',
-              b"data: " + head + b'{"index":0,"text":"ce","logprobs":null,"finish_reason":"length",'
-              b'"stop_reason":null,"prompt_token_ids":null,"token_ids":[12]}]}\n\n',
-              b"data: " + head + b'],"usage":{"prompt_tokens":10,"total_tokens":12,"completion_tokens":2}}\n\n',
-              b"data: [DONE]\n\n"]
+    events = vllm_part(finish=b'"length"', stop=b"null")
     rig, expected = feed_all(META, events)
     try:
         assert rig.code == _pump.COMPLETE and bytes(rig.received) == expected
@@ -270,13 +264,7 @@ def test_a_rewound_resumed_part_stays_in_python() -> None:
 def test_a_chat_clients_resumed_part_reads_as_chat_chunks() -> None:
     """A chat client's stream resumed on /v1/completions: the pump writes chat chunks, as resume.py does."""
     meta = {**META, "chat": True, "body": {"messages": [], "stream": True}}
-    head = b'{"id":"cmpl-new","object":"text_completion","created":1700000099,"model":"m","choices":['
-    events = [b"data: " + head + b'{"index":0,"text":" on","logprobs":null,"finish_reason":null,"stop_reason":null,'
-              b'"prompt_token_ids":[1,2,3,9,9],"token_ids":[11]}]}\n\n',
-              b"data: " + head + b'{"index":0,"text":"ce","logprobs":null,"finish_reason":"stop",'
-              b'"stop_reason":7,"prompt_token_ids":null,"token_ids":[12]}]}\n\n',
-              b"data: " + head + b'],"usage":{"prompt_tokens":10,"total_tokens":12,"completion_tokens":2}}\n\n',
-              b"data: [DONE]\n\n"]
+    events = vllm_part(finish=b'"stop"', stop=b"7")
     rig, expected = feed_all(meta, events)
     try:
         assert rig.code == _pump.COMPLETE and bytes(rig.received) == expected
