@@ -17,6 +17,9 @@ tokens gives different text (see `greedy_ids`).
 Test hooks, none of which vLLM has: `x-replica-id` on every response, per
 request `ttft_ms` / `itl_ms` / `step_ms` / `mock_bytes` body fields, the `x-mock-fault`
 request header, and the counters at `GET /mock/stats` (`POST /mock/reset`).
+`x-mock-spaced-from: L`: a stream request that starts at sequence length L or later writes its
+JSON events as `json.dumps` does (a blank after each separator), not as vLLM's compact JSON:
+a resume's continuation, when L is above the original request's prompt.
 The mid-stream faults (`close-mid-stream`: a FIN after a complete chunk, as a
 SIGKILLed replica; `error-mid-stream`: vLLM's in-band error event, `[DONE]`
 and a clean end, as a dead engine; `stall-mid-stream`: silence) strike where
@@ -41,6 +44,7 @@ import argparse
 import asyncio
 import collections
 import functools
+import json
 import logging
 import os
 import random
@@ -447,7 +451,9 @@ class MockEngine:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
             with_ids = body.get("return_token_ids") is True and request.header(b"x-mock-no-token-ids") is None
-            if step and not fault:
+            spaced_from = request.header(b"x-mock-spaced-from")
+            spaced = spaced_from is not None and spaced_from.isdigit() and len(prompt) >= int(spaced_from)
+            if step and not fault and not spaced:
                 return await self._stepped(responder, chat, ident, created, max_tokens, prompt,
                                            include_usage, step, echo, with_ids)
             die_after = -1
@@ -459,7 +465,7 @@ class MockEngine:
                 if die_after < 0:
                     fault = None
             return await self._stream(responder, chat, ident, created, max_tokens, prompt,
-                                      include_usage, ttft, itl, echo, die_after, fault, with_ids)
+                                      include_usage, ttft, itl, echo, die_after, fault, with_ids, spaced)
 
         # A non-streaming reply arrives when the whole generation is done.
         if not await responder.sleep(ttft + itl * (max_tokens - 1)):
@@ -507,9 +513,10 @@ class MockEngine:
 
     async def _stream(self, responder: Responder, chat: bool, ident: str, created: int, n: int,
                       prompt: list[int], include_usage: bool, ttft: float, itl: float,
-                      echo: bytes, die_after: int, fault: str | None, with_ids: bool) -> str:
+                      echo: bytes, die_after: int, fault: str | None, with_ids: bool, spaced: bool = False) -> str:
         """`die_after` >= 0: `fault` strikes once that many events are out (die-mid-stream: a reset)."""
         prefix, deltas, lasts = self._event_templates(chat, ident, created, include_usage, with_ids)
+        write = responder.write if not spaced else lambda event: responder.write(_spaced(event))
         tokens = greedy_ids(prompt, n)
         prompt_tokens = len(prompt)
 
@@ -523,7 +530,7 @@ class MockEngine:
             role = _T.chat_role
             if with_ids:
                 role = role.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":' + orjson.dumps(prompt))
-            await responder.write(prefix + role)
+            await write(prefix + role)
             sent += 1
         last = n - 1
         for i, token in enumerate(tokens):
@@ -534,19 +541,19 @@ class MockEngine:
             event = deltas[token] if i != last else lasts[token]
             if with_ids and i == 0 and not chat:
                 event = event.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":' + orjson.dumps(prompt))
-            await responder.write(prefix + event)
+            await write(prefix + event)
             sent += 1
             if responder.disconnected:
                 return ABORTED
         if sent == die_after:
             return await self._die(responder, fault)
         if include_usage:
-            await responder.write(prefix + _T.usage % (prompt_tokens, prompt_tokens + n, n))
+            await write(prefix + _T.usage % (prompt_tokens, prompt_tokens + n, n))
         if fault == "die-mid-stream" and die_after >= 0:
             # Fewer events than asked to die after: still never finish cleanly.
             responder.abort()
             return FAULTED
-        await responder.write(_DONE)
+        await write(_DONE)
         if responder.disconnected:
             return ABORTED
         responder.end()
@@ -702,6 +709,13 @@ class _StepClock:
 def _not_found(response_id: str) -> bytes:
     return orjson.dumps({"error": {"message": f"Response with id '{response_id}' not found.",
                                    "type": "invalid_request_error", "param": "response_id", "code": 404}})
+
+
+def _spaced(event: bytes) -> bytes:
+    """A JSON event as json.dumps writes it (x-mock-spaced-from), not as vLLM's compact JSON; others as they are."""
+    if not event.startswith(b"data: {"):
+        return event
+    return b"data: " + json.dumps(orjson.loads(event[6:])).encode() + b"\n\n"
 
 
 def _die_after(raw: bytes | None, start: int, chat: bool) -> int:

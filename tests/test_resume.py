@@ -273,3 +273,28 @@ def test_max_tokens_written_as_a_float_or_a_string_bounds_the_resumed_stream(rig
     check_one_stream(resumed, chat)
     assert content(resumed) == greedy_text(prompt_ids(chat, body), 30)
     assert json.loads(resumed[-2][6:])["usage"]["completion_tokens"] == 30
+
+
+@pytest.mark.parametrize("relay", ["native", "python"])
+def test_a_resumed_part_the_pump_does_not_follow_is_counted(stack: Stack, relay: str) -> None:
+    """A continuation whose events are not vLLM's compact JSON (the mock writes them as json.dumps does): the C pump
+    does not rewrite them byte for byte (Stream.unmatched), so the stream breaks at the first one, which /-/metrics
+    counts; with no resume left the client's stream is cut. The Python relay re-serializes them: one whole stream."""
+    replicas = [stack.replica("r1"), stack.replica("r2")]
+    gateway = stack.gateway([], replicas, "--resume-limit", "1", "--outlier-failures", "0",
+                            "--native-relay" if relay == "native" else "--no-native-relay")
+    path, body = "/v1/completions", CMPL_BODY
+    p = prompt_length(path, body)
+    reference = events(gateway, path, body, {"x-request-id": "spaced"})
+    # The original request (from length p) dies after 4 tokens; its continuation (from p + 4) writes blanks.
+    headers = {"x-request-id": "spaced", "x-mock-spaced-from": str(p + 1),
+               **faulted("close-mid-stream", f"{p + 4}@{p}")}
+    if relay == "native":
+        with pytest.raises(httpx.RemoteProtocolError):
+            events(gateway, path, body, headers)
+        metrics = gateway.metrics()
+        assert "gateway_native_relay_unmatched_events_total 1.0" in metrics
+        assert 'gateway_resumes_total{outcome="failed"} 1.0' in metrics
+    else:
+        assert normalized(events(gateway, path, body, headers)) == normalized(reference)
+        assert "gateway_native_relay_unmatched_events_total 0.0" in gateway.metrics()

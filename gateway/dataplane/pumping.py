@@ -113,6 +113,8 @@ class PumpedResponses:
     def _pumped_done(self, stream: Any) -> None:
         if self.streaming:
             resume_absorb(self._sink, stream)  # what resume.py needs, should the stream break
+            if stream.unmatched and self.exchange is not None:
+                self.exchange.state.metrics.pump_unmatched.inc()
         self.reads += stream.reads
         self.bytes_in += stream.bytes_in
         if stream.max_gap > self.max_gap:

@@ -22,6 +22,7 @@ class PayloadSink(Protocol):
 
 class Counters(Protocol):
     in_flight: int
+    metrics: Any  # observability/metrics.py's Metrics
 
 
 class Pumpable(Protocol):

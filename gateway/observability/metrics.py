@@ -137,6 +137,12 @@ class Metrics:
                               "(--native-relay); the others go through Python", registry=registry)
         self.pumping = Gauge("gateway_native_relay_active", "Response bodies in the C stream pump now",
                              registry=registry)
+        # Counted as a pumped stream ends (pumping.py): Stream.unmatched, an event of a resumed part that the pump
+        # does not rewrite byte for byte as resume.py would (_pump.c, EV_RESUMED); it broke the stream there.
+        self.pump_unmatched = Counter("gateway_native_relay_unmatched_events", "Events of resumed streams the C "
+                                      "pump could not rewrite (not vLLM's compact JSON): each broke its stream, "
+                                      "resumed again if --resume-limit allows, else cut. Not 0: a replica, or a "
+                                      "proxy in front of it, writes JSON other than vLLM's", registry=registry)
         self.pool_idle = Gauge("gateway_pool_idle_connections", "Idle keep-alive connections by pool",
                                ["pool"], registry=registry)
         self.replica_up = Gauge("gateway_replica_healthy", "1 if the replica passes health checks", ["replica"],
