@@ -151,3 +151,34 @@ def test_a_stream_still_queued_on_a_leaving_replica_starts_over_elsewhere(stack:
     assert slow.stats()["aborted"] == 1 and fast.stats()["completed"] == 1
     metrics = httpx.get(f"http://127.0.0.1:{admin}/-/metrics").text
     assert 'gateway_resumes_total{outcome="migrated"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("relay", ["native", "python"])
+def test_a_stream_without_token_ids_stays_on_the_leaving_replica(stack: Stack, relay: str) -> None:
+    """Events without token ids (a replica that does not return them, as when a reasoning parser hides them): a
+    resume could not continue the stream exactly, so draining its replica leaves it there to finish. With the C
+    pump relaying it, what the pump saw so far decides, before the stream leaves the pump (it used to be stopped
+    first, and the stream cut as refused_no_token_ids: the client lost a stream the Python relay finished)."""
+    replicas = [stack.replica("r1"), stack.replica("r2")]
+    admin = __import__("gateway.stacks.procs", fromlist=["free_port"]).free_port()
+    gateway = stack.gateway([], [replicas[0]], "--resume-limit", "1", "--drain-migrate-after-s", "0.2",
+                            "--admin-port", str(admin), "--native-relay" if relay == "native" else "--no-native-relay",
+                            extra_replicas=[f"r2={replicas[1].url}"])
+    request = body(4, False)
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", gateway.url + "/v1/completions", json=request,
+                           headers={"x-mock-no-token-ids": "1"}) as response:
+            chunks = response.iter_bytes()
+            raw = next(chunks)
+            assert b'"text":"' in raw  # events went out: there is something a resume would have to continue
+            home = next(r for r in replicas if r.stats()["in_flight"])
+            assert httpx.post(f"http://127.0.0.1:{admin}/-/replicas/{home.replica_id}/drain").status_code == 200
+            for chunk in chunks:  # a cut stream raises httpx.RemoteProtocolError here
+                raw += chunk
+    stream = raw.decode()[:-2].split("\n\n")
+    check_one_stream(stream, False)
+    assert content(stream) == greedy_text(prompt_ids(False, request), N)
+    assert home.stats()["completed"] == 1 and home.stats()["aborted"] == 0
+    metrics = httpx.get(f"http://127.0.0.1:{admin}/-/metrics").text
+    assert "gateway_resumes_total{" not in metrics  # neither moved nor refused: it did not break
+    assert f"gateway_native_relay_streams_total {1.0 if relay == 'native' else 0.0}" in metrics

@@ -19,6 +19,7 @@ resume.py's _resumed writes them); only the rewound token of a resume after the 
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -173,6 +174,15 @@ def resume_flags(resume: Any) -> int:
     if resume.prompt_ids is not None:
         flags |= _pump.EV_PROMPT_KNOWN
     return flags
+
+
+def resume_as_pumped(resume: Any, stream: Any) -> Any:
+    """The ResumeStream as it will be once the pump lets go of `stream`, `resume` left as it is: what a resume would
+    start from, asked while the pump still relays (relay.py's migrate decides whether the stream can move)."""
+    view = copy.copy(resume)
+    view._raw_ids = []  # the one list resume_absorb changes
+    resume_absorb(view, stream)
+    return view
 
 
 def resume_absorb(resume: Any, stream: Any) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.controlplane.targets import Target
 from gateway.dataplane.exchange import Client, Exchange, Outcome, Phase
 from gateway.dataplane.forwarding import build_head, decision_headers
+from gateway.dataplane.pumping import resume_as_pumped
 from gateway.dataplane.reasons import GatewayError, Reason
 from gateway.dataplane.request import Request
 from gateway.dataplane.responses import Affinity
@@ -366,8 +367,9 @@ class Relay:
         resume = request.resume
         if resume is None or not resume.replying or resume.done:
             return False
-        if conn.pumped is None and self._unmovable(resume):
-            return False  # (while the C pump relays the stream, `resume` learns what it sent only when it stops)
+        pumped = conn.pumped  # the C pump relays the stream: `resume` learns what it sent only when it stops
+        if self._unmovable(resume if pumped is None else resume_as_pumped(resume, pumped)):
+            return False  # it stays on the leaving replica until it ends, as on the Python path
         exchange.end(Outcome.ANSWERED)  # the leaving replica's engine stops generating for it now
         resume.failed.add(target)  # never back to it
         target.resumes_from += 1
@@ -380,10 +382,6 @@ class Relay:
             log.info("request %s: replica %s left the target set before its first event; sent to another",
                      request.request_id.decode("latin-1"), target.replica_id)
             self.attempt(exchange.client, request, target)
-            return True
-        if self._unmovable(resume):
-            # Known only now that the pump stopped: events without token ids (a reasoning parser hiding them).
-            self.cut(exchange, "refused_no_token_ids")
             return True
         if resume.can_finish_here():
             resume.finish_here()
