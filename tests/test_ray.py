@@ -219,6 +219,28 @@ def test_redeploy_traffic_follows(cluster: Cluster) -> None:
     assert len(failures) == 0 or sum(failures.values()) <= max(3, len(during) // 10), failures
 
 
+def read_stream(url: str, body: dict, expected: str, outcomes: list[object]) -> None:
+    """One streamed chat completion: True in `outcomes` when its text is `expected` and its usage counts every token
+    asked for, else False or the name of the error that cut it."""
+    text, usage = "", None
+    try:
+        with httpx.Client(timeout=60) as client, client.stream("POST", url + URL, json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    usage = event.get("usage") or usage
+                    text += "".join(c["delta"].get("content") or "" for c in event["choices"])
+        outcomes.append(text == expected and usage is not None and usage["completion_tokens"] == body["max_tokens"])
+    except httpx.HTTPError as exc:
+        outcomes.append(type(exc).__name__)
+
+
+def resumes(gw: Gateway, outcome: str) -> float:
+    """gateway_resumes_total{outcome}: 0 before the first."""
+    return sum(float(line.split()[-1]) for line in gw.metrics().splitlines()
+               if line.startswith(f'gateway_resumes_total{{outcome="{outcome}"}}'))
+
+
 def test_redeploy_with_resume_keeps_long_streams_whole(cluster: Cluster) -> None:
     """Streams longer than Ray's graceful shutdown (draining + 5 s) outlive their replica: resumed, not cut."""
     from replicas.mock_engine import greedy_text, prompt_ids
@@ -230,20 +252,8 @@ def test_redeploy_with_resume_keeps_long_streams_whole(cluster: Cluster) -> None
         expected = greedy_text(prompt_ids(True, body), 500)
         outcomes: list[object] = []
 
-        def one_stream() -> None:
-            text, usage = "", None
-            try:
-                with httpx.Client(timeout=60) as client, client.stream("POST", gw.url + URL, json=body) as response:
-                    for line in response.iter_lines():
-                        if line.startswith("data: {"):
-                            event = json.loads(line[6:])
-                            usage = event.get("usage") or usage
-                            text += "".join(c["delta"].get("content") or "" for c in event["choices"])
-                outcomes.append(text == expected and usage is not None and usage["completion_tokens"] == 500)
-            except httpx.HTTPError as exc:
-                outcomes.append(type(exc).__name__)
-
-        threads = [threading.Thread(target=one_stream, daemon=True) for _ in range(4)]
+        threads = [threading.Thread(target=read_stream, args=(gw.url, body, expected, outcomes), daemon=True)
+                   for _ in range(4)]
         for thread in threads:
             thread.start()
         old = gw.replica_ids()
@@ -252,8 +262,7 @@ def test_redeploy_with_resume_keeps_long_streams_whole(cluster: Cluster) -> None
         assert not new_ids & old
         for thread in threads:
             thread.join(90)
-        resumed = sum(float(line.split()[-1]) for line in gw.metrics().splitlines()
-                      if line.startswith('gateway_resumes_total{outcome="resumed"}'))
+        resumed = resumes(gw, "resumed")
         cluster.figures["redeploy_with_resume"] = {"streams": len(outcomes), "resumed": resumed}
         # 0 client-visible failures, every text exact. (Whether Ray's graceful shutdown cut any of them, so
         # that they were resumed, depends on its timing: recorded in the figures, not asserted.)
@@ -274,24 +283,8 @@ def test_redeploy_migrates_long_streams_off_the_old_replicas(cluster: Cluster) -
         expected = greedy_text(prompt_ids(True, body), 500)
         outcomes: list[object] = []
 
-        def one_stream() -> None:
-            text, usage = "", None
-            try:
-                with httpx.Client(timeout=60) as client, client.stream("POST", gw.url + URL, json=body) as response:
-                    for line in response.iter_lines():
-                        if line.startswith("data: {"):
-                            event = json.loads(line[6:])
-                            usage = event.get("usage") or usage
-                            text += "".join(c["delta"].get("content") or "" for c in event["choices"])
-                outcomes.append(text == expected and usage is not None and usage["completion_tokens"] == 500)
-            except httpx.HTTPError as exc:
-                outcomes.append(type(exc).__name__)
-
-        def counted(outcome: str) -> float:
-            return sum(float(line.split()[-1]) for line in gw.metrics().splitlines()
-                       if line.startswith(f'gateway_resumes_total{{outcome="{outcome}"}}'))
-
-        threads = [threading.Thread(target=one_stream, daemon=True) for _ in range(4)]
+        threads = [threading.Thread(target=read_stream, args=(gw.url, body, expected, outcomes), daemon=True)
+                   for _ in range(4)]
         for thread in threads:
             thread.start()
         old = gw.replica_ids()
@@ -313,13 +306,13 @@ def test_redeploy_migrates_long_streams_off_the_old_replicas(cluster: Cluster) -
             elif "streams moved" in line and removed_at is not None:
                 delays.append(round(at - removed_at, 2))
         cluster.figures["redeploy_with_migration"] = {
-            "streams": len(outcomes), "migrated": counted("migrated"), "resumed": counted("resumed"),
+            "streams": len(outcomes), "migrated": resumes(gw, "migrated"), "resumed": resumes(gw, "resumed"),
             "moved_after_removal_s": delays, "streams_ended_after_s": round(time.monotonic() - t0, 1)}
         print("\nredeploy with migration:", cluster.figures["redeploy_with_migration"])
         assert gw.replica_ids() == new_ids
         assert outcomes == [True] * 4, outcomes
         # Moved ~1 s after their replica left, not cut by Ray's graceful shutdown (draining 2 s + 5 s) and resumed.
-        assert counted("migrated") >= 4 and counted("resumed") == 0
+        assert resumes(gw, "migrated") >= 4 and resumes(gw, "resumed") == 0
         assert delays and all(delay < 1 + 2 for delay in delays), delays
     finally:
         gw.child.stop()
