@@ -533,6 +533,27 @@ static int has_text(const char *d, size_t n) {
     return 0;
 }
 
+/* The next list of token ids in [from, end): `"token_ids":[` (IDS_OUTPUT) or, with `prompt`, `"prompt_token_ids":[`
+ * (IDS_PROMPT), whichever comes first; its brackets in *open and *close. 0: none, or not closed before `end`. */
+enum { IDS_OUTPUT = 1, IDS_PROMPT = 2 };
+static int next_ids(const char *from, const char *end, int prompt, const char **open, const char **close) {
+    const char *ids = find(from, (size_t)(end - from), LIT("\"token_ids\":["));
+    const char *first = prompt ? find(from, (size_t)(end - from), LIT("\"prompt_token_ids\":[")) : NULL;
+    int is_prompt = first != NULL && (ids == NULL || first < ids);
+    const char *key = is_prompt ? first : ids;
+    if (key == NULL) return 0;
+    *open = key + (is_prompt ? sizeof("\"prompt_token_ids\":[") : sizeof("\"token_ids\":[")) - 2;
+    *close = memchr(*open, ']', (size_t)(end - *open));
+    return *close == NULL ? 0 : is_prompt ? IDS_PROMPT : IDS_OUTPUT;
+}
+
+/* The ids between a list's brackets, appended to those the stream relayed (Stream.token_ids: b"12,7,5"). */
+static int record_ids(Stream *s, const char *open, const char *close) {
+    if (close == open + 1) return 0;  /* [] */
+    if (s->ids.len && buf_put(&s->ids, ",", 1) < 0) return -1;
+    return buf_put(&s->ids, open + 1, (size_t)(close - open - 1));
+}
+
 /* One complete event (`ev` ends with its blank line): what it tells, and what of it goes to `out` (NULL: the
  * bytes are relayed as they came). resume.py's ResumeStream._event and _batch, event by event. */
 static int handle_event(Stream *s, const char *ev, size_t n, int lines, Buf *out) {
@@ -581,26 +602,16 @@ static int handle_event(Stream *s, const char *ev, size_t n, int lines, Buf *out
     if (!resume) return 0;
     /* Token ids: recorded, and written as null when the client did not ask for them. */
     const char *at = ev, *end = ev + n, *from = after;  /* the ids are in the choices or after them */
-    int found_ids = 0;
-    for (;;) {
-        const char *ids = find(from, (size_t)(end - from), LIT("\"token_ids\":["));
-        const char *prompt = s->have_prompt ? NULL : find(from, (size_t)(end - from), LIT("\"prompt_token_ids\":["));
-        int is_prompt = prompt != NULL && (ids == NULL || prompt < ids);
-        const char *key = is_prompt ? prompt : ids;
-        if (key == NULL) break;
-        const char *open = key + (is_prompt ? sizeof("\"prompt_token_ids\":[") : sizeof("\"token_ids\":[")) - 2;
-        const char *close = memchr(open, ']', (size_t)(end - open));
-        if (close == NULL) break;
-        if (is_prompt) {
+    const char *open, *close;
+    int found_ids = 0, kind;
+    while ((kind = next_ids(from, end, !s->have_prompt, &open, &close)) != 0) {
+        if (kind == IDS_PROMPT) {
             s->have_prompt = s->got_prompt = 1;
             s->prompt.len = 0;
             if (buf_put(&s->prompt, open + 1, (size_t)(close - open - 1)) < 0) return -1;
         } else {
             found_ids = 1;
-            if (close > open + 1) {
-                if (s->ids.len && buf_put(&s->ids, ",", 1) < 0) return -1;
-                if (buf_put(&s->ids, open + 1, (size_t)(close - open - 1)) < 0) return -1;
-            }
+            if (record_ids(s, open, close) < 0) return -1;
         }
         if (flags & EV_STRIP_IDS) {
             if (buf_put(out, at, (size_t)(open - at)) < 0 || buf_put(out, "null", 4) < 0) return -1;
@@ -788,25 +799,14 @@ static int put_int(Buf *b, long long v) {
 /* The choices' token ids: recorded (and written as null unless the client asked for them); a choice's
  * prompt_token_ids list is written as null. */
 static int resumed_choices(Stream *s, Span v, Buf *out) {
-    const char *at = v.at, *from = v.at, *end = v.end;
-    int found_ids = 0;
-    for (;;) {
-        const char *ids = find(from, (size_t)(end - from), LIT("\"token_ids\":["));
-        const char *prompt = find(from, (size_t)(end - from), LIT("\"prompt_token_ids\":["));
-        int is_prompt = prompt != NULL && (ids == NULL || prompt < ids);
-        const char *key = is_prompt ? prompt : ids;
-        if (key == NULL) break;
-        const char *open = key + (is_prompt ? sizeof("\"prompt_token_ids\":[") : sizeof("\"token_ids\":[")) - 2;
-        const char *close = memchr(open, ']', (size_t)(end - open));
-        if (close == NULL) break;
-        if (!is_prompt) {
+    const char *at = v.at, *from = v.at, *end = v.end, *open, *close;
+    int found_ids = 0, kind;
+    while ((kind = next_ids(from, end, 1, &open, &close)) != 0) {
+        if (kind == IDS_OUTPUT) {
             found_ids = 1;
-            if (close > open + 1) {
-                if (s->ids.len && buf_put(&s->ids, ",", 1) < 0) return -1;
-                if (buf_put(&s->ids, open + 1, (size_t)(close - open - 1)) < 0) return -1;
-            }
+            if (record_ids(s, open, close) < 0) return -1;
         }
-        if (is_prompt || (s->evflags & EV_STRIP_IDS)) {
+        if (kind == IDS_PROMPT || (s->evflags & EV_STRIP_IDS)) {
             if (buf_put(out, at, (size_t)(open - at)) < 0 || buf_put(out, "null", 4) < 0) return -1;
         } else if (buf_put(out, at, (size_t)(close + 1 - at)) < 0) {
             return -1;
@@ -885,10 +885,7 @@ static int chat_choices(Stream *s, Span v, Buf *out) {
         if (buf_put(out, LIT(",\"token_ids\":")) < 0) return -1;
         Span ids = f[IDS];
         if (ids.at != NULL && *ids.at == '[') {
-            if (ids.end - ids.at > 2) {
-                if (s->ids.len && buf_put(&s->ids, ",", 1) < 0) return -1;
-                if (buf_put(&s->ids, ids.at + 1, (size_t)(ids.end - ids.at - 2)) < 0) return -1;
-            }
+            if (record_ids(s, ids.at, ids.end - 1) < 0) return -1;
             if ((s->evflags & EV_STRIP_IDS) ? buf_put(out, LIT("null")) < 0 : put_span(out, ids, NULL, 0) < 0)
                 return -1;
         } else {
