@@ -401,31 +401,8 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
             exchange.body_follows(self, buffer[end + 4:])  # a resumable stream too: the pump follows its events
 
 
-class _SinkFeeder:
-    """Parser callbacks for a rewritten stream: each chunk's payload is queued for the sink, no call per chunk
-    beyond this one."""
-
-    def __init__(self, conn: UpstreamConnection, pending: list[bytes]):
-        self.conn = conn
-        self.pending = pending
-
-    def on_message_begin(self) -> None:
-        self.conn.on_message_begin()
-
-    def on_headers_complete(self) -> None:
-        self.conn.on_headers_complete()
-
-    def on_body(self, body: bytes) -> None:
-        conn = self.conn
-        if (conn.streaming or not conn.head_sent) and not conn.complete:
-            self.pending.append(body)
-
-    def on_message_complete(self) -> None:
-        self.conn.on_message_complete()
-
-
-class _Dechunker:
-    """Parser callbacks for an HTTP/1.0 client: the payload is written without its chunk framing."""
+class _PayloadCallbacks:
+    """Parser callbacks that take a response's payload (`on_body`, below) and leave the rest to the connection."""
 
     def __init__(self, conn: UpstreamConnection):
         self.conn = conn
@@ -436,6 +413,27 @@ class _Dechunker:
     def on_headers_complete(self) -> None:
         self.conn.on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()
+
+
+class _SinkFeeder(_PayloadCallbacks):
+    """Parser callbacks for a rewritten stream: each chunk's payload is queued for the sink, no call per chunk
+    beyond this one."""
+
+    def __init__(self, conn: UpstreamConnection, pending: list[bytes]):
+        super().__init__(conn)
+        self.pending = pending
+
+    def on_body(self, body: bytes) -> None:
+        conn = self.conn
+        if (conn.streaming or not conn.head_sent) and not conn.complete:
+            self.pending.append(body)
+
+
+class _Dechunker(_PayloadCallbacks):
+    """Parser callbacks for an HTTP/1.0 client: the payload is written without its chunk framing."""
+
     def on_body(self, body: bytes) -> None:
         conn = self.conn
         if conn.complete:
@@ -444,9 +442,6 @@ class _Dechunker:
             conn._early_body.append(body)
         elif conn.out is not None:
             conn.out.write(body)
-
-    def on_message_complete(self) -> None:
-        self.conn.on_message_complete()
 
 
 async def open_upstream(target: Target, coalesce_s: float = 0.0, coalesce_min_streams: int = 0
