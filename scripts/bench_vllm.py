@@ -79,12 +79,13 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def missing() -> str | None:
-    """Why the real-vLLM rig can't run here, or None. VLLM_VENV / TINY_LLAMA may point outside the repo."""
+def missing(model_dir: Path = MODEL_DIR) -> str | None:
+    """Why the real-vLLM rig can't run here with this model (VARIED_MODEL_DIR for the resume tests), or None.
+    VLLM_VENV / TINY_LLAMA may point outside the repo."""
     if not VLLM_PYTHON.exists():
         return f"{_shown(VLLM_PYTHON)} is missing: run `bash scripts/vllm_setup.sh` (about 2.5 min, 2.5 GB)"
-    if not (MODEL_DIR / "config.json").exists():
-        return f"{_shown(MODEL_DIR)} is missing: run `bash scripts/vllm_setup.sh`"
+    if not (model_dir / "config.json").exists():
+        return f"{_shown(model_dir)} is missing: run `bash scripts/vllm_setup.sh`"
     return None
 
 

@@ -22,9 +22,7 @@ from tests.conftest import LOG_DIR, Gateway, Stack, wait_until
 from tests.test_vllm_e2e import bench_vllm
 from tests.test_vllm_resume import running
 
-_REASON = bench_vllm.missing()
-if _REASON is None and not (bench_vllm.VARIED_MODEL_DIR / "config.json").exists():
-    _REASON = f"{bench_vllm.VARIED_MODEL_DIR} is missing: run `bash scripts/vllm_setup.sh`"
+_REASON = bench_vllm.missing(bench_vllm.VARIED_MODEL_DIR)
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(_REASON is not None, reason=f"real vLLM not ready: {_REASON}"),
