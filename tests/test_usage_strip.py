@@ -112,3 +112,38 @@ def test_the_pump_strips_the_usage_chunk_whatever_the_reads(case) -> None:
         assert rig.stream.usage == usage
     finally:
         rig.close()
+
+
+@pytest.mark.skipif(not PUMP_BUILT, reason="the C pump is not built")
+@SETTINGS
+@given(split_stream(), st.integers(0, 8))
+def test_the_pump_takes_over_from_the_meter_with_the_chunk_it_kept_back(case, handoff: int) -> None:
+    """The meter relays the first reads (the head's read among them), then the pump the rest, as body_follows hands a
+    metered stream over: the start of a chunk the meter kept back goes to the pump (kept_back), which finishes it."""
+    from gateway.dataplane import _pump
+    from tests.pump_rig import Rig
+
+    reads, expected, usage = case
+    meter = StreamMeter(Ask("m", True, True, True, None, 1))
+    meter.head(200, True)
+    handoff = min(handoff, len(reads) - 1)
+    got = b"".join(meter.feed(read) for read in reads[:handoff])
+    if meter.pump_mode() != "strip":  # a finishing chunk is held: the meter keeps the stream
+        got += b"".join(meter.feed(read) for read in reads[handoff:])
+        assert got == expected
+        return
+    rig = Rig(body_so_far=b"".join(reads[:handoff]), events=_pump.EV_ON | _pump.EV_STRIP_USAGE,
+              prefix=meter.kept_back())
+    meter.pumping_kept_back()
+    try:
+        assert rig.stream is not None
+        for read in reads[handoff:]:
+            rig.feed(read)
+            if rig.ended:
+                break
+        assert got + bytes(rig.received) == expected
+        meter.pumped(rig.stream.usage, rig.stream.events)  # as pumping.py's _pumped_done
+        meter.end()
+        assert meter.exact and (meter.prompt, meter.completion) == usage
+    finally:
+        rig.close()

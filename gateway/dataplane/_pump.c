@@ -1619,11 +1619,16 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     s->usage_sent = (evflags & EV_USAGE_SENT) != 0;
     s->events = 0;
     s->prompt_tokens = s->completion_tokens = -1;
-    s->ev = ev;  /* an event the Python path had begun */
     memset(&s->ids, 0, sizeof s->ids);
     memset(&s->prompt, 0, sizeof s->prompt);
     memset(&s->first, 0, sizeof s->first);
-    memset(&s->frames, 0, sizeof s->frames);
+    if (s->evflags & EV_STRIP_USAGE) {  /* the start of a chunk usage.py's meter had kept back: finished here */
+        s->frames = ev;
+        memset(&s->ev, 0, sizeof s->ev);
+    } else {
+        s->ev = ev;  /* an event the Python path had begun */
+        memset(&s->frames, 0, sizeof s->frames);
+    }
     memset(&s->held, 0, sizeof s->held);
     s->rw_ident = rw_ident;
     s->rw_created = rw_created;

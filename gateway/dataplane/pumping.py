@@ -95,11 +95,17 @@ class PumpedResponses:
             else:
                 stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events, prefix)
         else:
+            meter = self.meter
+            if meter is not None and events & _pump.EV_STRIP_USAGE:
+                prefix = meter.kept_back()  # the start of a chunk split across reads: the pump finishes it
             stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events, prefix)
         if stream is None:
             return False  # httptools goes on deciding
         if prefix:
-            self._sink._buffer = b""
+            if self.streaming:
+                self._sink._buffer = b""
+            else:
+                self.meter.pumping_kept_back()
         self.pumped = stream
         self.transport.pause_reading()  # type: ignore[union-attr]
         return True
