@@ -149,9 +149,16 @@ def test_the_pump_rewrites_a_resumed_part_as_the_python_path_does(data) -> None:
     events, meta = data.draw(resumed_part())
     reads = data.draw(chunked(events, meta["ended"]))
     reference, expected = python_path(reads, meta)
-    rig, state = pump_rig(meta)
+    # The read that brought the continuation's head: its payload handed to add() unsent, as upstream.py does.
+    with_head = bool(reads) and data.draw(st.booleans())
+    rig, state = pump_rig(meta, body_so_far=reads[0], unsent=True) if with_head else pump_rig(meta)
     try:
-        rig.feed_reads(reads)
+        if rig.stream is None:  # the pump declines: the Python path relays all of it (an error, garbage, or the end)
+            first, _ = python_path(reads[:1], meta)
+            assert with_head and (first.broken or meta["ended"] and len(reads) == 1)
+            return
+        rig.feed_reads(reads[1:] if with_head else reads)
+        rig.drain()
         stream = rig.stream
         got = bytes(rig.received) + (rig.ended[0][1] or b"" if rig.ended else b"")
         assert got == expected  # on the wire: one chunk per event on both paths

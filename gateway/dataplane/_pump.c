@@ -1551,13 +1551,13 @@ static void Pump_dealloc(Pump *p) {
 
 static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"replica_fd", "client_fd", "on_end", "body_so_far", "events", "prefix", "ident",
-                             "created", "offset", NULL};
-    int up_fd, cl_fd, evflags = 0;
+                             "created", "offset", "unsent", NULL};
+    int up_fd, cl_fd, evflags = 0, unsent = 0;
     long long offset = 0;
     PyObject *on_end;
     Py_buffer body, prefix = {0}, ident = {0}, created = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOy*|iy*y*y*L", kwlist, &up_fd, &cl_fd, &on_end, &body, &evflags,
-                                     &prefix, &ident, &created, &offset))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOy*|iy*y*y*Lp", kwlist, &up_fd, &cl_fd, &on_end, &body, &evflags,
+                                     &prefix, &ident, &created, &offset, &unsent))
         return NULL;
     int ok = PyCallable_Check(on_end);
     int resumed = (evflags & EV_RESUMED) && (evflags & EV_RESUME);
@@ -1637,10 +1637,17 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     s->unmatched = 0;
     PyObject_GC_Track(s);
     /* The body bytes that came with the head were relayed already (their events handled by Python): they only
-     * move the parser. */
-    Py_ssize_t end = parse_chunked(s, body.buf, body.len, 0);
+     * move the parser. With `unsent` (EV_RESUME) they were not: their events are handled here as a read's are,
+     * and what goes to the client is written below. A back-to-back stream often arrives largely with its head;
+     * handled by resume.py that part cost more than the rest of the stream in the pump (stream200 c=16, callgrind,
+     * docs/performance.md). */
+    unsent = unsent && (s->evflags & EV_RESUME);
+    Py_ssize_t end = parse_chunked(s, body.buf, body.len, unsent);
     int usable = end == body.len && s->state != C_DONE;
     PyBuffer_Release(&body);
+    size_t start = 0;
+    if (usable && unsent && (s->ev_err || reframe(p, s, &start) < 0 || s->broken || s->ev.len > MAX_EVENT_BYTES))
+        usable = 0;  /* an in-band error or garbage in it, or no memory: the Python path handles all of it */
     if (!usable) {  /* malformed or already complete: the Python path decides */
         Py_DECREF(s);
         Py_RETURN_NONE;
@@ -1649,7 +1656,14 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     if (s->up_fd < 0) goto fail;
     s->cl_fd = fcntl(cl_fd, F_DUPFD_CLOEXEC, 0);
     if (s->cl_fd < 0) goto fail;
-    if (arm(p, s) < 0) goto fail;
+    Py_ssize_t out_len = unsent ? (Py_ssize_t)(p->out.len - start) : 0;
+    ssize_t w = out_len ? send(s->cl_fd, p->out.data + start, (size_t)out_len, MSG_NOSIGNAL | MSG_DONTWAIT) : 0;
+    if (w < 0) w = 0;  /* a client error shows when its socket turns writable (on_writable ends the stream) */
+    if (w < out_len) {
+        if (block(p, s, p->out.data + start + w, out_len - w) < 0) goto fail;
+    } else if (arm(p, s) < 0) {
+        goto fail;
+    }
     Py_INCREF(on_end);
     s->on_end = on_end;
     Py_INCREF(p);
@@ -1740,7 +1754,9 @@ static PyObject *Pump_get_zombies(Pump *p, void *c) {
 static PyMethodDef Pump_methods[] = {
     {"add", (PyCFunction)(void (*)(void))Pump_add, METH_VARARGS | METH_KEYWORDS,
      "add(replica_fd, client_fd, on_end, body_so_far, events=0, prefix=b'') -> Stream | None: pump this response's "
-     "body from now on (events: EV_* flags; prefix: the start of an event the Python path had read)"},
+     "body from now on (events: EV_* flags; prefix: the start of an event the Python path had read, or with "
+     "EV_STRIP_USAGE the start of a chunk it had kept back; unsent: with EV_RESUME, body_so_far's events were not "
+     "handled yet, the pump handles and writes them)"},
     {"run", (PyCFunction)Pump_run, METH_NOARGS, "serve every ready stream once (the loop's reader callback)"},
     {"fileno", (PyCFunction)Pump_fileno, METH_NOARGS, "the epoll fd to watch for readability"},
     {NULL}

@@ -207,8 +207,8 @@ class Exchange:
             extra += b"connection: close\r\n"
         client.transport.write(b"%s%s\r\n%s" % (head, extra, body_start))
 
-    def body_follows(self, conn: "UpstreamConnection", body_so_far: bytes) -> None:
-        """A plain chunked body follows the head: the C pump takes it when it can write to the client."""
+    def body_follows(self, conn: "UpstreamConnection", body_so_far: bytes) -> bool:
+        """A plain chunked body follows the head: the C pump takes it when it can write to the client (True)."""
         pump = self.state.pump
         client = self.client
         meter = conn.meter
@@ -218,6 +218,8 @@ class Exchange:
                 and conn.start_pump(pump, client.fd, body_so_far, events):
             self.phase = _PUMPED
             self.state.metrics.pumped.inc()
+            return True
+        return False
 
     def upstream_upgraded(self, head: bytes, rest: bytes) -> None:
         """The replica switched protocols (101) for a WebSocket upgrade: join the two connections (tunnel.py).
@@ -424,4 +426,5 @@ class Exchange:
                 request.keep_alive = False
                 extra += b"connection: close\r\n"
             client.transport.write(b"%s%s\r\n" % (head, extra))
-        resume.flush()  # the payload that came with the head
+        # The payload that came with the head waits in resume.pending: the pump takes it with the stream, or the
+        # connection flushes it (upstream.py, after body_follows).

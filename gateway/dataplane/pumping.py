@@ -81,7 +81,8 @@ class PumpedResponses:
 
     def start_pump(self, pump: "_pump.Pump", client_fd: int, body_so_far: bytes, events: int = 0) -> bool:
         """Hand the rest of this chunked body to the pump (`events`: a metered stream's flags); False: framing it
-        would not follow, or its events need Python (a resumed part)."""
+        would not follow, or its events need Python (a resumed part's rewound token). A resumable stream's payload
+        that came with the head goes to the pump too (False: it is the sink's to flush)."""
         prefix = b""
         if self.streaming:
             sink = self._sink
@@ -89,11 +90,15 @@ class PumpedResponses:
             if events < 0:
                 return False
             prefix = sink._buffer  # an event the sink had begun: the pump finishes it
+            # The payload that came with the head (queued in sink.pending, not flushed) is the pump's too (unsent):
+            # its events handled and written by the pump as a later read's are.
             if sink.segment:  # a resumed part: the pump writes the original's id and created, and usage (EV_RESUMED)
                 stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events, prefix,
-                                  orjson.dumps(sink.ident), orjson.dumps(sink.created), sink.offset)
+                                  orjson.dumps(sink.ident), orjson.dumps(sink.created), sink.offset, True)
             else:
-                stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events, prefix)
+                stream = pump.add(self.fd, client_fd, self._pump_ended, body_so_far, events, prefix, unsent=True)
+            if stream is not None:
+                sink.pending.clear()
         else:
             meter = self.meter
             if meter is not None and events & _pump.EV_STRIP_USAGE:

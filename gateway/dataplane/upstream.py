@@ -395,10 +395,14 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
             # httptools waits for a body a HEAD response never has; end here and do not reuse the connection.
             self.complete = True
             self.keep_alive = False
+        if self.streaming and (self.complete or not exchange.body_follows(self, buffer[end + 4:])):
+            sink.flush()  # type: ignore[union-attr]  # the payload that came with the head: the pump did not take it
+            if self.exchange is not exchange:
+                return
         if self.complete:
             exchange.upstream_complete()
-        elif chunked and (not self._dechunk and sink is None or self.streaming):
-            exchange.body_follows(self, buffer[end + 4:])  # a resumable stream too: the pump follows its events
+        elif chunked and not self._dechunk and sink is None:
+            exchange.body_follows(self, buffer[end + 4:])
 
 
 class _PayloadCallbacks:
