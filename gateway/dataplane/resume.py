@@ -168,6 +168,7 @@ def _frame(event: bytes) -> bytes:
 
 
 _DONE_EVENT = b"data: [DONE]\n\n"
+_DONE_FROM = -len(_DONE_EVENT)
 # A choice's token ids as vLLM writes them: `"token_ids":[12]` (`[12,7]` when vLLM merged two outputs).
 _IDS_KEY = b'"token_ids":['
 _IDS_NULL = b'"token_ids":null'
@@ -229,7 +230,7 @@ class ResumeStream:
         if self._buffer:
             buffer = self._buffer + buffer
             self._buffer = b""
-        if not buffer.endswith(b"\n\n"):  # an event split across reads (rare: vLLM writes one per chunk)
+        if buffer[-2:] != b"\n\n":  # an event split across reads (rare: vLLM writes one per chunk)
             end = buffer.rfind(b"\n\n") + 2
             if end < 2:
                 self._buffer = buffer
@@ -275,38 +276,48 @@ class ResumeStream:
             return True
         self.broken = True
         return False
+
     def _batch(self, buffer: bytes) -> bool:
         """The per-read path of the original stream: all events of one read at once, with C-speed byte
         operations and no JSON round trip (a per-event JSON path cost 4x the relay itself, measured).
         vLLM writes a choice's token ids as `"token_ids":[..]`, which no JSON string can hold unescaped.
         False: the read holds something unusual (an error event, an event without token ids)."""
-        batched = _token_ids(buffer, not self.wants_ids) if _token_ids is not None else None
-        if batched is not None:
-            rewritten, ids, finished, n, events, usage = batched
-        else:
-            parts = buffer.split(_IDS_KEY)
-            n = len(parts) - 1
+        batched = _token_ids(buffer, not self.wants_ids, True) if _token_ids is not None else None
+        if batched is None:
+            return self._batch_loop(buffer)
+        # The C pump's loop (_pump.c token_ids, the read back framed as one chunk), the same as _batch_loop's.
+        framed, ids, finished, n, events, usage = batched
         if not n:
             return False  # the usage chunk or [DONE] alone: the event path
-        if batched is None:
-            events = buffer.count(b"\n\n")
-            usage = 0
+        done = False
+        if events != n:
+            done = buffer[_DONE_FROM:] == _DONE_EVENT
+            if events != n + usage + done:
+                return False
+        if ids:
+            self._raw_ids.append(ids)
+        if finished:
+            self.finished = True
+        if (usage or done) and not self._ended_well(usage, done):
+            framed = _frame(framed[framed.index(b"\r\n") + 2:-2 - len(_DONE_EVENT)])
+        if self.transport is not None:
+            self.transport.write(framed)
+        return True
+
+    def _batch_loop(self, buffer: bytes) -> bool:
+        """_batch without the C pump built."""
+        parts = buffer.split(_IDS_KEY)
+        n = len(parts) - 1
+        if not n:
+            return False  # the usage chunk or [DONE] alone: the event path
+        events = buffer.count(b"\n\n")
+        usage = 0
         done = 0
         if events != n:
             done = buffer.endswith(_DONE_EVENT)
-            if batched is None:
-                usage = buffer.count(b'"choices":[]')
+            usage = buffer.count(b'"choices":[]')
             if events != n + usage + done:
                 return False
-        if batched is not None:  # the C pump's loop (_pump.c token_ids), the same as the one below
-            if ids:
-                self._raw_ids.append(ids)
-            self.finished = self.finished or finished
-            if not self._ended_well(usage, done):
-                rewritten = rewritten[:-len(_DONE_EVENT)]
-            if rewritten and self.transport is not None:
-                self.transport.write(b"%x\r\n%s\r\n" % (len(rewritten), rewritten))
-            return True
         raw = self._raw_ids
         wants_ids = self.wants_ids
         out = [parts[0]]
@@ -317,7 +328,7 @@ class ResumeStream:
         # finish_reason rides on the last content chunk, before its token ids; vLLM's two shapes of a chunk
         # that does not finish are recognized at their end (O(1)), anything else is searched.
         last = parts[-2]
-        if not last.endswith(_NOT_FINISHED) and b'"finish_reason":"' in last:
+        if not last.endswith(_NOT_FINISHED) and last.find(b'"finish_reason":"') >= 0:
             self.finished = True
         if not self._ended_well(usage, done):
             out[-1] = out[-1][:-len(_DONE_EVENT)]
