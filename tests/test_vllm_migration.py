@@ -1,7 +1,7 @@
 """Drain by migration with real vLLM: the serving server leaves the target set mid-stream, the stream moves on.
 
 Two vLLM CPU servers of the varied tiny Llama (greedy output that varies, so a wrong continuation shows), the
-router and a gateway with `--resume-limit 1 --drain-migrate-after-s 0.5`. After some tokens of a 200-token
+router and a gateway with `--resume-limit 1 --drain-migrate-after-s 0.1`. After some tokens of a 400-token
 stream, the server generating it is drained (`POST /-/replicas/ID/drain` on the admin listener, what a Serve
 scale-down does through discovery): the client's text and usage equal the uninterrupted reference, and the
 drained server stops generating for it within a second, long before the stream would have ended. Needs
@@ -28,7 +28,9 @@ pytestmark = [
     pytest.mark.skipif(_REASON is not None, reason=f"real vLLM not ready: {_REASON}"),
 ]
 
-N = 200
+# Long enough that the stream is still being generated when the move is due: on a quiet machine the tiny model
+# makes ~2.3 ms per token, and a 200-token stream once ended 462 ms after it began, before a 0.5 s move was due.
+N = 400
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell the story of a replica that was drained"}],
         "max_tokens": N, "temperature": 0, "ignore_eos": True, "stream": True,
         "stream_options": {"include_usage": True}}
@@ -43,7 +45,7 @@ def rig() -> Iterator[tuple[Gateway, int, list]]:
                                              model_dir=bench_vllm.VARIED_MODEL_DIR)
         admin = free_port()
         gateway = stack.gateway([stack.router(servers)], servers, "--resume-limit", "1", "--drain-migrate-after-s",
-                                "0.5", "--admin-port", str(admin), "--health-path", "/health")
+                                "0.1", "--admin-port", str(admin), "--health-path", "/health")
         bench_vllm.wait_gateway_healthy(f"http://127.0.0.1:{admin}")  # /-/routes is on the admin listener
         yield gateway, admin, servers
     finally:
