@@ -149,6 +149,37 @@ def test_gateway_discovers_app(cluster: Cluster) -> None:
     assert "ray discovery: app 'llm'" in cluster.gateway.log()
 
 
+def test_a_stopped_discovery_never_starts_a_ray_cluster_of_its_own(cluster: Cluster, tmp_path) -> None:
+    """After Ray discovery stops (ray.shutdown()), a Ray call still on its way (a quota-ledger sync in a thread)
+    fails instead of making Ray start a local cluster, which would also write ~/.ray/auth_token and turn token
+    auth on for every cluster started later on the machine (seen in CI: later deploys got InvalidAuthToken)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, sys\n"
+        "from gateway.config import Config\n"
+        "from gateway.controlplane.ray_discovery import RayDiscovery\n"
+        "async def main():\n"
+        "    discovery = RayDiscovery(Config(ray_address=sys.argv[1]))\n"
+        "    await discovery.start()\n"
+        "    await discovery.stop()\n"
+        "asyncio.run(main())\n"
+        "import ray\n"
+        "from gateway.controlplane.ledger import ledger_actor\n"
+        "try:\n"
+        "    ledger_actor(ray)  # what a quota-ledger sync calls\n"
+        "    print('started a local cluster')\n"
+        "except Exception as exc:\n"
+        "    print('refused:', type(exc).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script, cluster.stack.address], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **cluster.stack.env(), "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("refused:"), done.stdout
+    assert not (tmp_path / ".ray" / "auth_token").exists()
+
+
 def test_openai_sdk_through_ray_router(cluster: Cluster) -> None:
     from openai import OpenAI
 

@@ -117,6 +117,12 @@ class RayDiscovery:
             # Otherwise Ray rewrites a loopback address to the routable IP
             # (ray/_private/services.py get_node_ip_address, Ray 2.60.0).
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # The gateway never starts a Ray cluster of its own. Ray calls `ray.init()` by itself when an API is used
+        # while not connected (ray/_private/auto_init_hook.py, Ray 2.60.0, read once at import): a ledger sync
+        # still in its thread after shutdown's ray.shutdown() did so in our CI, and the new local cluster wrote
+        # ~/.ray/auth_token (ray/_private/authentication/authentication_token_setup.py), after which every
+        # cluster started on that machine refused drivers with InvalidAuthToken.
+        os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
         try:
             import ray
         except ImportError:
