@@ -478,3 +478,33 @@ async def test_random_interleavings_keep_counts_exact(loop) -> None:
             assert counts_are_zero(rig), action
         ids = [id(exchange) for exchange, _ in rig.ended]
         assert len(ids) == len(set(ids))  # each exchange ended exactly once
+
+
+@pytest.mark.parametrize("same_read", [True, False])
+async def test_bytes_after_a_resumable_stream_are_never_relayed(loop, same_read) -> None:
+    """A resumable stream's payload is queued for resume.py by list.append itself (upstream.py's _SinkFeeder): what
+    a second, unsolicited response brings after the end is cut off before resume.py reads it."""
+    event = (b'data: {"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"a",'
+             b'"logprobs":null,"finish_reason":"stop","token_ids":[5],"prompt_token_ids":[1]}]}\n\n')
+    # No [DONE]: the gateway ends the stream itself (resume.md), so resume.py still reads what follows the end.
+    stream = b"%x\r\n%s\r\n" % (len(event), event) + b"0\r\n\r\n"
+    evil = b'data: {"id":"EVIL","choices":[{"index":0,"text":"EVIL","token_ids":[6]}]}\n\n'
+    second = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(evil), evil))
+    body = b'{"model":"m","prompt":"x","max_tokens":5,"stream":true}'
+    with Rig(loop, resume_limit=1) as rig:
+        conn = rig.pooled()
+        client, out = rig.client()
+        client.data_received(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await settle(loop)
+        assert client.current is not None and client.current.resume is not None
+        head = CHUNKED[:CHUNKED.index(b"\r\n\r\n") + 4]
+        if same_read:
+            conn.data_received(head + stream + second)
+        else:
+            conn.data_received(head + stream[:40])
+            conn.data_received(stream[40:] + second)
+        got = out.take()
+        assert b"EVIL" not in got and b'"text":"a"' in got and got.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+        assert conn.mock.closed and rig.target.pool.take_idle() is None  # type: ignore[attr-defined]
+        assert counts_are_zero(rig)

@@ -78,6 +78,7 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
         self._early_body: list[bytes] = []
         self._parser_dechunks: bool | None = False  # None: not a plain parser (a sink's, or one the pump left)
         self._sink: PayloadSink | None = None
+        self._feeder: _SinkFeeder | None = None  # the sink's parser callbacks
         self.streaming = False  # a sink gets this response's payload (a 200 chunked stream)
         self.fd = -1
         self._poll: Any = None  # poll(2) on our socket alone: has_unread()
@@ -246,7 +247,8 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
         if sink is not None:
             # Resume: the payload goes to the sink, which re-frames it (the slow path, as for HTTP/1.0).
             sink.pending.clear()
-            self.parser = httptools.HttpResponseParser(_SinkFeeder(self, sink.pending))
+            self._feeder = _SinkFeeder(self, sink.pending)
+            self.parser = httptools.HttpResponseParser(self._feeder)
             self._parser_dechunks = None
             self._dechunk = True
         elif dechunk != self._parser_dechunks:
@@ -301,6 +303,8 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
                     return
                 self.extra = True  # garbage after the end: on_body wrote nothing of it
             if self.streaming:
+                if self.extra:
+                    self._feeder.cut()  # type: ignore[union-attr]
                 self._sink.flush()  # type: ignore[union-attr]  # one pass over what this read brought
             if self.exchange is not exchange:
                 return
@@ -396,6 +400,8 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
             self.complete = True
             self.keep_alive = False
         if self.streaming and (self.complete or not exchange.body_follows(self, buffer[end + 4:])):
+            if self.extra:
+                self._feeder.cut()  # type: ignore[union-attr]
             sink.flush()  # type: ignore[union-attr]  # the payload that came with the head: the pump did not take it
             if self.exchange is not exchange:
                 return
@@ -422,17 +428,28 @@ class _PayloadCallbacks:
 
 
 class _SinkFeeder(_PayloadCallbacks):
-    """Parser callbacks for a rewritten stream: each chunk's payload is queued for the sink, no call per chunk
-    beyond this one."""
+    """Parser callbacks for a rewritten stream: each chunk's payload is queued for the sink by `pending.append`
+    itself, a C call per chunk and no Python frame (httptools calls the on_body it finds when the parser is made):
+    a Python on_body cost ~1,000 instructions a chunk, more than the rest of a paced read's handling in resume.py
+    (callgrind). What is queued after the response's end (a second, unsolicited response) is cut off before the sink
+    reads it (`cut`); what an answer that is not a stream queues is never read (upstream.py clears it at the head,
+    and `send` at the next request)."""
 
     def __init__(self, conn: UpstreamConnection, pending: list[bytes]):
         super().__init__(conn)
         self.pending = pending
+        self.on_body = pending.append
+        self.complete_at = -1
 
-    def on_body(self, body: bytes) -> None:
-        conn = self.conn
-        if (conn.streaming or not conn.head_sent) and not conn.complete:
-            self.pending.append(body)
+    def on_message_complete(self) -> None:
+        if self.complete_at < 0:
+            self.complete_at = len(self.pending)
+        self.conn.on_message_complete()
+
+    def cut(self) -> None:
+        """Drop the payload of anything after the end of the response."""
+        if self.complete_at >= 0:
+            del self.pending[self.complete_at:]
 
 
 class _Dechunker(_PayloadCallbacks):
