@@ -2,7 +2,7 @@
 
 One private Ray head (gateway.stacks.ray.RayStack: own temp dir, own ports, stopped
 by its own PIDs) and one Serve app for the whole module; the tests run in file
-order because the last ones redeploy, kill and scale to zero.
+order because the last ones redeploy, kill, scale to zero and add a WebSocket app.
 
     .venv/bin/pytest -m ray tests/test_ray.py -v
 """
@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime
@@ -153,10 +156,6 @@ def test_a_stopped_discovery_never_starts_a_ray_cluster_of_its_own(cluster: Clus
     """After Ray discovery stops (ray.shutdown()), a Ray call still on its way (a quota-ledger sync in a thread)
     fails instead of making Ray start a local cluster, which would also write ~/.ray/auth_token and turn token
     auth on for every cluster started later on the machine (seen in CI: later deploys got InvalidAuthToken)."""
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import asyncio, sys\n"
         "from gateway.config import Config\n"
@@ -458,3 +457,47 @@ def test_scale_to_zero_idle_then_wake(cluster: Cluster) -> None:
     assert response.status_code == 200
     assert response.headers["x-replica-id"] in gw.replica_ids()
     gw.child.stop()
+
+
+def deploy_ws_app(stack: RayStack) -> str:
+    done = subprocess.run([stack.python, "-m", "replicas.serve_ws_app", "--address", stack.address,
+                           "--http-port", str(stack.http_port), "--route-prefix", "/ws"],
+                          env={**os.environ, **stack.env()}, capture_output=True, timeout=240)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return done.stdout.decode()
+
+
+# Last in this module: it adds an app to the cluster, which the tests above do not expect.
+def test_a_serve_websocket_route_through_the_gateway_and_through_haproxy(cluster: Cluster) -> None:
+    """A Ray Serve app with a WebSocket route (replicas/serve_ws_app.py's FastAPI app at /ws, next to the mock LLM
+    app at /, whose prefix must not win over it), through the gateway and through Ray's own HAProxy (issue 23):
+    the upgrade goes to the WebSocket app by route prefix, to one of its replicas, and the tunnel carries messages
+    both ways, as Ray's HAProxy does."""
+    from websockets.sync.client import connect
+
+    stack = cluster.stack
+    gateway = None
+    try:
+        print(deploy_ws_app(stack))
+        gateway = start_gateway(stack, "ws")
+        wait_until(lambda: "/ws" in gateway.routes().get("apps", gateway.routes()) or "/ws" in str(gateway.routes()),
+                   deadline_s=30, what="the gateway discovers the WebSocket app")
+        assert httpx.get(gateway.url + "/ws/hello", timeout=30).json()["replica"]
+        for port, who in ((gateway.port, "gateway"), (stack.http_port, "haproxy")):
+            seen = set()
+            for _ in range(4):
+                with connect(f"ws://127.0.0.1:{port}/ws/echo", proxy=None, open_timeout=30, max_size=None) as conn:
+                    seen.add(conn.recv(timeout=30))
+                    conn.send("over " + who)
+                    assert conn.recv(timeout=30) == "over " + who
+                    message = os.urandom(1 << 20)
+                    conn.send(message)
+                    assert conn.recv(timeout=30) == message
+            print(who, "reached replicas", sorted(seen))
+            assert seen and all(seen)
+        # The LLM app at / still answers through the same gateway.
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
+        assert 'gateway_tunnels_total{outcome="client_closed"} 4.0' in gateway.metrics()
+    finally:
+        if gateway is not None:
+            gateway.child.stop()
