@@ -537,8 +537,9 @@ static const char *find(const char *hay, size_t n, const char *needle, size_t m)
     return NULL;
 }
 
-/* A chunk-size line ("%zx\r\n", up to 18 bytes) into line; its length. snprintf went through vfprintf: ~300
- * instructions, once a read of a resumable stream (29k of a paced 100-event stream's, callgrind). */
+/* A chunk-size line ("%zx\r\n", up to 18 bytes) into line; its length. snprintf went through vfprintf and its
+ * string output: ~500 instructions, once a read of a resumable stream (~50k of a paced 100-event stream's,
+ * callgrind). */
 static int hex_line(char *line, size_t v) {
     char digits[16];
     int n = 0;
@@ -1638,9 +1639,8 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     PyObject_GC_Track(s);
     /* The body bytes that came with the head were relayed already (their events handled by Python): they only
      * move the parser. With `unsent` (EV_RESUME) they were not: their events are handled here as a read's are,
-     * and what goes to the client is written below. A back-to-back stream often arrives largely with its head;
-     * handled by resume.py that part cost more than the rest of the stream in the pump (stream200 c=16, callgrind,
-     * docs/performance.md). */
+     * and what goes to the client is written below. A back-to-back stream often arrives largely with its head,
+     * and that part went through resume.py's per-read Python path (docs/performance.md, "Instruction counts"). */
     unsent = unsent && (s->evflags & EV_RESUME);
     Py_ssize_t end = parse_chunked(s, body.buf, body.len, unsent);
     int usable = end == body.len && s->state != C_DONE;

@@ -244,7 +244,7 @@ class StreamMeter:
             # CRLF; JSON never holds a raw CR or LF), the last one `\r\n\r\n`. What follows is a chunk split across
             # reads: kept (`_tail`) and searched once whole, so a search never misses a key cut in two and the rest
             # of a read is not walked chunk by chunk (stream200 c=16 with accounting on, reads split that way under
-            # load: 3.6M instructions a stream, 9x accounting off, in callgrind; docs/performance.md).
+            # load: 3.4-3.6M instructions a stream, 8-9x accounting off, in callgrind; docs/performance.md).
             tail = self._tail
             whole = tail + data if tail else data
             if not whole.endswith(b"\n\r\n"):
