@@ -132,6 +132,7 @@ class VllmServer:
     log_path: str
     extra_args: Sequence[str] = ()
     model_dir: Path = MODEL_DIR
+    env: dict[str, str] = field(default_factory=dict)  # on top of VLLM_ENV (tests/vllm_servers.py)
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     ready_after_s: float | None = None
@@ -149,7 +150,7 @@ class VllmServer:
                 "--enable-log-requests", *self.extra_args]
 
     def start(self) -> VllmServer:
-        env = {**os.environ, **VLLM_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(self.cpu)}
+        env = {**os.environ, **VLLM_ENV, **self.env, "VLLM_CPU_OMP_THREADS_BIND": str(self.cpu)}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - open for the server's lifetime, closed in stop()
         self.started_at = time.monotonic()
         # Same session and process group as the caller: see the module docstring.

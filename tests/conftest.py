@@ -218,3 +218,67 @@ def assert_bench_complete(results: dict[str, dict], bench: dict) -> None:
         assert result["failed"] == 0, f"{label}: {result['failed']} failed, e.g. {result['first_errors']}"
         assert result["completed"] == bench["num_prompts"], label
         assert result["total_output_tokens"] == bench["num_prompts"] * bench["output_len"], label
+
+
+# Real vLLM servers shared by the vLLM modules (tests/vllm_servers.py). A module marked
+# `vllm_servers(MODEL, COUNT)` takes its servers from the `vllm_servers` fixture; nothing here starts vLLM
+# unless such a test runs (the default suite deselects them with the `vllm` marker).
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The modules that share a model's vLLM servers run one after another, at the place of the first, models in
+    the order they first appear: only one model's servers are up at a time (memory: at most 3 servers, as when
+    each module had its own), and none of them sits idle through the unrelated modules in between."""
+    from tests.vllm_servers import need
+
+    first = next((i for i, item in enumerate(items) if need(item)), None)
+    if first is None:
+        return
+    shared = [item for item in items if need(item)]
+    order = list(dict.fromkeys(need(item)[0] for item in shared))  # type: ignore[index]
+    shared.sort(key=lambda item: order.index(need(item)[0]))  # type: ignore[index]  # stable: modules stay whole
+    rest = [item for item in items if not need(item)]
+    items[:] = rest[:first] + shared + rest[first:]
+
+
+_VLLM_POOL = pytest.StashKey[Any]()  # the session's VllmPool, for the teardown hook below
+
+
+@pytest.fixture(scope="session")
+def vllm_pool(request: pytest.FixtureRequest) -> Iterator[Any]:
+    from tests.vllm_servers import VllmPool, need
+
+    sizes: dict[str, int] = {}
+    for item in request.session.items:
+        if wanted := need(item):
+            sizes[wanted[0]] = max(sizes.get(wanted[0], 0), wanted[1])
+    pool = VllmPool(bench_vllm, LOG_DIR, sizes)
+    request.config.stash[_VLLM_POOL] = pool
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_servers(request: pytest.FixtureRequest, vllm_pool: Any) -> list:
+    """The module's real vLLM servers, as its `vllm_servers(MODEL, COUNT)` marker asks: live and idle."""
+    from tests.vllm_servers import need
+
+    wanted = need(request.node)
+    assert wanted, f"{request.module.__name__}: mark the module with pytest.mark.vllm_servers(MODEL, COUNT)"
+    return vllm_pool.take(*wanted)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """After the last test of a run of modules on one model (their module fixtures are gone by then), that
+    model's servers stop: the next model's start on a machine without them."""
+    yield
+    pool = item.config.stash.get(_VLLM_POOL, None)
+    if pool is None:
+        return
+    from tests.vllm_servers import need
+
+    wanted = need(item)
+    if wanted and (nextitem is None or need(nextitem) is None or need(nextitem)[0] != wanted[0]):
+        pool.release(wanted[0])

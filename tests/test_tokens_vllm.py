@@ -1,11 +1,12 @@
 """Token accounting against real vLLM (CPU build, tiny Llama): the gateway's counts are vLLM's own.
 
-One vLLM server behind two gateways with --token-accounting (streams metered by the C pump, and by
-Python with --no-native-relay). For chat and completions, streamed (the client
-asking for include_usage or not) and not: the gateway's /-/usage grows by exactly what vLLM's own Prometheus
-counters (vllm:prompt_tokens_total, vllm:generation_tokens_total) grew by, and by the usage vLLM reports to a
-client that asks. A stream whose client did not ask for usage is byte for byte what vLLM sends directly
-(ids and timestamps aside; the system fingerprint back on the last chunk), and never shows a usage chunk.
+One vLLM server (the first of the session's tiny-model servers, tests/vllm_servers.py) behind two gateways
+with --token-accounting (streams metered by the C pump, and by Python with --no-native-relay). For chat and
+completions, streamed (the client asking for include_usage or not) and not: the gateway's /-/usage grows by
+exactly what vLLM's own Prometheus counters (vllm:prompt_tokens_total, vllm:generation_tokens_total) grew by,
+and by the usage vLLM reports to a client that asks. A stream whose client did not ask for usage is byte for
+byte what vLLM sends directly (ids and timestamps aside; the system fingerprint back on the last chunk), and
+never shows a usage chunk.
 
 Needs `bash scripts/vllm_setup.sh`; marked `vllm`.
 """
@@ -28,6 +29,7 @@ _REASON = bench_vllm.missing()
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(_REASON is not None, reason=f"real vLLM not installed: {_REASON}"),
+    pytest.mark.vllm_servers("tiny", 1),
 ]
 
 MODEL = "tiny"
@@ -60,12 +62,10 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
+def rig(vllm_servers: list) -> Iterator[Rig]:
     stack = Stack("tokens-vllm")
-    servers = []
+    servers = vllm_servers
     try:
-        servers = bench_vllm.start_vllm_pair(LOG_DIR, "tokens-vllm", deadline_s=bench_vllm.STARTUP_DEADLINE_S,
-                                             count=1)
         gateway = stack.gateway([], servers, "--token-accounting", "--token-state-file",
                                 f"{LOG_DIR}/tokens-vllm-state.json")
         python = stack.gateway([], servers, "--token-accounting", "--no-native-relay", "--token-state-file",
@@ -76,8 +76,6 @@ def rig() -> Iterator[Rig]:
         yield Rig(servers[0], gateway, client, python)
     finally:
         stack.stop()
-        for server in servers:
-            server.stop()
 
 
 def settled(rig: Rig, before_vllm: tuple[int, int], before_gateway: tuple[int, int]) -> tuple[tuple, tuple]:

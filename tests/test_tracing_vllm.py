@@ -2,7 +2,8 @@
 
 One real vLLM server (CPU build, tiny model) exports its own spans (`--otlp-traces-endpoint`,
 OTLP/HTTP) to the same collector as the gateway; vLLM's `llm_request` span must be a child of
-the gateway's span, in the client's trace. Marked `vllm` (one vLLM start, about a minute).
+the gateway's span, in the client's trace. The server and the collector are the session's
+(tests/vllm_servers.py: every tiny-model server exports to one receiver). Marked `vllm`.
 """
 
 from __future__ import annotations
@@ -13,32 +14,25 @@ import time
 import openai
 import pytest
 
-from tests.conftest import LOG_DIR, Stack, wait_until
+from tests.conftest import Stack, wait_until
 from tests.test_vllm_e2e import _REASON, MESSAGES, MODEL, bench_vllm
 
 pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter", reason="needs the otel extra")
-from tests.otlp_receiver import Receiver  # noqa: E402
 
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(_REASON is not None, reason=f"real vLLM not installed: {_REASON}"),
+    pytest.mark.vllm_servers("tiny", 1),
 ]
 
 
-def test_vllm_spans_nest_under_the_gateway_span(monkeypatch) -> None:
-    receiver = Receiver().start()
+def test_vllm_spans_nest_under_the_gateway_span(vllm_servers: list, vllm_pool) -> None:
+    # The session's tiny-model servers export to the pool's receiver (tests/vllm_servers.py).
+    receiver = vllm_pool.receiver
+    assert receiver is not None, "the tiny-model servers were started without --otlp-traces-endpoint"
+    server = vllm_servers[0]
     stack = Stack("vllm-tracing")
-    server = None
     try:
-        from gateway.stacks.procs import free_port
-
-        # vLLM exports over gRPC unless told otherwise; the collector here speaks OTLP/HTTP.
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
-        port = free_port()
-        server = bench_vllm.VllmServer(
-            "vllm-traced", port, cpu=0, log_path=f"{LOG_DIR}/vllm-tracing-{port}.log",
-            extra_args=["--otlp-traces-endpoint", f"{receiver.url}/v1/traces"]).start()
-        server.wait_ready()
         router = stack.router([server])
         gateway = stack.gateway([router], [server], "--otlp-endpoint", receiver.url, "--trace-sample-ratio", "0")
         bench_vllm.wait_gateway_healthy(gateway.url)
@@ -64,6 +58,3 @@ def test_vllm_spans_nest_under_the_gateway_span(monkeypatch) -> None:
             + f"; spans in {time.monotonic() - started:.1f} s")
     finally:
         stack.stop()
-        if server is not None:
-            server.stop()
-        receiver.stop()

@@ -1,11 +1,11 @@
 """Real vLLM (CPU build, tiny random-weight Llama) behind the gateway, end to end.
 
-Two real vLLM OpenAI servers (Workers pinned to CPU 0 and CPU 1), the standalone router and the
-gateway, all started in this test's own session: on this 2-core box a setsid-ed server or client
-gets its own scheduler group and streams then arrive in one burst (docs/contributing.md,
-"Real vLLM on CPU"). Covered through the gateway with the official openai SDK: chat and completions,
-streaming and not, include_usage, a client that goes away mid-stream (vLLM must abort the request:
-its running count drops to 0 and generation stops), and vLLM's own `vllm bench serve` through the
+Two real vLLM OpenAI servers (Workers pinned to CPU 0 and CPU 1; the session's tiny-model servers,
+tests/vllm_servers.py), the standalone router and the gateway, all started in this test's own session: on this
+2-core box a setsid-ed server or client gets its own scheduler group and streams then arrive in one burst
+(docs/contributing.md, "Real vLLM on CPU"). Covered through the gateway with the official openai SDK: chat and
+completions, streaming and not, include_usage, a client that goes away mid-stream (vLLM must abort the
+request: its running count drops to 0 and generation stops), and vLLM's own `vllm bench serve` through the
 gateway vs direct, which must finish with no failed request. No timing assertions.
 
 Needs `bash scripts/vllm_setup.sh` (about 2.5 min, 2.5 GB) and takes 2-4 min; marked `vllm`.
@@ -32,6 +32,7 @@ _REASON = bench_vllm.missing()
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(_REASON is not None, reason=f"real vLLM not installed: {_REASON}"),
+    pytest.mark.vllm_servers("tiny", 2),
 ]
 
 MODEL = "tiny"
@@ -65,23 +66,16 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
+def rig(vllm_servers: list) -> Iterator[Rig]:
     stack = Stack("vllm-e2e")
-    servers = []
     try:
-        started = time.monotonic()
-        servers = bench_vllm.start_vllm_pair(LOG_DIR, "vllm-e2e", deadline_s=bench_vllm.STARTUP_DEADLINE_S)
-        router = stack.router(servers)
-        gateway = stack.gateway([router], servers)
+        router = stack.router(vllm_servers)
+        gateway = stack.gateway([router], vllm_servers)
         bench_vllm.wait_gateway_healthy(gateway.url)
-        print(f"\nvLLM rig up in {time.monotonic() - started:.0f}s: "
-              + ", ".join(f"{s.replica_id} healthy after {s.ready_after_s:.0f}s" for s in servers))
         client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        yield Rig(servers, router, gateway, client)
+        yield Rig(vllm_servers, router, gateway, client)
     finally:
         stack.stop()
-        for server in servers:
-            server.stop()
 
 
 def _idle(rig: Rig) -> None:

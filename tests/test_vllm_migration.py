@@ -1,6 +1,7 @@
 """Drain by migration with real vLLM: the serving server leaves the target set mid-stream, the stream moves on.
 
-Two vLLM CPU servers of the varied tiny Llama (greedy output that varies, so a wrong continuation shows), the
+Two vLLM CPU servers of the varied tiny Llama (greedy output that varies, so a wrong continuation shows; the
+session's, tests/vllm_servers.py: a drain is the gateway's, the servers are left as they were), the
 router and a gateway with `--resume-limit 1 --drain-migrate-after-s 0.1`. After some tokens of a 400-token
 stream, the server generating it is drained (`POST /-/replicas/ID/drain` on the admin listener, what a Serve
 scale-down does through discovery): the client's text and usage equal the uninterrupted reference, and the
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from gateway.stacks.procs import free_port
-from tests.conftest import LOG_DIR, Gateway, Stack, wait_until
+from tests.conftest import Gateway, Stack, wait_until
 from tests.test_vllm_e2e import bench_vllm
 from tests.test_vllm_resume import running
 
@@ -26,6 +27,7 @@ _REASON = bench_vllm.missing(bench_vllm.VARIED_MODEL_DIR)
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(_REASON is not None, reason=f"real vLLM not ready: {_REASON}"),
+    pytest.mark.vllm_servers("varied", 2),
 ]
 
 # Long enough that the stream is still being generated when the move is due: on a quiet machine the tiny model
@@ -37,12 +39,10 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell the stor
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[tuple[Gateway, int, list]]:
+def rig(vllm_servers: list) -> Iterator[tuple[Gateway, int, list]]:
     stack = Stack("vllm-migration")
-    servers = []
+    servers = vllm_servers
     try:
-        servers = bench_vllm.start_vllm_pair(LOG_DIR, "vllm-migration", deadline_s=bench_vllm.STARTUP_DEADLINE_S,
-                                             model_dir=bench_vllm.VARIED_MODEL_DIR)
         admin = free_port()
         gateway = stack.gateway([stack.router(servers)], servers, "--resume-limit", "1", "--drain-migrate-after-s",
                                 "0.1", "--admin-port", str(admin), "--health-path", "/health")
@@ -50,8 +50,6 @@ def rig() -> Iterator[tuple[Gateway, int, list]]:
         yield gateway, admin, servers
     finally:
         stack.stop()
-        for server in servers:
-            server.stop()
 
 
 def test_a_stream_moves_off_a_drained_vllm_and_reads_as_one(rig) -> None:

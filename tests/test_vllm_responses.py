@@ -1,6 +1,7 @@
 """Real vLLM: Responses API affinity across two replicas and two gateways, and what /v1/realtime does on CPU.
 
-Two vLLM CPU servers of the tiny Llama with stored responses on (VLLM_ENABLE_RESPONSES_API_STORE=1),
+Two vLLM CPU servers of the tiny Llama with stored responses on (VLLM_ENABLE_RESPONSES_API_STORE=1: the
+session's tiny-model servers have it, tests/vllm_servers.py),
 a round-robin router, two gateways sharing a cluster secret and one with affinity off. vLLM keeps a
 stored response in the API server process that made it, so without affinity every other
 `previous_response_id` follow-up reaches the server that does not have it (404); with it, every follow-up
@@ -9,8 +10,6 @@ through either gateway reaches the right one. Needs `bash scripts/vllm_setup.sh`
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -19,43 +18,33 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import LOG_DIR, Gateway, Stack
+from tests.conftest import Gateway, Stack
 from tests.test_vllm_e2e import bench_vllm
 
 _REASON = bench_vllm.missing()
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(_REASON is not None, reason=f"real vLLM not ready: {_REASON}"),
+    pytest.mark.vllm_servers("tiny", 2),
 ]
 
 SECRET = "vllm-test-cluster-secret"
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[tuple[Gateway, Gateway, Gateway, list]]:
+def rig(vllm_servers: list) -> Iterator[tuple[Gateway, Gateway, Gateway, list]]:
     stack = Stack("vllm-responses")
-    servers = []
-    saved = os.environ.get("VLLM_ENABLE_RESPONSES_API_STORE")
-    os.environ["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"  # inherited by the servers started below
+    servers = vllm_servers
     try:
-        started = time.monotonic()
-        servers = bench_vllm.start_vllm_pair(LOG_DIR, "vllm-responses", deadline_s=bench_vllm.STARTUP_DEADLINE_S)
         router = stack.router(servers)
         a = stack.gateway([router], servers, "--cluster-secret", SECRET, "--health-path", "/health")
         b = stack.gateway([router], servers, "--cluster-secret", SECRET, "--health-path", "/health")
         plain = stack.gateway([router], servers, "--no-responses-affinity", "--health-path", "/health")
         for gateway in (a, b, plain):
             bench_vllm.wait_gateway_healthy(gateway.url)
-        print(f"\nvLLM responses rig up in {time.monotonic() - started:.0f}s")
         yield a, b, plain, servers
     finally:
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_RESPONSES_API_STORE", None)
-        else:
-            os.environ["VLLM_ENABLE_RESPONSES_API_STORE"] = saved
         stack.stop()
-        for server in servers:
-            server.stop()
 
 
 def sdk(gateway: Gateway) -> openai.OpenAI:

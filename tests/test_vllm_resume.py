@@ -5,7 +5,8 @@ resume cannot pass by accident), the standalone router and the gateway with `--r
 200-token completion and a 200-token chat stream, the server generating it has its whole process tree
 SIGKILLed by PID at a different point of the stream; the text and the usage the client reads must equal
 the uninterrupted reference. Three servers, so that each kill leaves two (no restart: a restart costs
-a minute). Needs `bash scripts/vllm_setup.sh`; marked `vllm`.
+a minute); they are the session's varied-model servers (tests/vllm_servers.py), which replaces the killed ones
+before any later module gets them. Needs `bash scripts/vllm_setup.sh`; marked `vllm`.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ import json
 import os
 import re
 import signal
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from gateway.stacks.procs import descendants
-from tests.conftest import LOG_DIR, Gateway, Stack, wait_until
+from tests.conftest import Gateway, Stack, wait_until
 from tests.test_vllm_e2e import bench_vllm
 
 _REASON = bench_vllm.missing(bench_vllm.VARIED_MODEL_DIR)
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(_REASON is not None, reason=f"real vLLM not ready: {_REASON}"),
+    pytest.mark.vllm_servers("varied", 3),
 ]
 
 N = 200
@@ -39,22 +40,15 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell the stor
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[tuple[Gateway, list]]:
+def rig(vllm_servers: list) -> Iterator[tuple[Gateway, list]]:
     stack = Stack("vllm-resume")
-    servers = []
     try:
-        started = time.monotonic()
-        servers = bench_vllm.start_vllm_pair(LOG_DIR, "vllm-resume", deadline_s=bench_vllm.STARTUP_DEADLINE_S,
-                                             count=3, model_dir=bench_vllm.VARIED_MODEL_DIR)
-        router = stack.router(servers)
-        gateway = stack.gateway([router], servers, "--resume-limit", "2", "--health-path", "/health")
+        router = stack.router(vllm_servers)
+        gateway = stack.gateway([router], vllm_servers, "--resume-limit", "2", "--health-path", "/health")
         bench_vllm.wait_gateway_healthy(gateway.url)
-        print(f"\nvLLM resume rig (3 servers) up in {time.monotonic() - started:.0f}s")
-        yield gateway, servers
+        yield gateway, vllm_servers
     finally:
         stack.stop()
-        for server in servers:
-            server.stop()
 
 
 def running(server) -> float:
