@@ -8,6 +8,7 @@ vLLM's pydantic writes them (compact). Runs in the sanitizer build too (scripts/
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -187,6 +188,20 @@ def ids(raw: bytes | None) -> list[int] | None:
     return None if raw is None else orjson.loads(b"[" + raw + b"]")
 
 
+def feed_as_upstream(rig: Any, reads: list[bytes], with_head: bool, meta: dict[str, Any],
+                     python_path: Callable[[list[bytes], dict[str, Any]], tuple[Any, bytes]]) -> Any:
+    """Every read to the pump as upstream.py hands a stream over (the head's read unsent when `with_head`): its
+    Stream, or None when the pump declined that first read, which the Python path then relays whole (an error,
+    garbage, or the end), as `python_path` shows."""
+    if rig.stream is None:
+        first, _ = python_path(reads[:1], meta)
+        assert with_head and (first.broken or meta["ended"] and len(reads) == 1)
+        return None
+    rig.feed_reads(reads[1:] if with_head else reads)
+    rig.drain()
+    return rig.stream
+
+
 @FUZZ
 @given(st.data())
 def test_the_pump_handles_events_as_the_python_path_does(data) -> None:
@@ -200,13 +215,9 @@ def test_the_pump_handles_events_as_the_python_path_does(data) -> None:
     with_head = bool(reads) and data.draw(st.booleans())
     rig = Rig(events=flags(meta), body_so_far=reads[0], unsent=True) if with_head else Rig(events=flags(meta))
     try:
-        if rig.stream is None:  # the pump declines: the Python path relays all of it (an error, garbage, or the end)
-            first, _ = python_path(reads[:1], meta)
-            assert with_head and (first.broken or meta["ended"] and len(reads) == 1)
+        stream = feed_as_upstream(rig, reads, with_head, meta, python_path)
+        if stream is None:
             return
-        rig.feed_reads(reads[1:] if with_head else reads)
-        rig.drain()
-        stream = rig.stream
         got = dechunk(bytes(rig.received) + (rig.ended[0][1] or b"" if rig.ended else b""))
         assert got == expected
         assert stream.broken == reference.broken

@@ -26,7 +26,7 @@ from gateway.dataplane import _pump
 from gateway.dataplane.pumping import resume_absorb, resume_flags
 from gateway.dataplane.resume import ResumeStream
 from tests.pump_rig import Rig
-from tests.test_pump_events import ENDINGS, Collect, chunked, dechunk, event, feed_python, spoil
+from tests.test_pump_events import ENDINGS, Collect, chunked, dechunk, event, feed_as_upstream, feed_python, spoil
 
 EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -153,13 +153,9 @@ def test_the_pump_rewrites_a_resumed_part_as_the_python_path_does(data) -> None:
     with_head = bool(reads) and data.draw(st.booleans())
     rig, state = pump_rig(meta, body_so_far=reads[0], unsent=True) if with_head else pump_rig(meta)
     try:
-        if rig.stream is None:  # the pump declines: the Python path relays all of it (an error, garbage, or the end)
-            first, _ = python_path(reads[:1], meta)
-            assert with_head and (first.broken or meta["ended"] and len(reads) == 1)
+        stream = feed_as_upstream(rig, reads, with_head, meta, python_path)
+        if stream is None:
             return
-        rig.feed_reads(reads[1:] if with_head else reads)
-        rig.drain()
-        stream = rig.stream
         got = bytes(rig.received) + (rig.ended[0][1] or b"" if rig.ended else b"")
         assert got == expected  # on the wire: one chunk per event on both paths
         assert stream.broken == reference.broken
