@@ -271,6 +271,29 @@ def test_a_resumed_stream_counts_what_the_client_got(stack: Stack) -> None:
     assert 'gateway_resumes_total{outcome="resumed"} 1.0' in gateway.metrics()
 
 
+def test_with_resume_on_too_streams_go_through_the_pump_and_are_counted(stack: Stack) -> None:
+    """`gateway up`'s pair, --resume-limit with --token-accounting: the pump relays every stream (it once kept all of
+    them in Python when both were on), the client gets no token ids it did not ask for, and each is counted."""
+    if not PUMP_BUILT:
+        pytest.skip("the C pump is not built")
+    replica = stack.replica("r1", "--itl-ms", "1")
+    gateway = stack.gateway([], [replica], "--token-accounting", "--resume-limit", "2")
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="none", max_retries=0)
+    expected = [0, 0]
+    for max_tokens in (5, 8, 13):
+        chunks = list(client.chat.completions.create(model="mock", messages=CHAT["messages"], max_tokens=max_tokens,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert all("\"token_ids\":[" not in chunk.model_dump_json() for chunk in chunks)  # null: not asked for
+        expected[0] += chunks[-1].usage.prompt_tokens
+        expected[1] += chunks[-1].usage.completion_tokens
+    assert expected[1] == 5 + 8 + 13
+    wait_until(lambda: usage_of(gateway.url)["keys"].get("", {}).get("mock", {}).get("since_start", {})
+               .get("completion_tokens") == expected[1], what="the three streams' counts")
+    assert usage_of(gateway.url)["keys"][""]["mock"]["since_start"]["prompt_tokens"] == expected[0]
+    pumped = re.search(r"^gateway_native_relay_streams_total (\S+)", gateway.metrics(), re.M)
+    assert float(pumped.group(1)) == 3, pumped
+
+
 def test_the_span_carries_the_counts(stack: Stack) -> None:
     """OpenTelemetry's GenAI names on the request's SERVER span: gen_ai.usage.input_tokens / output_tokens."""
     from tests.test_tracing import needs_otel

@@ -212,7 +212,9 @@ class Exchange:
         pump = self.state.pump
         client = self.client
         meter = conn.meter
-        events = 0 if meter is None else METER_EVENTS.get(meter.pump_mode(), -1)  # metered: the pump counts
+        # Metered: the pump counts. A resumable stream's meter is off (resume counts it by its token ids) and the
+        # pump takes its flags from resume (start_pump): with both on, asking the meter kept every stream in Python.
+        events = 0 if meter is None or conn.streaming else METER_EVENTS.get(meter.pump_mode(), -1)
         if pump is not None and client.fd >= 0 and not client.writing_paused and events >= 0 \
                 and not client.transport.get_write_buffer_size() \
                 and conn.start_pump(pump, client.fd, body_so_far, events):
