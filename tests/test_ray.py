@@ -265,6 +265,21 @@ def read_stream(url: str, body: dict, expected: str, outcomes: list[object]) -> 
         outcomes.append(type(exc).__name__)
 
 
+def long_streams(url: str, count: int = 4) -> tuple[list[threading.Thread], list[object]]:
+    """`count` greedy streams of 20 s (500 tokens, 40 ms apart: longer than a redeploy, ~7 s, plus Ray's graceful
+    shutdown, draining 2 s + 5 s), each read by read_stream in its own thread, started."""
+    from replicas.mock_engine import greedy_text, prompt_ids
+
+    body = {**CHAT, "stream": True, "max_tokens": 500, "itl_ms": 40, "stream_options": {"include_usage": True}}
+    expected = greedy_text(prompt_ids(True, body), 500)
+    outcomes: list[object] = []
+    threads = [threading.Thread(target=read_stream, args=(url, body, expected, outcomes), daemon=True)
+               for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, outcomes
+
+
 def resumes(gw: Gateway, outcome: str) -> float:
     """gateway_resumes_total{outcome}: 0 before the first."""
     return sum(float(line.split()[-1]) for line in gw.metrics().splitlines()
@@ -273,19 +288,9 @@ def resumes(gw: Gateway, outcome: str) -> float:
 
 def test_redeploy_with_resume_keeps_long_streams_whole(cluster: Cluster) -> None:
     """Streams longer than Ray's graceful shutdown (draining + 5 s) outlive their replica: resumed, not cut."""
-    from replicas.mock_engine import greedy_text, prompt_ids
-
     gw = start_gateway(cluster.stack, "resume", "--resume-limit", "3")
     try:
-        # 20 s streams: longer than the redeploy (~7 s) plus Ray's graceful shutdown (draining 2 s + 5 s).
-        body = {**CHAT, "stream": True, "max_tokens": 500, "itl_ms": 40, "stream_options": {"include_usage": True}}
-        expected = greedy_text(prompt_ids(True, body), 500)
-        outcomes: list[object] = []
-
-        threads = [threading.Thread(target=read_stream, args=(gw.url, body, expected, outcomes), daemon=True)
-                   for _ in range(4)]
-        for thread in threads:
-            thread.start()
+        threads, outcomes = long_streams(gw.url)
         old = gw.replica_ids()
         deployed = cluster.stack.deploy("--policy", "consistent_hash", "--replicas", "2", "--tag", "v3")
         new_ids = {line.split()[1] for line in deployed["targets"]}
@@ -305,18 +310,9 @@ def test_redeploy_migrates_long_streams_off_the_old_replicas(cluster: Cluster) -
     """Drain by migration (issue 23): once a redeploy takes the old replicas out of the target groups, their
     streams move to the new replicas after --drain-migrate-after-s, long before Ray's graceful shutdown would
     have cut them, and every client reads one stream whose text is the uninterrupted answer."""
-    from replicas.mock_engine import greedy_text, prompt_ids
-
     gw = start_gateway(cluster.stack, "migrate", "--resume-limit", "1", "--drain-migrate-after-s", "1")
     try:
-        body = {**CHAT, "stream": True, "max_tokens": 500, "itl_ms": 40, "stream_options": {"include_usage": True}}
-        expected = greedy_text(prompt_ids(True, body), 500)
-        outcomes: list[object] = []
-
-        threads = [threading.Thread(target=read_stream, args=(gw.url, body, expected, outcomes), daemon=True)
-                   for _ in range(4)]
-        for thread in threads:
-            thread.start()
+        threads, outcomes = long_streams(gw.url)
         old = gw.replica_ids()
         wait_until(lambda: gw.get_json("/-/routes")["in_flight"] == 4, 20, what="four streams under way")
         t0 = time.monotonic()
