@@ -191,7 +191,7 @@ def resume_as_pumped(resume: Any, stream: Any) -> Any:
     """The ResumeStream as it will be once the pump lets go of `stream`, `resume` left as it is: what a resume would
     start from, asked while the pump still relays (relay.py's migrate decides whether the stream can move)."""
     view = copy.copy(resume)
-    view._raw_ids = []  # the one list resume_absorb changes
+    view._raw_ids = list(resume._raw_ids)  # the one list resume_absorb changes in place
     resume_absorb(view, stream)
     return view
 

@@ -263,7 +263,6 @@ class ResumeStream:
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
 
-
     def _ended_well(self, usage: bool, done: bool) -> bool:
         """Fold one read's usage and [DONE] into the stream's state; False when its [DONE] must be held back
         (the engine gave up without finishing: the stream is broken, not ended)."""

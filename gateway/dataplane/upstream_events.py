@@ -28,6 +28,7 @@ class Counters(Protocol):
 class Pumpable(Protocol):
     """A connection whose chunked body the C pump can take over (pumping.PumpedResponses)."""
     meter: Any
+    streaming: bool  # a resumable stream: the pump takes its flags from resume, not from the meter
 
     def start_pump(self, pump: Any, client_fd: int, body_so_far: bytes) -> bool: ...
 
