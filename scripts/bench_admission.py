@@ -46,11 +46,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import uvloop  # noqa: E402
 
 import haproxy_ray  # noqa: E402
+from benchkit import procstats  # noqa: E402
 from gateway.security.keys import digest_of  # noqa: E402
-from gateway.stacks.procs import Child, descendants, free_port  # noqa: E402
+from gateway.stacks.procs import Child, free_port  # noqa: E402
 
 perf = time.perf_counter
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 KEYS = {"A": "sk-bench-a-0123456789", "B": "sk-bench-b-0123456789", "low": "sk-bench-low-0123456789",
         "high": "sk-bench-high-0123456789"}
 PRIORITY = {"high": 10}
@@ -294,16 +294,7 @@ async def wait_ready(port: int) -> None:
 # --------------------------------------------------------------------------- cost (nothing saturated)
 
 def cpu_seconds(pid: int) -> float:
-    total = 0
-    for p in [pid, *descendants(pid)]:
-        try:
-            with open(f"/proc/{p}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+    return procstats.cpu_seconds(procstats.proc_tree(pid))
 
 
 async def closed_loop(port: int, users: int, duration: float, args: argparse.Namespace) -> list[Result]:

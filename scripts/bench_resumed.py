@@ -21,16 +21,15 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from replicas.mock_engine import prompt_ids  # noqa: E402
 from tests.conftest import Stack  # noqa: E402
+from benchkit import procstats  # noqa: E402
 
 
 def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return procstats.cpu_seconds([pid])
 
 
 def main() -> None:

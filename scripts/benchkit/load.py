@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from benchkit.procstats import cpu_seconds, foreign_probe, proc_tree, rss_bytes
+from benchkit.procstats import cpu_seconds, foreign_probe, proc_tree, rss_bytes, tick_seconds
 
 perf = time.perf_counter
 TLS_CONTEXTS: dict[tuple[str, int], ssl.SSLContext] = {}
@@ -111,6 +111,7 @@ class PhaseStats:
     body_bytes: int = 0
     window_s: float = 0.0
     cpu_s: float = 0.0
+    kernel_share: float = 0.0
     router_cpu_s: float = 0.0
     foreign_cpu_s: float = 0.0
     rss: int = 0
@@ -305,11 +306,11 @@ async def run_paced_phase(addrs: list[tuple[str, int]], users: int, step_ms: flo
     tasks = [asyncio.create_task(user(i)) for i in range(users)]
     await asyncio.sleep(warmup)
     fb0, fo0 = foreign_probe()
-    cpu0 = cpu_seconds(pids)
+    cpu0, tick0, ktick0 = cpu_seconds(pids), tick_seconds(pids), tick_seconds(pids, kernel_only=True)
     acc.lo, acc.hi = perf(), float("inf")
     await asyncio.sleep(measure)
     acc.hi = perf()
-    cpu1 = cpu_seconds(pids)
+    cpu1, tick1, ktick1 = cpu_seconds(pids), tick_seconds(pids), tick_seconds(pids, kernel_only=True)
     fb1, fo1 = foreign_probe()
     for t in tasks:
         t.cancel()
@@ -321,6 +322,7 @@ async def run_paced_phase(addrs: list[tuple[str, int]], users: int, step_ms: flo
     st.foreign_cpu_s = max(0.0, (fb1 - fb0) - (fo1 - fo0))
     st.window_s = acc.hi - acc.lo
     st.cpu_s = cpu1 - cpu0
+    st.kernel_share = (ktick1 - ktick0) / (tick1 - tick0) if tick1 > tick0 else 0.0
     st.rss = sum(rss_bytes(pids).values())
     st.ttfb = acc.ttft
     st.lat = acc.gaps

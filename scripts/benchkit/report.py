@@ -27,6 +27,7 @@ def summarize(system: str, workload: str, conc: int, parts: list[PhaseStats], ha
     done = sum(p.completed for p in parts)
     win = sum(p.window_s for p in parts)
     cpu = sum(p.cpu_s for p in parts)
+    kernel = sum(p.kernel_share * p.cpu_s for p in parts)
     ms = lambda v: round(v * 1000, 3)  # noqa: E731
     return {
         "system": system, "workload": workload, "concurrency": conc,
@@ -55,6 +56,7 @@ def summarize_paced(system: str, spr: int, step_ms: float, users: int, parts: li
     events = sum(p.events[0] for p in parts)
     win = sum(p.window_s for p in parts)
     cpu = sum(p.cpu_s for p in parts)
+    kernel = sum(p.kernel_share * p.cpu_s for p in parts)
     ms = lambda v: round(v * 1000, 3)  # noqa: E731
     per_event = cpu / events if (has_proxy and events) else None
     return {
@@ -67,6 +69,11 @@ def summarize_paced(system: str, spr: int, step_ms: float, users: int, parts: li
         "gap_p50_ms": ms(pct(gaps, 50)) if gaps else None, "gap_p99_ms": ms(pct(gaps, 99)) if gaps else None,
         "cpu_us_per_event": round(per_event * 1e6, 2) if per_event is not None else None,
         "cpu_us_per_stream": round(per_event * mean_tokens * 1e6, 1) if per_event is not None else None,
+        # slice by slice, for paired ratios (paced_ratios): slice i of every system ran back to back
+        "slice_cpu_us_per_stream": [round(p.cpu_s / p.events[0] * mean_tokens * 1e6, 1) if (has_proxy and p.events[0])
+                                    else None for p in parts],
+        # the kernel's part of it (stime): a feature's cost shows as user time unless it adds syscalls or wake-ups
+        "kernel_share": round(kernel / cpu, 3) if (has_proxy and cpu) else None,
         "proxy_cpu_util": round(cpu / win, 3) if (has_proxy and win) else None,
         "proxy_rss_mib": round(max(p.rss for p in parts) / 2**20, 1) if has_proxy else None,
         "completed": sum(p.completed for p in parts), "errors": sum(p.errors for p in parts),
@@ -84,8 +91,8 @@ STANDING_NOTES = [
     "share one core; when `proxy CPU util` is well below 1.0 the proxy was not the bottleneck, that core was.",
     "`router CPU us/req` is the router process's CPU per request: Ray's Lua opens a new TCP connection to the "
     "router for every POST, which the router pays for too.",
-    "Proxy CPU is utime+stime from /proc/<pid>/stat over the measured window, summed over the proxy's process "
-    "tree, divided by the requests completed in that window; 10 ms tick granularity.",
+    "Proxy CPU is the scheduler's run time of every thread (/proc/<pid>/task/<tid>/schedstat, exact, where utime+stime are 10 ms samples) over the measured window, summed over the proxy's process "
+    "tree, divided by the requests completed in that window.",
     "Latencies are client-side, from writing the request to the last byte (TTFB: to the first body byte, "
     "i.e. the first SSE event). Streams use itl 0: events back to back.",
     "Paced streams: the mock engine's `step_ms` mode (one clock per replica writes the next event of every "
@@ -159,14 +166,14 @@ def ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]:
 
 PACED_COLS = ["step_ms", "streams_per_replica", "concurrency", "system", "events_per_s", "itl_mean_ms",
               "ttfb_p50_ms", "ttfb_p99_ms", "gap_p50_ms", "gap_p99_ms", "cpu_us_per_event", "cpu_us_per_stream",
-              "proxy_cpu_util", "proxy_rss_mib", "completed", "errors", "other_cpu_cores"]
+              "kernel_share", "proxy_cpu_util", "proxy_rss_mib", "completed", "errors", "other_cpu_cores"]
 
 
 def paced_table(rows: list[dict], meta: dict) -> list[str]:
     lo, hi = meta.get("paced_tokens", ("?", "?"))
     hdr = ["step ms", "streams/replica", "streams", "system", "events/s", "client ITL mean ms", "TTFT p50 ms",
            "TTFT p99 ms", "gap p50 ms", "gap p99 ms", "proxy CPU us/event", "proxy CPU us/stream",
-           "proxy CPU util", "proxy RSS MiB", "streams done", "errors", "other load (cores)"]
+           "kernel share", "proxy CPU util", "proxy RSS MiB", "streams done", "errors", "other load (cores)"]
     lines = ["", f"## Paced streams (vLLM-like decode loop: one event per stream per engine step, "
                  f"{lo}-{hi} tokens a stream)", "",
              "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
@@ -174,6 +181,23 @@ def paced_table(rows: list[dict], meta: dict) -> list[str]:
         lines.append("| " + " | ".join(fmt(r[c]) if c != "system" else SYSTEM_LABEL.get(r[c], r[c])
                                        for c in PACED_COLS) + " |")
     return lines
+
+
+def paired(a: dict, b: dict) -> tuple[float, float, float] | None:
+    """The median, lowest and highest of a's CPU per stream over b's, slice by slice. A paced point's CPU per event
+    moves by ~10 % from one slice to the next for one and the same configuration (how many events an epoll wake-up
+    finds depends on how the proxy's reads fall against the engines' steps), so a feature's few per cent show only
+    over many slices; slice i of two systems ran back to back (ABC CBA ...), which pairs out the machine's drift."""
+    xs = sorted(x / y for x, y in zip(a.get("slice_cpu_us_per_stream") or [], b.get("slice_cpu_us_per_stream") or [])
+                if x and y)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return (xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2), xs[0], xs[-1]
+
+
+def paired_text(p: tuple[float, float, float] | None, n: int) -> str:
+    return f" (median of {n} slice pairs {p[0]:.2f}, range {p[1]:.2f}-{p[2]:.2f})" if p and n > 1 else ""
 
 
 def paced_ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]:
@@ -188,8 +212,12 @@ def paced_ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]
                 continue
             key = f"{gw}.paced.{step:g}ms.{spr}"
             out[key + ".cpu_ratio"] = g["cpu_us_per_stream"] / h["cpu_us_per_stream"]
+            pr = paired(g, h)
+            if pr:
+                out[key + ".cpu_ratio_paired"] = list(pr)
             text = (f"paced {spr}/replica x {step:g} ms, CPU/stream: {SYSTEM_LABEL[gw]} {g['cpu_us_per_stream']:.0f} us"
-                    f" vs HAProxy+Lua {h['cpu_us_per_stream']:.0f} us -> ratio {out[key + '.cpu_ratio']:.2f}")
+                    f" vs HAProxy+Lua {h['cpu_us_per_stream']:.0f} us -> ratio {out[key + '.cpu_ratio']:.2f}"
+                    + paired_text(pr, len(g.get("slice_cpu_us_per_stream") or [])))
             if d is not None and None not in (d["ttfb_p50_ms"], d["ttfb_p99_ms"], d["gap_p99_ms"]):
                 add = {k: (g[k] - d[k], h[k] - d[k]) for k in ("ttfb_p50_ms", "ttfb_p99_ms", "gap_p99_ms")
                        if g[k] is not None and h[k] is not None}
@@ -207,9 +235,12 @@ def paced_ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]
                 continue
             r = f["cpu_us_per_stream"] / base["cpu_us_per_stream"]
             out[f"{feature}.paced.{step:g}ms.{spr}.cpu_vs_gateway"] = r
+            pr = paired(f, base)
+            if pr:
+                out[f"{feature}.paced.{step:g}ms.{spr}.cpu_vs_gateway_paired"] = list(pr)
             lines.append(f"paced {spr}/replica x {step:g} ms, CPU/stream: {SYSTEM_LABEL[feature]} "
                          f"{f['cpu_us_per_stream']:.0f} us vs {SYSTEM_LABEL['gateway']} {base['cpu_us_per_stream']:.0f} us"
-                         f" -> ratio {r:.2f}")
+                         f" -> ratio {r:.2f}" + paired_text(pr, len(f.get("slice_cpu_us_per_stream") or [])))
     return lines, out
 
 

@@ -51,7 +51,7 @@ async def sweep_paced(a, targets: dict[str, dict]) -> list[dict]:
             print(f"  paced {spr:4d}/replica x {step_ms:g} ms {SYSTEM_LABEL[s]:12s} {r['events_per_s']:9.0f} ev/s"
                   f"  itl {fmt(r['itl_mean_ms']):>6s}  ttft50 {fmt(r['ttfb_p50_ms']):>6s}"
                   f"  ttft99 {fmt(r['ttfb_p99_ms']):>6s}  gap99 {fmt(r['gap_p99_ms']):>6s} ms"
-                  f"  cpu/stream {fmt(r['cpu_us_per_stream']):>7s} us  err {r['errors']}"
+                  f"  cpu/stream {fmt(r['cpu_us_per_stream']):>7s} us (kernel {fmt(r['kernel_share'])})  err {r['errors']}"
                   f"  other load {r['other_cpu_cores']}", flush=True)
             if r["errors"]:
                 print(f"    errors: {r['error_samples']}", flush=True)
