@@ -17,9 +17,9 @@ def proc_tree(root: int) -> list[int]:
 
 def cpu_seconds(pids: list[int]) -> float:
     """CPU time pids' threads have run, exactly: the scheduler's own clock (/proc/PID/task/TID/schedstat, first field,
-    ns). utime+stime are sampled at each 10 ms tick instead: a paced point's proxy runs in bursts of tens of µs
-    and uses ~0.1 core, so a 6-s window holds ~60 samples, and two runs of one configuration differed by up to 13 %
-    (measured: a feature's "cost" at 64x30 read 1.20x in one run, 0.97x in the next)."""
+    ns). utime+stime are sampled at each 10 ms tick instead: a paced point's proxy runs in bursts of tens of µs and
+    uses ~0.1 core, so a 6-s window holds ~60 samples (±13 % by counting alone). What remains is the point's own
+    variation from slice to slice (~10 %, see report.paired), which only many slices average out."""
     total = 0
     for p in pids:
         try:
