@@ -3,6 +3,7 @@ loop, with mock transports for the sockets (no subprocess, no network).
 
 Every phase of an Exchange, every way it ends (exactly once), and when a replica connection goes back to
 the pool. The C pump is off here (`state.pump is None`): the Python path, which the pump's own tests mirror.
+The same Rig with `pump=True` runs the pumped path on real sockets (tests/test_exchange_pump.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+import socket
+import struct
+from collections.abc import Callable
 
 import pytest
 
@@ -19,11 +23,13 @@ from gateway.controlplane.targets import TargetSet
 from gateway.dataplane.client import ClientConnection
 from gateway.dataplane.exchange import Exchange, Outcome, Phase
 from gateway.dataplane.forwarding import decision_headers
+from gateway.dataplane.pumping import start_pump
 from gateway.dataplane.reasons import GatewayError
 from gateway.dataplane.relay import Relay
 from gateway.dataplane.state import ServerState
 from gateway.dataplane.upstream import UpstreamConnection
 from gateway.observability.metrics import Metrics
+from gateway.security.door import FrontDoor
 from router_client.pool import KeepAlivePool
 
 
@@ -84,32 +90,111 @@ class MockTransport(asyncio.Transport):
         return data
 
 
-class Rig:
-    """One gateway's data path with one replica target whose connections are mock transports."""
+class Peer:
+    """The far end of one of the gateway's real sockets, played by the test: a client or a replica. Reads wait on the
+    running loop (which meanwhile runs the protocols and the pump) with a deadline, never a sleep."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, **config: object):
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket):
+        sock.setblocking(False)
+        self.loop = loop
+        self.sock = sock
+        self.received = bytearray()
+        self.eof = False
+        self.reset = False  # the gateway aborted the connection (RST), not a FIN
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def _read(self) -> None:
+        try:
+            data = await self.loop.sock_recv(self.sock, 1 << 16)
+        except ConnectionResetError:
+            self.reset, data = True, b""
+        if not data:
+            self.eof = True
+        self.received += data
+
+    async def until(self, check: Callable[[bytes], object], what: str, timeout_s: float = 5.0) -> bytes:
+        """What arrived so far, once `check` holds for it."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not check(bytes(self.received)):
+                    if self.eof:
+                        raise AssertionError(f"closed before {what}; got {bytes(self.received)[-400:]!r}")
+                    await self._read()
+        except TimeoutError:
+            raise AssertionError(f"no {what} within {timeout_s} s; got {bytes(self.received)[-400:]!r}") from None
+        return bytes(self.received)
+
+    async def closed(self, what: str = "the gateway's close", timeout_s: float = 5.0) -> bytes:
+        """Everything, once the gateway closed (FIN) or aborted (RST) its side."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self.eof:
+                    await self._read()
+        except TimeoutError:
+            raise AssertionError(f"no {what} within {timeout_s} s; got {bytes(self.received)[-400:]!r}") from None
+        return bytes(self.received)
+
+    def take(self) -> bytes:
+        data = bytes(self.received)
+        self.received.clear()
+        return data
+
+    def reset_now(self) -> None:
+        """Leave at once: close with SO_LINGER 0, so the kernel sends an RST (a killed client)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+        self.eof = True
+
+
+class Rig:
+    """One gateway's data path with replica targets whose connections are mock transports; with `pump=True`, the C
+    pump on and every connection a real socket (the pump needs fds it can epoll) whose far end the test plays."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, replicas: tuple[str, ...] = ("r1",), pump: bool = False,
+                 **config: object):
         self.loop = loop
         self.config = Config().with_changes(**config)
         self.metrics = Metrics()
         self.finished: list = []
-        self.state = ServerState(self.metrics, 100_000, "x-session-id", self.finished.append)
+        self.state = ServerState(self.metrics, 100_000, "x-session-id", self._finished)
         self.state.loop = loop
-        self.targets = TargetSet([ReplicaSpec("r1", "127.0.0.1", 9)])
+        # Keys, CORS or token accounting configured: every request passes the front door, as the server wires it.
+        self.state.door = FrontDoor(self.config) if self.config.front_door else None
+        self.targets = TargetSet([ReplicaSpec(name, "127.0.0.1", 9) for name in replicas])
         self.target = self.targets.targets[0]
         self.upstreams: list[UpstreamConnection] = []
         self.connect_error: OSError | None = None
         self.connect_gate: asyncio.Event | None = None
-        self.target.pool = KeepAlivePool(self._connect, 4.0)
+        for target in self.targets.targets:
+            target.pool = KeepAlivePool(lambda target=target: self._connect(target), 4.0)
         self.apps = AppTable([App("", "/v1", self.targets)])
         self.failed_on: list = []
         self.marked_down: list = []
         self.relay = Relay(self.config, self.state, self.apps, self._internal, self.marked_down.append,
                            replica_failed=self.failed_on.append)
         self.ended: list[tuple[Exchange, Outcome]] = []
+        self._changed = asyncio.Event()
+        # Real sockets: the pump as the server starts it (no coalescing), the replica connections as they connect.
+        self.pump = start_pump(loop, 0.0, 0) if pump else None
+        self.state.pump = self.pump
+        self.connected: asyncio.Queue[UpstreamConnection] = asyncio.Queue()
+        self._listener: socket.socket | None = None
+        self._transports: list[asyncio.BaseTransport] = []
+        self._peers: list[socket.socket] = []
         Exchange.on_end.append(self._on_end)
 
     def close(self) -> None:
         Exchange.on_end.remove(self._on_end)
+        for transport in self._transports:
+            transport.abort()
+        for sock in self._peers:
+            sock.close()
+        if self._listener is not None:
+            self._listener.close()
+        if self.pump is not None:
+            self.loop.remove_reader(self.pump.fileno())
 
     def __enter__(self) -> "Rig":
         return self
@@ -119,19 +204,38 @@ class Rig:
 
     def _on_end(self, exchange: Exchange, outcome: Outcome) -> None:
         self.ended.append((exchange, outcome))
+        self._changed.set()
+
+    def _finished(self, request) -> None:
+        if request.meter is not None:
+            request.meter.end(request.resume)  # settled first, as the server's request_finished does
+        self.finished.append(request)
+        self._changed.set()
+
+    async def until(self, check: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
+        """Wait until `check()` holds, woken by the rig's events (an exchange ended, a request finished)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not check():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"{what}: not within {timeout_s} s") from None
 
     async def _internal(self, client, request) -> None:
         client.respond(200, [], b"internal")
 
-    async def _connect(self) -> UpstreamConnection:
+    async def _connect(self, target=None) -> UpstreamConnection:
         if self.connect_gate is not None:
             await self.connect_gate.wait()
         if self.connect_error is not None:
             raise self.connect_error
-        return self.new_upstream()
+        if self.pump is not None:
+            return await self.socket_upstream(target or self.target)
+        return self.new_upstream(target)
 
-    def new_upstream(self) -> UpstreamConnection:
-        conn = UpstreamConnection(self.target)
+    def new_upstream(self, target=None) -> UpstreamConnection:
+        conn = UpstreamConnection(target or self.target)
         transport = MockTransport(("127.0.0.1", 9))
         conn.connection_made(transport)
         conn.mock = transport  # type: ignore[attr-defined]
@@ -161,6 +265,65 @@ class Rig:
         conn, client, out = self.get()
         conn.data_received(CHUNKED[:100])
         return conn, client, out
+
+    # -- real sockets (pump=True)
+    def tcp_pair(self, peer_rcvbuf: int = 0, our_sndbuf: int = 0) -> tuple[socket.socket, socket.socket]:
+        """Two connected loopback TCP sockets, (the gateway's, the peer's): a socketpair the protocols accept as they
+        accept the server's (connection_made sets TCP_NODELAY, which an AF_UNIX pair refuses). Small buffers make a
+        client that cannot take what it is sent (the receive buffer is set before connect: no autotuning)."""
+        if self._listener is None:
+            self._listener = socket.create_server(("127.0.0.1", 0))
+        peer = socket.socket()
+        if peer_rcvbuf:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, peer_rcvbuf)
+        peer.connect(self._listener.getsockname())
+        ours, _ = self._listener.accept()
+        if our_sndbuf:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, our_sndbuf)
+        ours.setblocking(False)
+        self._peers.append(peer)
+        return ours, peer
+
+    async def socket_upstream(self, target) -> UpstreamConnection:
+        ours, peer = self.tcp_pair()
+        transport, conn = await self.loop.create_connection(lambda: UpstreamConnection(target), sock=ours)
+        self._transports.append(transport)
+        conn.replica = Peer(self.loop, peer)  # type: ignore[attr-defined]
+        self.upstreams.append(conn)
+        self.connected.put_nowait(conn)
+        return conn
+
+    async def socket_client(self, peer_rcvbuf: int = 0, our_sndbuf: int = 0) -> tuple[ClientConnection, Peer]:
+        ours, peer = self.tcp_pair(peer_rcvbuf, our_sndbuf)
+        client = ClientConnection(self.config, self.state, self.relay)
+        transport, _ = await self.loop.connect_accepted_socket(lambda: client, sock=ours)
+        self._transports.append(transport)
+        return client, Peer(self.loop, peer)
+
+    async def replica_request(self, timeout_s: float = 5.0) -> tuple[UpstreamConnection, Peer, bytes]:
+        """The next replica connection the gateway opens, its far end, and the body of the request written on it."""
+        try:
+            conn = await asyncio.wait_for(self.connected.get(), timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"no replica connection within {timeout_s} s") from None
+        replica: Peer = conn.replica  # type: ignore[attr-defined]
+        body = whole_request(await replica.until(lambda got: whole_request(got) is not None, "the request"))
+        replica.take()
+        return conn, replica, body  # type: ignore[return-value]
+
+
+def whole_request(data: bytes) -> bytes | None:
+    """The body of the request in `data` once it is whole (a content-length body, as the gateway sends), else None."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    length = 0
+    for line in data[:end].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    body = data[end + 4:]
+    return body if len(body) >= length else None
 
 
 @pytest.fixture

@@ -1,0 +1,378 @@
+"""The pumped path in-process: the real protocols, relay and exchange on the running event loop, with the real C
+pump (gateway/dataplane/_pump.c) relaying bodies between real loopback sockets whose far ends the test plays (the
+client and the replicas), through tests/test_exchange_unit.py's Rig with `pump=True`.
+
+What is decided when a response head arrives (does the pump take the body, with which event flags: plain, resume,
+token accounting, both; what the client asked for), each way the pump lets go of a stream (complete, complete with
+bytes after the end, the replica's EOF, malformed chunking, the client gone, a broken stream handed back to Python
+for resume with what the client had not taken written first, the pump's own failure), and that each attempt ends
+exactly once. Each test checks what a user would notice: the bytes the client gets, the replica connection reused or
+closed, the counts and the reason the request is logged with. Runs under the sanitizer build too
+(scripts/pump_asan.sh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.dataplane.exchange import Exchange, Outcome, Phase
+from gateway.dataplane.pumping import _pump
+from tests.test_exchange_unit import Rig, counts_are_zero
+
+pytestmark = pytest.mark.skipif(_pump is None, reason="the C stream pump is not built")
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+LAST = b"0\r\n\r\n"
+PROMPT_IDS = [1, 2, 3]
+MAX_TOKENS = 6
+ERROR_EVENT = (b'data: {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", '
+               b'"param": null, "code": 500}}\n\n')
+
+
+def chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def text_of(i: int, big: int = 0) -> str:
+    return ("x" * big) if big else chr(ord("a") + i)
+
+
+def events(first: int, count: int, prompt: list[int], ids: bool | None, usage: bool, ident: str = "cmpl-1",
+           created: int = 1, big: tuple[int, ...] = (), size: int = 20_000) -> list[bytes]:
+    """A vLLM /v1/completions stream (compact JSON, one event a chunk): tokens first..first+count-1 (token i has id
+    100+i; those in `big` carry `size` bytes of text), the last one finishing; then the usage chunk if asked, then
+    [DONE]. `ids`: True, the token ids as vLLM writes them (return_token_ids); None, as null (what the gateway writes
+    for a client that did not ask for them); False, absent."""
+    out = []
+    for i in range(first, first + count):
+        choice: dict[str, Any] = {"index": 0, "text": text_of(i, size if i in big else 0), "logprobs": None,
+                                  "finish_reason": "length" if i == first + count - 1 else None, "stop_reason": None}
+        if ids is not False:
+            choice["prompt_token_ids"] = prompt if ids and i == first else None
+            choice["token_ids"] = [100 + i] if ids else None
+        out.append({"id": ident, "object": "text_completion", "created": created, "model": "m", "choices": [choice]})
+    if usage:
+        out.append({"id": ident, "object": "text_completion", "created": created, "model": "m", "choices": [],
+                    "usage": {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + count,
+                              "completion_tokens": count}})
+    return [b"data: " + orjson.dumps(document) + b"\n\n" for document in out] + [b"data: [DONE]\n\n"]
+
+
+def answer(request_body: bytes, **options: Any) -> list[bytes]:
+    """What the replica streams for the request the gateway sent it (resume asks for token ids, accounting for usage;
+    a resumed request's prompt holds the tokens already generated, so it goes on from there)."""
+    asked = orjson.loads(request_body)
+    prompt = asked["prompt"] if isinstance(asked["prompt"], list) else PROMPT_IDS
+    usage = bool((asked.get("stream_options") or {}).get("include_usage"))
+    return events(len(prompt) - len(PROMPT_IDS), asked["max_tokens"], prompt, asked.get("return_token_ids") is True,
+                  usage, **options)
+
+
+def post(**fields: Any) -> bytes:
+    body = orjson.dumps({"model": "m", "prompt": "hi", "max_tokens": MAX_TOKENS, "stream": True, **fields})
+    return (b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def body_of(received: bytes) -> bytes:
+    return received[received.index(b"\r\n\r\n") + 4:]
+
+
+def dechunk(body: bytes) -> tuple[bytes, bool]:
+    """The payload of a chunked body, and whether its last chunk came."""
+    payload, pos = bytearray(), 0
+    while (eol := body.find(b"\r\n", pos)) >= 0:
+        size = int(body[pos:eol], 16)
+        if size == 0:
+            return bytes(payload), body[eol:] == b"\r\n\r\n"
+        payload += body[eol + 2:eol + 2 + size]
+        pos = eol + 4 + size
+    return bytes(payload), False
+
+
+def ended(received: bytes) -> bool:
+    return received.endswith(LAST) and dechunk(body_of(received))[1]
+
+
+def sample(rig: Rig, name: str, **labels: str) -> float:
+    """One series of the gateway's /-/metrics text (0 when absent)."""
+    for line in rig.metrics.render().decode().splitlines():
+        if re.match(re.escape(name) + r"[{ ]", line) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def pumped(rig: Rig) -> float:
+    return sample(rig, "gateway_native_relay_streams_total")
+
+
+class Stream:
+    """One client's stream through the rig, up to its first event relayed by the pump."""
+
+    async def start(self, rig: Rig, request: bytes, first: int = 1, **client: int) -> "Stream":
+        self.rig = rig
+        self.client, self.peer = await rig.socket_client(**client)
+        await self.peer.send(request)
+        self.conn, self.replica, self.upstream_body = await rig.replica_request()
+        self.events = answer(self.upstream_body)
+        await self.replica.send(HEAD + b"".join(chunk(e) for e in self.events[:first]))
+        await self.peer.until(lambda got: b"\r\n\r\n" in got and body_of(got).count(b"data: ") >= first,
+                              "the first event")
+        self.exchange = self.client.exchange
+        assert self.exchange is not None
+        return self
+
+    def in_pump(self) -> bool:
+        return self.exchange.phase is Phase.PUMPED and self.conn.pumped is not None and self.rig.pump.active == 1
+
+    async def rest(self, extra: bytes = b"") -> bytes:
+        """The replica sends the rest of its stream; what the client got, once it has the last chunk."""
+        first = body_of(bytes(self.peer.received)).count(b"data: ")
+        await self.replica.send(b"".join(chunk(e) for e in self.events[first:]) + LAST + extra)
+        return await self.peer.until(ended, "the end of the stream")
+
+    async def logged(self) -> dict[str, object]:
+        await self.rig.until(lambda: self.rig.finished, "the request logged")
+        return self.rig.finished[-1].log_record()
+
+
+@pytest.fixture
+async def loop():
+    return asyncio.get_running_loop()
+
+
+def settled(rig: Rig) -> bool:
+    return counts_are_zero(rig) and rig.pump.active == 0
+
+
+# -- which streams the pump takes, and with which flags ---------------------------------------------------------
+
+USAGE = {"stream_options": {"include_usage": True}}
+IDS = {"return_token_ids": True}
+ACCOUNTING = {"token_accounting": True}
+RESUME = {"resume_limit": 1}
+BOTH = {**ACCOUNTING, **RESUME}
+CASES = [
+    ("plain", {}, {}),
+    ("plain, usage and ids asked", {}, {**USAGE, **IDS}),
+    ("accounting, usage asked", ACCOUNTING, USAGE),  # the pump counts (EV_ON)
+    ("accounting, usage not asked", ACCOUNTING, {}),  # the pump drops the usage chunk the gateway asked for
+    ("resume", RESUME, {}),  # EV_RESUME | EV_STRIP_IDS: the ids the gateway asked for written as null
+    ("resume, ids asked", RESUME, IDS),
+    ("resume, usage asked", RESUME, USAGE),  # EV_NEED_USAGE: [DONE] only after the usage chunk
+    ("both", BOTH, {}),  # fixed in 1b2d5a0: the meter is off for a resumable stream, resume gives the flags
+    ("both, usage and ids asked", BOTH, {**USAGE, **IDS}),
+]
+
+
+@pytest.mark.parametrize(("config", "asked"), [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+async def test_every_configuration_hands_the_stream_to_the_pump_with_what_the_client_asked(loop, config,
+                                                                                            asked) -> None:
+    """Plain, resume, token accounting and both: the body goes through the pump, and the client gets exactly the
+    events it asked for (token ids and the usage chunk only when it asked), counted when accounting is on."""
+    with Rig(loop, pump=True, **config) as rig:
+        stream = await Stream().start(rig, post(**asked))
+        assert stream.in_pump(), stream.exchange.phase
+        got = await stream.rest()
+        payload, complete = dechunk(body_of(got))
+        wants_ids, wants_usage = "return_token_ids" in asked, "stream_options" in asked
+        # With resume on, the gateway asked for the ids: the client that did not gets them as null.
+        ids = True if wants_ids else (None if config.get("resume_limit") else False)
+        assert complete and payload == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, ids, wants_usage))
+        record = await stream.logged()
+        assert record["status"] == 200 and record["reason"] == "" and pumped(rig) == 1
+        if config.get("token_accounting"):
+            assert (record["prompt_tokens"], record["completion_tokens"]) == (len(PROMPT_IDS), MAX_TOKENS)
+        assert [outcome for _, outcome in rig.ended] == [Outcome.COMPLETE]
+        assert rig.target.pool.idle_count == 1 and settled(rig)  # the replica connection is kept for the next one
+
+
+@pytest.mark.parametrize("why", ["http/1.0 client", "content-length body"])
+async def test_bodies_the_pump_cannot_frame_stay_in_python(loop, why) -> None:
+    """An HTTP/1.0 client reads the payload without chunk framing, and a body with a length is not chunked: Python
+    relays them (the pump only follows chunked framing to the client as it is)."""
+    with Rig(loop, pump=True) as rig:
+        client, peer = await rig.socket_client()
+        request = post()
+        if why == "http/1.0 client":
+            request = request.replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+        await peer.send(request)
+        _, replica, sent = await rig.replica_request()
+        stream = answer(sent)
+        if why == "http/1.0 client":
+            await replica.send(HEAD + b"".join(chunk(e) for e in stream) + LAST)
+        else:
+            body = b"".join(stream)
+            await replica.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n"
+                               b"\r\n%s" % (len(body), body))
+        got = await peer.until(lambda got: got.endswith(b"data: [DONE]\n\n"), "the whole stream")
+        assert body_of(got) == b"".join(stream)  # the payload as it is, no chunk framing around it
+        await rig.until(lambda: rig.finished, "the request logged")
+        assert pumped(rig) == 0 and [o for _, o in rig.ended] == [Outcome.COMPLETE] and settled(rig)
+
+
+# -- how the pump lets go of a stream, and what the exchange does then ---------------------------------------------
+
+async def test_complete_gives_the_replica_connection_back_and_the_next_request_reuses_it(loop) -> None:
+    with Rig(loop, pump=True) as rig:
+        stream = await Stream().start(rig, post())
+        assert stream.in_pump()
+        await stream.rest()
+        await stream.logged()
+        assert [o for _, o in rig.ended] == [Outcome.COMPLETE] and rig.target.pool.idle_count == 1
+        # The next request of the same client goes on the same replica connection, read by Python again.
+        stream.peer.take()
+        await stream.peer.send(b"GET /v1/models HTTP/1.1\r\nhost: gw\r\n\r\n")
+        await stream.replica.until(lambda got: got.startswith(b"GET /v1/models ") and got.endswith(b"\r\n\r\n"),
+                                   "the second request on the same connection")
+        await stream.replica.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        await stream.peer.until(lambda got: got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\n{}"),
+                                "the second answer")
+        await rig.until(lambda: len(rig.finished) == 2, "the second request logged")
+        assert len(rig.upstreams) == 1 and rig.connected.empty()  # no second connection was opened
+        assert [o for _, o in rig.ended] == [Outcome.COMPLETE, Outcome.COMPLETE] and settled(rig)
+
+
+async def test_bytes_after_the_end_are_not_relayed_and_the_replica_connection_is_closed(loop) -> None:
+    with Rig(loop, pump=True) as rig:
+        stream = await Stream().start(rig, post())
+        assert stream.in_pump()
+        got = await stream.rest(extra=b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!")
+        await stream.logged()
+        assert b"EVIL" not in got and got.endswith(b"data: [DONE]\n\n\r\n" + LAST)
+        await stream.replica.closed("the replica connection closed")  # never reused after a response overran
+        assert [o for _, o in rig.ended] == [Outcome.COMPLETE] and rig.target.pool.idle_count == 0
+        # The client's own connection is fine: its next request gets a fresh replica connection.
+        await stream.peer.send(b"GET /v1/models HTTP/1.1\r\nhost: gw\r\n\r\n")
+        fresh, replica, _ = await rig.replica_request()
+        assert fresh is not stream.conn
+        await replica.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        await stream.peer.until(lambda got: got.endswith(b"\r\n\r\n{}"), "the next answer")
+        await rig.until(lambda: len(rig.finished) == 2, "the second request logged")
+        assert settled(rig)
+
+
+async def test_the_replica_closing_mid_stream_cuts_the_client_and_is_the_replicas_failure(loop) -> None:
+    with Rig(loop, pump=True) as rig:
+        stream = await Stream().start(rig, post(), first=2)
+        assert stream.in_pump()
+        stream.replica.sock.close()
+        got = await stream.peer.closed("the client's connection cut")
+        assert not dechunk(body_of(got))[1] and body_of(got).count(b"data: ") == 2  # broken, never a clean end
+        record = await stream.logged()
+        assert record["status"] == 200 and record["reason"] == "upstream_died_mid_response"
+        assert rig.failed_on == [rig.target]
+        assert sample(rig, "gateway_upstream_died_total", replica="r1") == 1
+        assert [o for _, o in rig.ended] == [Outcome.FAILED] and rig.target.pool.idle_count == 0 and settled(rig)
+
+
+async def test_malformed_chunking_cuts_the_client_and_drops_the_replica_connection(loop) -> None:
+    with Rig(loop, pump=True) as rig:
+        stream = await Stream().start(rig, post())
+        assert stream.in_pump()
+        await stream.replica.send(b"zz\r\nnot a chunk\r\n")
+        got = await stream.peer.closed("the client's connection cut")
+        assert b"not a chunk" not in got and not dechunk(body_of(got))[1]
+        record = await stream.logged()
+        assert record["reason"] == "upstream_malformed" and rig.failed_on == [rig.target]
+        await stream.replica.closed("the replica connection dropped")
+        assert [o for _, o in rig.ended] == [Outcome.FAILED] and settled(rig)
+
+
+@pytest.mark.parametrize("noticed_by", ["pump", "loop"])
+async def test_a_client_that_leaves_aborts_the_replica_connection(loop, noticed_by) -> None:
+    """The pump's failed write (CLIENT_ERROR) or the loop's read of the close, whichever comes first: the replica
+    connection is dropped at once (its engine stops generating), and the attempt ends once, as client_abort."""
+    with Rig(loop, pump=True) as rig:
+        stream = await Stream().start(rig, post())
+        assert stream.in_pump()
+        if noticed_by == "pump":
+            # The loop reads the client's socket to see it close: without that read, only the pump's next write
+            # (the replica's next event) can find out.
+            stream.client.transport.pause_reading()
+        stream.peer.reset_now()
+        if noticed_by == "pump":
+            await stream.replica.send(chunk(stream.events[1]))
+        await stream.replica.closed("the replica connection dropped")
+        record = await stream.logged()
+        assert record["status"] == 200 and record["reason"] == "client_abort"
+        assert rig.failed_on == [] and rig.target.pool.idle_count == 0
+        assert [o for _, o in rig.ended] == [Outcome.CLIENT_GONE] and settled(rig)
+
+
+async def test_a_broken_stream_resumes_elsewhere_after_what_the_client_had_not_taken(loop) -> None:
+    """vLLM's in-band error breaks a resumable stream in the pump (BROKEN) while the client, reading slowly, has not
+    taken everything the pump wrote: those bytes reach it first, then the stream goes on from another replica (the
+    resumed part pumped too), one continuous stream with the original id, every token once, one [DONE]."""
+    with Rig(loop, replicas=("r1", "r2"), pump=True, **RESUME) as rig:
+        stream = await Stream().start(rig, post(), peer_rcvbuf=4096, our_sndbuf=4096)
+        assert stream.in_pump()
+        original = events(0, MAX_TOKENS, PROMPT_IDS, True, False, big=(1, 2))[:3]  # none finishes
+        unsent: list[int] = []  # what the client's transport still held as the first attempt ended
+
+        def at_end(exchange: Exchange, outcome: Outcome) -> None:
+            unsent.append(exchange.client.transport.get_write_buffer_size())
+
+        Exchange.on_end.append(at_end)
+        try:
+            # Two large events, then the error, in one read of the pump (< 64 KiB): it cannot write them all.
+            await stream.replica.send(chunk(original[1]) + chunk(original[2]) + chunk(ERROR_EVENT))
+            second, replica, sent = await rig.replica_request()
+        finally:
+            Exchange.on_end.remove(at_end)
+        assert second.target is rig.targets.targets[1] and unsent[0] > 0  # bytes were still unsent
+        resumed = orjson.loads(sent)
+        assert resumed["prompt"] == PROMPT_IDS + [100, 101, 102] and resumed["max_tokens"] == MAX_TOKENS - 3
+        # The client catches up on the first replica's part before the second one answers: that part is pumped.
+        expected = events(0, MAX_TOKENS, PROMPT_IDS, None, False, big=(1, 2))[:3]
+        await stream.peer.until(lambda got: dechunk(body_of(got))[0] == b"".join(expected), "the first part")
+        rest = events(3, MAX_TOKENS - 3, resumed["prompt"], True, False, ident="cmpl-2", created=2)
+        await replica.send(HEAD + chunk(rest[0]))
+        await stream.peer.until(lambda got: body_of(got).count(b"data: ") == 4, "the first resumed event")
+        resuming = stream.client.exchange
+        assert resuming is not stream.exchange and resuming.phase is Phase.PUMPED and rig.pump.active == 1
+        await replica.send(b"".join(chunk(e) for e in rest[1:]) + LAST)
+        got = await stream.peer.until(ended, "the end of the stream")
+        assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False, big=(1, 2)))
+        record = await stream.logged()
+        assert record["status"] == 200 and record["reason"] == "" and record["resumes"] == 1
+        assert sample(rig, "gateway_resumes_total", outcome="resumed") == 1 and pumped(rig) == 2
+        assert rig.failed_on == [rig.target]
+        await stream.replica.closed("the first replica's connection dropped")
+        assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE] and settled(rig)
+
+
+@pytest.mark.parametrize("config", [{}, RESUME], ids=["plain", "resume"])
+async def test_the_pumps_own_failure_is_the_gateways_error_not_the_replicas(loop, config) -> None:
+    """PUMP_ERROR (epoll, memory): a plain stream is cut with reason gateway_error, a resumable one resumes; the
+    replica is blamed for neither."""
+    with Rig(loop, replicas=("r1", "r2"), pump=True, **config) as rig:
+        stream = await Stream().start(rig, post())
+        assert stream.in_pump()
+        _pump._fault("epoll_wait", -1)  # its next wait fails: every stream it holds ends with PUMP_ERROR
+        try:
+            await stream.replica.send(chunk(stream.events[1]))
+            if not config:
+                got = await stream.peer.closed("the client's connection cut")
+                assert not dechunk(body_of(got))[1]
+                record = await stream.logged()
+                assert record["reason"] == "gateway_error"
+                assert [o for _, o in rig.ended] == [Outcome.FAILED]
+            else:
+                _, replica, sent = await rig.replica_request()
+                _pump._fault("epoll_wait", 0)
+                await replica.send(HEAD + b"".join(chunk(e) for e in answer(sent)) + LAST)
+                got = await stream.peer.until(ended, "the end of the stream")
+                assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False))
+                record = await stream.logged()
+                assert record["reason"] == "" and record["resumes"] == 1
+                assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE]
+        finally:
+            _pump._fault("epoll_wait", 0)
+        assert rig.failed_on == [] and sample(rig, "gateway_upstream_died_total", replica="r1") == 0
+        assert settled(rig)
