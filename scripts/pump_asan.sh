@@ -2,7 +2,7 @@
 # The stream pump (gateway/dataplane/_pump.c) under AddressSanitizer and UndefinedBehaviorSanitizer: a copy of
 # the tree in its own build directory, the pump built there with -fsanitize=address,undefined, then the pump's
 # tests and its fuzz harness run against that build, in-process (tests/test_pump_unit.py, test_pump_fuzz.py,
-# test_pump_events.py, test_pump_resumed.py) and
+# test_pump_events.py, test_pump_resumed.py; the exchange's hand-overs to it, tests/test_exchange_pump.py) and
 # through real gateways (tests/test_pump.py: the gateways they start import the same copy).
 #
 #   bash scripts/pump_asan.sh                          the fixed budget .ci/run uses (~1-2 min)
@@ -29,7 +29,7 @@ rm -f "$OUT"/gateway/dataplane/_pump*.so
 LIBASAN=$("$CC" -print-file-name=libasan.so)
 [ -e "$LIBASAN" ] || { echo "libasan not found ($CC -print-file-name=libasan.so)" >&2; exit 1; }
 tests=("$@")
-[ ${#tests[@]} -eq 0 ] && tests=(tests/test_pump_unit.py tests/test_pump_fuzz.py tests/test_pump_events.py tests/test_pump_resumed.py tests/test_pump.py)
+[ ${#tests[@]} -eq 0 ] && tests=(tests/test_pump_unit.py tests/test_pump_fuzz.py tests/test_pump_events.py tests/test_pump_resumed.py tests/test_exchange_pump.py tests/test_pump.py)
 cd "$OUT"
 LD_PRELOAD=$LIBASAN PYTHONMALLOC=malloc PYTHONPATH=$OUT \
     ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:print_summary=1 \
