@@ -112,15 +112,18 @@ def pumped(rig: Rig) -> float:
 
 
 class Stream:
-    """One client's stream through the rig, up to its first event relayed by the pump."""
+    """One client's stream through the rig, up to its first events relayed by the pump."""
 
-    async def start(self, rig: Rig, request: bytes, first: int = 1, **client: int) -> "Stream":
+    async def start(self, rig: Rig, request: bytes, first: int = 1, split: int = 0, **client: int) -> "Stream":
+        """The replica's first read holds the head, `first` events and `split` bytes of the next chunk."""
         self.rig = rig
         self.client, self.peer = await rig.socket_client(**client)
         await self.peer.send(request)
         self.conn, self.replica, self.upstream_body = await rig.replica_request()
         self.events = answer(self.upstream_body)
-        await self.replica.send(HEAD + b"".join(chunk(e) for e in self.events[:first]))
+        self.body = b"".join(chunk(e) for e in self.events) + LAST
+        self.at = sum(len(chunk(e)) for e in self.events[:first]) + split
+        await self.replica.send(HEAD + self.body[:self.at])
         await self.peer.until(lambda got: b"\r\n\r\n" in got and body_of(got).count(b"data: ") >= first,
                               "the first event")
         self.exchange = self.client.exchange
@@ -132,8 +135,8 @@ class Stream:
 
     async def rest(self, extra: bytes = b"") -> bytes:
         """The replica sends the rest of its stream; what the client got, once it has the last chunk."""
-        first = body_of(bytes(self.peer.received)).count(b"data: ")
-        await self.replica.send(b"".join(chunk(e) for e in self.events[first:]) + LAST + extra)
+        await self.replica.send(self.body[self.at:] + extra)
+        self.at = len(self.body)
         return await self.peer.until(ended, "the end of the stream")
 
     async def logged(self) -> dict[str, object]:
@@ -170,13 +173,15 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("split", [0, 40], ids=["whole chunks", "a chunk split at the hand-over"])
 @pytest.mark.parametrize(("config", "asked"), [case[1:] for case in CASES], ids=[case[0] for case in CASES])
-async def test_every_configuration_hands_the_stream_to_the_pump_with_what_the_client_asked(loop, config,
-                                                                                            asked) -> None:
+async def test_every_configuration_hands_the_stream_to_the_pump_with_what_the_client_asked(loop, config, asked,
+                                                                                            split) -> None:
     """Plain, resume, token accounting and both: the body goes through the pump, and the client gets exactly the
-    events it asked for (token ids and the usage chunk only when it asked), counted when accounting is on."""
+    events it asked for (token ids and the usage chunk only when it asked), counted when accounting is on. The read
+    that brings the head may end inside a chunk: the pump finishes what Python had begun, nothing lost or doubled."""
     with Rig(loop, pump=True, **config) as rig:
-        stream = await Stream().start(rig, post(**asked))
+        stream = await Stream().start(rig, post(**asked), split=split)
         assert stream.in_pump(), stream.exchange.phase
         got = await stream.rest()
         payload, complete = dechunk(body_of(got))
@@ -257,11 +262,16 @@ async def test_bytes_after_the_end_are_not_relayed_and_the_replica_connection_is
         assert settled(rig)
 
 
-async def test_the_replica_closing_mid_stream_cuts_the_client_and_is_the_replicas_failure(loop) -> None:
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_the_replica_closing_mid_stream_cuts_the_client_and_is_the_replicas_failure(loop, how) -> None:
+    """The replica's EOF (EOF) or reset (UPSTREAM_ERROR) inside the body."""
     with Rig(loop, pump=True) as rig:
         stream = await Stream().start(rig, post(), first=2)
         assert stream.in_pump()
-        stream.replica.sock.close()
+        if how == "reset":
+            stream.replica.reset_now()
+        else:
+            stream.replica.sock.close()
         got = await stream.peer.closed("the client's connection cut")
         assert not dechunk(body_of(got))[1] and body_of(got).count(b"data: ") == 2  # broken, never a clean end
         record = await stream.logged()
@@ -305,10 +315,12 @@ async def test_a_client_that_leaves_aborts_the_replica_connection(loop, noticed_
         assert [o for _, o in rig.ended] == [Outcome.CLIENT_GONE] and settled(rig)
 
 
-async def test_a_broken_stream_resumes_elsewhere_after_what_the_client_had_not_taken(loop) -> None:
+@pytest.mark.parametrize("caught_up", [True, False], ids=["client caught up", "client still behind"])
+async def test_a_broken_stream_resumes_elsewhere_after_what_the_client_had_not_taken(loop, caught_up) -> None:
     """vLLM's in-band error breaks a resumable stream in the pump (BROKEN) while the client, reading slowly, has not
-    taken everything the pump wrote: those bytes reach it first, then the stream goes on from another replica (the
-    resumed part pumped too), one continuous stream with the original id, every token once, one [DONE]."""
+    taken everything the pump wrote: those bytes reach it first, then the stream goes on from another replica, one
+    continuous stream with the original id, every token once, one [DONE]. The resumed part is pumped when the client
+    has caught up by then; when it has not (bytes still queued for it), Python relays it, after them."""
     with Rig(loop, replicas=("r1", "r2"), pump=True, **RESUME) as rig:
         stream = await Stream().start(rig, post(), peer_rcvbuf=4096, our_sndbuf=4096)
         assert stream.in_pump()
@@ -328,23 +340,104 @@ async def test_a_broken_stream_resumes_elsewhere_after_what_the_client_had_not_t
         assert second.target is rig.targets.targets[1] and unsent[0] > 0  # bytes were still unsent
         resumed = orjson.loads(sent)
         assert resumed["prompt"] == PROMPT_IDS + [100, 101, 102] and resumed["max_tokens"] == MAX_TOKENS - 3
-        # The client catches up on the first replica's part before the second one answers: that part is pumped.
-        expected = events(0, MAX_TOKENS, PROMPT_IDS, None, False, big=(1, 2))[:3]
-        await stream.peer.until(lambda got: dechunk(body_of(got))[0] == b"".join(expected), "the first part")
         rest = events(3, MAX_TOKENS - 3, resumed["prompt"], True, False, ident="cmpl-2", created=2)
-        await replica.send(HEAD + chunk(rest[0]))
-        await stream.peer.until(lambda got: body_of(got).count(b"data: ") == 4, "the first resumed event")
-        resuming = stream.client.exchange
-        assert resuming is not stream.exchange and resuming.phase is Phase.PUMPED and rig.pump.active == 1
-        await replica.send(b"".join(chunk(e) for e in rest[1:]) + LAST)
+        if caught_up:
+            expected = events(0, MAX_TOKENS, PROMPT_IDS, None, False, big=(1, 2))[:3]
+            await stream.peer.until(lambda got: dechunk(body_of(got))[0] == b"".join(expected), "the first part")
+            await replica.send(HEAD + chunk(rest[0]))
+            await stream.peer.until(lambda got: body_of(got).count(b"data: ") == 4, "the first resumed event")
+            resuming = stream.client.exchange
+            assert resuming is not stream.exchange and resuming.phase is Phase.PUMPED and rig.pump.active == 1
+            await replica.send(b"".join(chunk(e) for e in rest[1:]) + LAST)
+        else:
+            await replica.send(HEAD + b"".join(chunk(e) for e in rest) + LAST)
         got = await stream.peer.until(ended, "the end of the stream")
         assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False, big=(1, 2)))
         record = await stream.logged()
         assert record["status"] == 200 and record["reason"] == "" and record["resumes"] == 1
-        assert sample(rig, "gateway_resumes_total", outcome="resumed") == 1 and pumped(rig) == 2
+        assert sample(rig, "gateway_resumes_total", outcome="resumed") == 1
+        assert pumped(rig) == (2 if caught_up else 1)
         assert rig.failed_on == [rig.target]
         await stream.replica.closed("the first replica's connection dropped")
         assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE] and settled(rig)
+
+
+async def test_a_pumped_stream_moves_off_a_replica_that_leaves(loop) -> None:
+    """Drain by migration while the pump relays the stream: the pump lets go (what it saw is what the resume starts
+    from), the leaving replica's connection is dropped, the client's stream goes on from another one, token-exact,
+    and the leaving replica is not blamed."""
+    with Rig(loop, replicas=("r1", "r2"), pump=True, **RESUME) as rig:
+        stream = await Stream().start(rig, post(), first=2)
+        assert stream.in_pump()
+        assert rig.relay.migrate_off(rig.target) == 1
+        _, replica, sent = await rig.replica_request()
+        resumed = orjson.loads(sent)
+        assert resumed["prompt"] == PROMPT_IDS + [100, 101] and resumed["max_tokens"] == MAX_TOKENS - 2
+        await replica.send(HEAD + b"".join(chunk(e) for e in answer(sent, ident="cmpl-2", created=2)) + LAST)
+        got = await stream.peer.until(ended, "the end of the stream")
+        assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False))
+        record = await stream.logged()
+        assert record["reason"] == "" and record["resumes"] == 1
+        assert sample(rig, "gateway_resumes_total", outcome="migrated") == 1 and rig.failed_on == []
+        await stream.replica.closed("the leaving replica's connection dropped")
+        assert [o for _, o in rig.ended] == [Outcome.ANSWERED, Outcome.COMPLETE] and settled(rig)
+
+
+@pytest.mark.parametrize("config", [{}, RESUME], ids=["plain", "resume"])
+async def test_a_replica_silent_in_the_pump_times_out(loop, config) -> None:
+    """The idle timeout counts the pump's reads: a replica that sends is not idle; one silent past idle_timeout_s
+    is cut (upstream_timeout) or, resumable, resumed on another replica."""
+    with Rig(loop, replicas=("r1", "r2"), pump=True, idle_timeout_s=2.0, **config) as rig:
+        stream = await Stream().start(rig, post())
+        assert stream.in_pump()
+        stream.client.check_timeouts(100.0)
+        await stream.replica.send(chunk(stream.events[1]))
+        await stream.peer.until(lambda got: body_of(got).count(b"data: ") == 2, "the second event")
+        stream.client.check_timeouts(102.5)  # it read meanwhile: not idle
+        assert stream.in_pump()
+        stream.client.check_timeouts(105.0)
+        await stream.replica.closed("the silent replica's connection dropped")
+        if not config:
+            got = await stream.peer.closed("the client's connection cut")
+            assert not dechunk(body_of(got))[1]
+            record = await stream.logged()
+            assert record["reason"] == "upstream_timeout"
+            assert [o for _, o in rig.ended] == [Outcome.UPSTREAM_TIMEOUT]
+        else:
+            _, replica, sent = await rig.replica_request()
+            await replica.send(HEAD + b"".join(chunk(e) for e in answer(sent)) + LAST)
+            got = await stream.peer.until(ended, "the end of the stream")
+            assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False))
+            record = await stream.logged()
+            assert record["reason"] == "" and record["resumes"] == 1
+            assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE]
+        assert settled(rig)
+
+
+async def until_blocked(stream: Stream, timeout_s: float = 5.0) -> None:
+    """The pump found the client's socket full. No event says so: checked at each turn of the loop, with a deadline."""
+    async with asyncio.timeout(timeout_s):
+        while not (stream.conn.pumped is not None and stream.conn.pumped.blocked):
+            await asyncio.sleep(0)
+
+
+async def test_a_client_that_stops_reading_a_pumped_stream_times_out(loop) -> None:
+    """The pump holds what the client does not take: silence is then the client's (client_timeout), never the
+    replica's, and both connections are dropped."""
+    with Rig(loop, pump=True, idle_timeout_s=2.0) as rig:
+        stream = await Stream().start(rig, post(), peer_rcvbuf=4096, our_sndbuf=4096)
+        big = events(0, MAX_TOKENS, PROMPT_IDS, False, False, big=(1,), size=200_000)[1]
+        await stream.replica.send(chunk(big))
+        await until_blocked(stream)
+        stream.client.check_timeouts(200.0)
+        stream.client.check_timeouts(201.0)
+        assert stream.in_pump()  # not yet
+        stream.client.check_timeouts(203.0)
+        await stream.replica.closed("the replica connection dropped")
+        await stream.peer.closed("the client's connection dropped")
+        record = await stream.logged()
+        assert record["reason"] == "client_timeout" and rig.failed_on == []
+        assert [o for _, o in rig.ended] == [Outcome.CLIENT_TIMEOUT] and settled(rig)
 
 
 @pytest.mark.parametrize("config", [{}, RESUME], ids=["plain", "resume"])
