@@ -73,10 +73,28 @@ def answer(request_body: bytes, **options: Any) -> list[bytes]:
                   usage, **options)
 
 
-def post(**fields: Any) -> bytes:
+def chat_events(count: int, ids: bool | None) -> list[bytes]:
+    """The first `count` events of a vLLM /v1/chat/completions stream of MAX_TOKENS tokens (the role chunk names
+    the prompt's ids), ids as in `events`; a client's chat stream continued on /v1/completions reads the same."""
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    out: list[dict[str, Any]] = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                       "logprobs": None, "finish_reason": None}],
+                                  "prompt_token_ids": PROMPT_IDS if ids else None}]
+    for i in range(MAX_TOKENS):
+        last = i == MAX_TOKENS - 1
+        choice: dict[str, Any] = {"index": 0, "delta": {"content": text_of(i)}, "logprobs": None,
+                                  "finish_reason": "length" if last else None}
+        if last:
+            choice["stop_reason"] = None
+        choice["token_ids"] = [100 + i] if ids else None
+        out.append({**head, "choices": [choice]})
+    return [b"data: " + orjson.dumps(document) + b"\n\n" for document in out[:count]]
+
+
+def post(path: bytes = b"/v1/completions", **fields: Any) -> bytes:
     body = orjson.dumps({"model": "m", "prompt": "hi", "max_tokens": MAX_TOKENS, "stream": True, **fields})
-    return (b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    return (b"POST %s HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (path, len(body), body))
 
 
 def body_of(received: bytes) -> bytes:
@@ -382,6 +400,37 @@ async def test_a_broken_stream_resumes_elsewhere_after_what_the_client_had_not_t
         assert pumped(rig) == (2 if caught_up else 1)
         assert rig.failed_on == [rig.target]
         await stream.replica.closed("the first replica's connection dropped")
+        assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE] and settled(rig)
+
+
+async def test_a_chat_stream_resumed_through_the_pump_reads_as_one_chat_stream(loop) -> None:
+    """A chat client's stream broken by its replica goes on from /v1/completions on another; the pump relays both
+    parts (the resumed one rebuilt as chat chunks, EV_RESUMED_CHAT) and the client reads one chat stream."""
+    with Rig(loop, replicas=("r1", "r2"), pump=True, **RESUME) as rig:
+        client, peer = await rig.socket_client()
+        request = orjson.loads(body_of(post()))
+        del request["prompt"]
+        request["messages"] = [{"role": "user", "content": "hi"}]
+        body = orjson.dumps(request)
+        await peer.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        _, replica, sent = await rig.replica_request()
+        assert orjson.loads(sent)["return_token_ids"] is True
+        await replica.send(HEAD + b"".join(chunk(e) for e in chat_events(3, True)))  # the role chunk, two tokens
+        await peer.until(lambda got: body_of(got).count(b"data: ") == 3, "the first events")
+        assert client.exchange.phase is Phase.PUMPED
+        replica.sock.close()
+        _, replica, sent = await rig.replica_request()
+        assert replica.request_line == b"POST /v1/completions HTTP/1.1"
+        assert orjson.loads(sent)["prompt"] == PROMPT_IDS + [100, 101]
+        await replica.send(HEAD + chunk(answer(sent, ident="cmpl-2", created=2)[0]))
+        await peer.until(lambda got: body_of(got).count(b"data: ") == 4, "the first resumed event")
+        assert client.exchange.phase is Phase.PUMPED
+        await replica.send(b"".join(chunk(e) for e in answer(sent, ident="cmpl-2", created=2)[1:]) + LAST)
+        got = await peer.until(ended, "the end of the stream")
+        assert dechunk(body_of(got))[0] == b"".join(chat_events(MAX_TOKENS + 1, None)) + b"data: [DONE]\n\n"
+        await rig.until(lambda: rig.finished, "the request logged")
+        assert rig.finished[0].log_record()["resumes"] == 1 and pumped(rig) == 2
         assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE] and settled(rig)
 
 

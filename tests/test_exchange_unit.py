@@ -101,6 +101,7 @@ class Peer:
         self.received = bytearray()
         self.eof = False
         self.reset = False  # the gateway aborted the connection (RST), not a FIN
+        self.request_line = b""  # a replica's: the last request's first line (Rig.replica_request)
 
     async def send(self, data: bytes) -> None:
         await self.loop.sock_sendall(self.sock, data)
@@ -308,7 +309,7 @@ class Rig:
             raise AssertionError(f"no replica connection within {timeout_s} s") from None
         replica: Peer = conn.replica  # type: ignore[attr-defined]
         body = whole_request(await replica.until(lambda got: whole_request(got) is not None, "the request"))
-        replica.take()
+        replica.request_line = replica.take().split(b"\r\n", 1)[0]
         return conn, replica, body  # type: ignore[return-value]
 
 
