@@ -154,9 +154,16 @@ class Stream:
 
     async def rest(self, extra: bytes = b"") -> bytes:
         """The replica sends the rest of its stream; what the client got, once it has the last chunk."""
-        await self.replica.send(self.body[self.at:] + extra)
+        # Sent while the client reads: a client that reads slowly holds the replica's writes back.
+        sending = asyncio.ensure_future(self.replica.send(self.body[self.at:] + extra))
         self.at = len(self.body)
-        return await self.peer.until(ended, "the end of the stream")
+        try:
+            got = await self.peer.until(ended, "the end of the stream")
+        except BaseException:
+            sending.cancel()
+            raise
+        await sending
+        return got
 
     async def logged(self) -> dict[str, object]:
         await self.rig.until(lambda: self.rig.finished, "the request logged")
@@ -282,6 +289,90 @@ async def test_complete_gives_the_replica_connection_back_and_the_next_request_r
         await rig.until(lambda: len(rig.finished) == 2, "the second request logged")
         assert len(rig.upstreams) == 1 and rig.connected.empty()  # no second connection was opened
         assert [o for _, o in rig.ended] == [Outcome.COMPLETE, Outcome.COMPLETE] and settled(rig)
+
+
+async def test_a_pipelined_request_waits_for_the_pumped_stream_then_reuses_its_connection(loop) -> None:
+    """The client sends its next request while the pump writes the first response: that one is answered after the
+    pump's last byte, on the same replica connection, pumped too."""
+    with Rig(loop, pump=True) as rig:
+        client, peer = await rig.socket_client()
+        await peer.send(post())
+        _, replica, sent = await rig.replica_request()
+        stream = b"".join(chunk(e) for e in answer(sent)) + LAST
+        await replica.send(HEAD + stream[:100])
+        await peer.until(lambda got: len(body_of(got)) >= 100, "the first bytes")
+        assert client.exchange.phase is Phase.PUMPED
+        await peer.send(post(max_tokens=2))  # the next request, while the pump relays
+        await replica.send(stream[100:])
+        await replica.until(lambda got: got.endswith(b'"max_tokens":2,"stream":true}'), "the next request")
+        second = b"".join(chunk(e) for e in events(0, 2, PROMPT_IDS, False, False)) + LAST
+        await replica.send(HEAD + second[:100])
+        await peer.until(lambda got: got.count(b"HTTP/1.1 200 OK\r\n") == 2 and got.endswith(second[:100]),
+                         "the second response's first bytes")
+        await replica.send(second[100:])
+        got = await peer.until(lambda got: got.endswith(second), "the second response")
+        assert got.count(b"HTTP/1.1 200 OK\r\n") == 2 and got.index(stream) < got.index(b"HTTP/1.1", len(stream))
+        await rig.until(lambda: len(rig.finished) == 2, "both requests logged")
+        assert len(rig.upstreams) == 1 and pumped(rig) == 2
+        assert [o for _, o in rig.ended] == [Outcome.COMPLETE, Outcome.COMPLETE] and settled(rig)
+
+
+@pytest.mark.parametrize("who", ["client", "replica"])
+async def test_connection_close_after_a_pumped_stream(loop, who) -> None:
+    """The client's `connection: close` closes its connection after the whole stream (the replica connection is
+    kept); the replica's closes the replica connection (never pooled), the client's stays."""
+    with Rig(loop, pump=True) as rig:
+        client, peer = await rig.socket_client()
+        await peer.send(post().replace(b"host: gw\r\n", b"host: gw\r\nconnection: close\r\n")
+                        if who == "client" else post())
+        _, replica, sent = await rig.replica_request()
+        stream = b"".join(chunk(e) for e in answer(sent)) + LAST
+        head = HEAD if who == "client" else HEAD.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
+        await replica.send(head + stream[:100])
+        await peer.until(lambda got: len(body_of(got)) >= 100, "the first bytes")
+        assert client.exchange.phase is Phase.PUMPED
+        await replica.send(stream[100:])
+        if who == "client":
+            got = await peer.closed("the client connection closed after its last response")
+            assert body_of(got) == stream and b"connection: close" in got
+            await rig.until(lambda: rig.finished, "the request logged")
+            assert rig.target.pool.idle_count == 1
+        else:
+            got = await peer.until(lambda got: got.endswith(stream), "the whole stream")
+            await replica.closed("the replica connection closed")
+            await rig.until(lambda: rig.finished, "the request logged")
+            assert rig.target.pool.idle_count == 0 and not peer.eof
+        assert [o for _, o in rig.ended] == [Outcome.COMPLETE] and settled(rig)
+
+
+async def test_trailers_end_a_pumped_stream_and_the_connection_is_reused(loop) -> None:
+    with Rig(loop, pump=True) as rig:
+        stream = await Stream().start(rig, post())
+        assert stream.in_pump()
+        stream.body = stream.body[:-len(LAST)] + b"0\r\nx-trailer: 1\r\n\r\n"
+        await stream.replica.send(stream.body[stream.at:])
+        got = await stream.peer.until(lambda got: got.endswith(b"0\r\nx-trailer: 1\r\n\r\n"), "the trailers")
+        assert body_of(got) == stream.body
+        await stream.logged()
+        assert rig.target.pool.idle_count == 1 and [o for _, o in rig.ended] == [Outcome.COMPLETE] and settled(rig)
+
+
+async def test_a_client_reading_slowly_gets_the_whole_pumped_stream(loop) -> None:
+    """The pump holds what the client's socket cannot take and writes it as the client reads (never dropped, never
+    reordered), then gives the connection back."""
+    with Rig(loop, pump=True) as rig:
+        stream = await Stream().start(rig, post(), peer_rcvbuf=4096, our_sndbuf=4096)
+        assert stream.in_pump()
+        stream.events = events(0, MAX_TOKENS, PROMPT_IDS, False, False, big=(1, 2, 3, 4), size=100_000)
+        stream.body = b"".join(chunk(e) for e in stream.events) + LAST
+        stream.at = len(chunk(stream.events[0]))
+        await stream.replica.send(stream.body[stream.at:stream.at + 100_000])
+        stream.at += 100_000
+        await until_blocked(stream)
+        got = await stream.rest()
+        assert body_of(got) == stream.body
+        await stream.logged()
+        assert rig.target.pool.idle_count == 1 and [o for _, o in rig.ended] == [Outcome.COMPLETE] and settled(rig)
 
 
 async def test_bytes_after_the_end_are_not_relayed_and_the_replica_connection_is_closed(loop) -> None:
