@@ -8,10 +8,16 @@ usage chunk's.
 from __future__ import annotations
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.observability.usage import StreamMeter, ask
+
+try:
+    from gateway.dataplane._pump import meter_read
+except ImportError:  # installed without a C compiler
+    meter_read = None
 
 FP = b'"vllm-0.32.0-abc"'
 
@@ -81,3 +87,54 @@ def test_not_a_completion_is_left_alone() -> None:
     assert ask(b"POST", b"/other", b'{"model":"m"}') is None
     what, body = ask(b"POST", b"/v1/chat/completions", b'{"model":"m","max_completion_tokens":9,"n":2}')
     assert body is None and what.max_tokens == 18 and not what.stream
+
+
+def _relay_hook(meter: StreamMeter, read: bytes) -> bytes:
+    """What the Python relay does with a read of a metered stream (gateway/dataplane/upstream.py data_received)."""
+    if meter.plain:
+        events = meter_read(read)
+        if events >= 0:
+            meter.events += events
+            return read
+    return meter.feed(read)
+
+
+@pytest.mark.skipif(meter_read is None, reason="the C pump is not built")
+@settings(max_examples=300, deadline=None)
+@given(tokens=st.integers(1, 12), chat=st.booleans(), client_asked=st.booleans(),
+       cuts=st.lists(st.integers(0, 4000)), stop=st.integers(0, 4000))
+def test_the_relays_c_read_test_counts_and_passes_what_feed_does(tokens: int, chat: bool, client_asked: bool,
+                                                                 cuts: list[int], stop: int) -> None:
+    """meter_read in place of feed() for the common read: the same bytes to the client and the same counts, for any
+    split of the stream into reads, whole or cut short anywhere."""
+    body = {"model": "m", "stream": True, "max_tokens": tokens, "messages": [{"role": "user", "content": "hi"}]}
+    if client_asked:
+        body["stream_options"] = {"include_usage": True}
+    path = b"/v1/chat/completions" if chat else b"/v1/completions"
+    sent = vllm_stream(tokens, chat, with_usage=True)
+    sent = sent[:len(sent) - stop % (len(sent) + 1) if stop % 3 == 0 else len(sent)]  # a third of them cut short
+    points = sorted({cut % (len(sent) + 1) for cut in cuts} | {0, len(sent)})
+    reads = [sent[a:b] for a, b in zip(points, points[1:])]
+    plain, _ = meter_for(body, path)
+    hooked, _ = meter_for(body, path)
+    out_plain = b"".join(plain.feed(read) for read in reads)
+    out_hooked = b"".join(_relay_hook(hooked, read) for read in reads)
+    plain.end()
+    hooked.end()
+    assert out_hooked == out_plain
+    assert (hooked.prompt, hooked.completion, hooked.exact, hooked.events) == \
+        (plain.prompt, plain.completion, plain.exact, plain.events)
+
+
+def test_the_c_read_test_takes_only_plain_reads() -> None:
+    if meter_read is None:
+        pytest.skip("the C pump is not built")
+    content = frame(b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n')
+    finish = frame(b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
+    usage = frame(b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n')
+    assert meter_read(content) == 1 and meter_read(content * 3) == 3
+    assert meter_read(content[:-1]) == -1  # a chunk split across reads
+    assert meter_read(finish) == -1 and meter_read(content + finish + content) == -1
+    assert meter_read(content + usage) == -1 and meter_read(b"") == -1
+    with pytest.raises(TypeError):
+        meter_read(bytearray(content))

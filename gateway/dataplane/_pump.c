@@ -1957,10 +1957,32 @@ done:
     return result;
 }
 
+/* usage.py's StreamMeter, its common read in C: the events (`data: {`) of a read a stripping meter passes as it
+ * came (it ends with a whole content chunk, `}]}\n\n\r\n`, so it holds no usage chunk: vLLM writes only [DONE]
+ * after that one; and no choice finishes in it: `"finish_reason":"`), else -1 (StreamMeter.feed takes it). The
+ * Python relay calls it once a read of a metered stream in place of feed(): its slice compare, `partition` and call
+ * were ~3,000 instructions a read (callgrind). */
+static PyObject *meter_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "meter_read(read: bytes)");
+        return NULL;
+    }
+    const char *d = PyBytes_AS_STRING(args[0]);
+    size_t n = (size_t)PyBytes_GET_SIZE(args[0]);
+    static const char content_end[] = "}]}\n\n\r\n";
+    if (n < sizeof(content_end) - 1 || memcmp(d + n - (sizeof(content_end) - 1), content_end, sizeof(content_end) - 1)
+            || find(d, n, LIT("\"finish_reason\":\"")) != NULL)
+        return PyLong_FromLong(-1);
+    return PyLong_FromSize_t(count_of(d, n, LIT("data: {")));
+}
+
 static PyMethodDef module_methods[] = {
     {"token_ids", (PyCFunction)(void (*)(void))token_ids, METH_FASTCALL,
      "token_ids(read, strip, frame=False) -> (read, ids, finished, keys, events, usage chunks) | None: resume.py's "
      "batch path over one read (frame: the read comes back as one chunk)"},
+    {"meter_read", (PyCFunction)(void (*)(void))meter_read, METH_FASTCALL,
+     "meter_read(read) -> events | -1: usage.py's StreamMeter, a read that passes as it came (a whole content chunk "
+     "last, no finish_reason) and its events, or -1"},
     {"_fault", fault, METH_VARARGS,
      "_fault(name, count): the next `count` calls of epoll_add, epoll_del, epoll_wait or alloc fail (-1: all, "
      "0: none); for the tests only"},

@@ -34,6 +34,11 @@ from gateway.dataplane.pumping import PumpedResponses
 from gateway.dataplane.response_head import MAX_HEAD_BYTES, Framing, client_head, content_length_of, end_of_chunked
 from gateway.dataplane.upstream_events import PayloadSink, UpstreamEvents
 
+try:
+    from gateway.dataplane._pump import meter_read as _meter_read
+except ImportError:  # installed without a C compiler: every metered read goes through StreamMeter.feed
+    _meter_read = None
+
 log = logging.getLogger("gateway.upstream")
 
 
@@ -130,7 +135,15 @@ class UpstreamConnection(PumpedResponses, asyncio.Protocol):
                 self.out.write(data if meter is None else meter.feed(data))  # type: ignore[union-attr]
                 exchange.upstream_complete()
                 return
-            self.out.write(data if meter is None else meter.feed(data))  # type: ignore[union-attr]
+            if meter is None:
+                self.out.write(data)  # type: ignore[union-attr]
+            elif meter.plain and _meter_read is not None and (events := _meter_read(data)) >= 0:
+                # Token accounting's common read (usage.py StreamMeter.plain): tested in C, no Python call. Through
+                # feed() it was ~3,000 instructions a read, 1.42x accounting off per paced stream (callgrind).
+                meter.events += events
+                self.out.write(data)  # type: ignore[union-attr]
+            else:
+                self.out.write(meter.feed(data))  # type: ignore[union-attr]
             if gap < self.coalesce_s and exchange.state.in_flight >= self.coalesce_min_streams:
                 self._coalesce()
             return

@@ -169,7 +169,7 @@ class StreamMeter:
     """
 
     __slots__ = ("ask", "prompt", "completion", "exact", "events", "_mode", "_parts", "_size", "_tail", "_held",
-                 "_single", "_early", "_prev", "_last", "_quick")
+                 "_single", "_early", "_prev", "_last", "_quick", "plain")
 
     def __init__(self, ask: Ask):
         self.ask = ask
@@ -185,6 +185,9 @@ class StreamMeter:
         self._single = 0  # a read shorter than this holds one event
         self._early = self._prev = self._last = b""
         self._quick = _OFF  # _STRIP or _WATCH while nothing is kept back or held: feed()'s first test
+        # _STRIP while nothing is kept back or held: the Python relay may test the next read with the C pump's
+        # meter_read (a whole content chunk last, no finish_reason) and add its events here, without calling feed().
+        self.plain = False
 
     def head(self, status: int, chunked: bool) -> None:
         """A new response head (a retry starts over): count only a 200."""
@@ -203,6 +206,7 @@ class StreamMeter:
         self.events = 0
         self.exact = False
         self._quick = self._mode if self._mode == _STRIP or self._mode == _WATCH else _OFF
+        self.plain = self._mode == _STRIP
 
     def feed(self, data: bytes) -> bytes:
         # The common read first, in as few bytecodes as it takes (the Python relay calls this once a read): nothing
@@ -235,6 +239,7 @@ class StreamMeter:
         out = self._general(data)
         mode = self._mode
         self._quick = mode if (mode == _STRIP or mode == _WATCH) and not self._tail and not self._held else _OFF
+        self.plain = self._quick == _STRIP
         return out
 
     def _general(self, data: bytes) -> bytes:
@@ -397,6 +402,7 @@ class StreamMeter:
         stream (resume.py rewrites it, so it never comes through here) is counted by its token ids."""
         mode, self._mode = self._mode, _OFF
         self._quick = _OFF
+        self.plain = False
         if resume is not None and self.ask.stream:
             counts = resume.token_counts()
             if counts is not None:
