@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from typing import Any
 
 import orjson
 import pytest
 
+from gateway.dataplane.client import ClientConnection
 from gateway.dataplane.exchange import Exchange, Outcome, Phase
 from gateway.dataplane.pumping import _pump
+from tests.certs import TestCA
 from tests.test_exchange_unit import Rig, counts_are_zero
 
 pytestmark = pytest.mark.skipif(_pump is None, reason="the C stream pump is not built")
@@ -243,6 +246,45 @@ async def test_a_metered_stream_whose_finishing_chunk_came_with_the_head_stays_i
         record = rig.finished[0].log_record()
         assert (record["prompt_tokens"], record["completion_tokens"]) == (len(PROMPT_IDS), MAX_TOKENS)
         assert pumped(rig) == 0 and [o for _, o in rig.ended] == [Outcome.COMPLETE] and settled(rig)
+
+
+async def test_a_tls_client_is_never_handed_to_the_pump(loop, tmp_path) -> None:
+    """The pump writes plain bytes to a socket: through TLS it would corrupt the stream. A TLS client's streams are
+    relayed by Python, and it reads them whole."""
+    ca = TestCA(tmp_path)
+    pair = ca.issue("gateway")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(pair.cert, pair.key)
+    with Rig(loop, pump=True) as rig:
+        ours, theirs = rig.tcp_pair()
+        theirs.setblocking(False)
+        client = ClientConnection(rig.config, rig.state, rig.relay)
+        (transport, _), (reader, writer) = await asyncio.gather(
+            loop.connect_accepted_socket(lambda: client, sock=ours, ssl=server),
+            asyncio.open_connection(sock=theirs, ssl=ssl.create_default_context(cafile=ca.path),
+                                    server_hostname="127.0.0.1"))
+        try:
+            assert client.fd == -1
+            writer.write(post())
+            _, replica, sent = await rig.replica_request()
+            stream = b"".join(chunk(e) for e in answer(sent)) + LAST
+            await replica.send(HEAD + stream[:100])
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+                first = await reader.readexactly(100)
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and first == stream[:100]
+            assert client.exchange.phase is Phase.STREAMING
+            await replica.send(stream[100:])
+            async with asyncio.timeout(5):
+                assert await reader.readexactly(len(stream) - 100) == stream[100:]
+            await rig.until(lambda: rig.finished, "the request logged")
+            assert pumped(rig) == 0 and [o for _, o in rig.ended] == [Outcome.COMPLETE] and settled(rig)
+            assert rig.target.pool.idle_count == 1
+        finally:
+            # Both ends are transports here (the rig's Peer is not): aborted before the rig closes their sockets, so
+            # no reader stays registered for a descriptor the next test's sockets reuse.
+            writer.transport.abort()
+            transport.abort()
 
 
 @pytest.mark.parametrize("why", ["http/1.0 client", "content-length body"])
