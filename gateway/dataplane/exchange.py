@@ -29,6 +29,7 @@ Hook points for other parts of the gateway:
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from gateway.dataplane.response_head import Framing
     from gateway.dataplane.state import ServerState
     from gateway.dataplane.upstream import UpstreamConnection
+
+log = logging.getLogger("gateway.exchange")
 
 
 class Phase(enum.IntEnum):
@@ -216,11 +219,19 @@ class Exchange:
         # pump takes its flags from resume (start_pump): with both on, asking the meter kept every stream in Python.
         events = 0 if meter is None or conn.streaming else METER_EVENTS.get(meter.pump_mode(), -1)
         if pump is not None and client.fd >= 0 and not client.writing_paused and events >= 0 \
-                and not client.transport.get_write_buffer_size() \
-                and conn.start_pump(pump, client.fd, body_so_far, events):
-            self.phase = _PUMPED
-            self.state.metrics.pumped.inc()
-            return True
+                and not client.transport.get_write_buffer_size():
+            try:
+                taken = conn.start_pump(pump, client.fd, body_so_far, events)
+            except OSError as exc:
+                # The pump could not take the stream: it dups both sockets (at the fd limit that fails) and registers
+                # them in its epoll set. The gateway's own limit: Python relays the body, as with the pump off (raised
+                # out of data_received, it cut the stream as the replica's failure).
+                log.warning("the stream pump could not take a response, relayed in Python: %r", exc)
+                return False
+            if taken:
+                self.phase = _PUMPED
+                self.state.metrics.pumped.inc()
+                return True
         return False
 
     def upstream_upgraded(self, head: bytes, rest: bytes) -> None:
