@@ -734,3 +734,51 @@ async def test_a_stream_the_pump_cannot_take_stays_in_python(loop, config, failu
         if config.get("token_accounting"):
             assert (record["prompt_tokens"], record["completion_tokens"]) == (len(PROMPT_IDS), MAX_TOKENS)
         assert [o for _, o in rig.ended] == [Outcome.COMPLETE] and settled(rig)
+
+
+@pytest.mark.parametrize("split", [0, 40], ids=["whole chunks", "a chunk split at the hand-over"])
+@pytest.mark.parametrize(("config", "asked"), [(ACCOUNTING, {}), (ACCOUNTING, USAGE), (BOTH, {})],
+                         ids=["accounting", "accounting, usage asked", "both"])
+async def test_a_client_that_leaves_a_metered_pumped_stream_is_counted_for_what_it_got(loop, config, asked,
+                                                                                        split) -> None:
+    """No usage chunk comes when the client leaves: the count is the events it got, those Python relayed with the
+    head and those the pump relayed after, each once (with resume on, by the token ids the pump recorded)."""
+    with Rig(loop, pump=True, **config) as rig:
+        stream = await Stream().start(rig, post(**asked), first=2, split=split)
+        assert stream.in_pump()
+        await stream.replica.send(stream.body[stream.at:stream.at + len(chunk(stream.events[2])) - split])
+        await stream.peer.until(lambda got: body_of(got).count(b"data: ") == 3, "the third event")
+        stream.peer.reset_now()
+        await stream.replica.closed("the replica connection dropped")
+        record = await stream.logged()
+        assert record["reason"] == "client_abort" and record["completion_tokens"] == 3
+        if config.get("resume_limit"):
+            assert record["prompt_tokens"] == len(PROMPT_IDS)
+        assert [o for _, o in rig.ended] == [Outcome.CLIENT_GONE] and settled(rig)
+
+
+@pytest.mark.parametrize("cut", ["no [DONE]", "before the finish"])
+async def test_a_resumable_stream_the_replica_ends_early_in_the_pump(loop, cut) -> None:
+    """The replica ends its chunked body cleanly (COMPLETE for the pump) but not its stream: without [DONE] after the
+    finish, the gateway ends the stream itself and the connection is kept; before the finish, the stream goes on
+    from another replica."""
+    with Rig(loop, replicas=("r1", "r2"), pump=True, **RESUME) as rig:
+        stream = await Stream().start(rig, post())
+        assert stream.in_pump()
+        sent = stream.events[1:-1] if cut == "no [DONE]" else stream.events[1:3]
+        await stream.replica.send(b"".join(chunk(e) for e in sent) + LAST)
+        if cut == "before the finish":
+            _, replica, body = await rig.replica_request()
+            assert orjson.loads(body)["prompt"] == PROMPT_IDS + [100, 101, 102]
+            await replica.send(HEAD + b"".join(chunk(e) for e in answer(body)) + LAST)
+        got = await stream.peer.until(ended, "the end of the stream")
+        assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False))
+        record = await stream.logged()
+        assert record["reason"] == ""
+        if cut == "no [DONE]":
+            assert record["resumes"] == 0 and rig.target.pool.idle_count == 1
+            assert [o for _, o in rig.ended] == [Outcome.COMPLETE]
+        else:
+            assert record["resumes"] == 1 and rig.failed_on == [rig.target]
+            assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE]
+        assert settled(rig)
