@@ -782,3 +782,34 @@ async def test_a_resumable_stream_the_replica_ends_early_in_the_pump(loop, cut) 
             assert record["resumes"] == 1 and rig.failed_on == [rig.target]
             assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE]
         assert settled(rig)
+
+
+@pytest.mark.parametrize("config", [{}, RESUME, ACCOUNTING], ids=["plain", "resume", "accounting"])
+async def test_coalescing_streams_complete_whole_or_end_once_when_the_client_leaves(loop, config) -> None:
+    """Chunks back to back make the pump hold a stream for a coalescing window (coalesce_ms; here with any number of
+    streams in flight): it still reaches the client whole and in order, and a client that leaves meanwhile ends it
+    once, the replica connection dropped."""
+    with Rig(loop, pump=True, coalesce_min_streams=0, **config) as rig:
+        stream = await Stream().start(rig, post())
+        assert stream.in_pump()
+        for e in stream.events[1:4]:
+            await stream.replica.send(chunk(e))  # back to back: within one window of each other
+        stream.at += sum(len(chunk(e)) for e in stream.events[1:4])
+        await stream.peer.until(lambda got: body_of(got).count(b"data: ") == 4, "the back-to-back events")
+        got = await stream.rest()
+        ids = None if config.get("resume_limit") else False
+        assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, ids, False))
+        await stream.logged()
+        kept = rig.target.pool.take_idle()
+        assert kept is stream.conn
+        kept.close()  # the next stream on a connection of its own, whose replica end the test plays afresh
+
+        second = await Stream().start(rig, post())
+        assert second.in_pump()
+        await second.replica.send(chunk(second.events[1]) + chunk(second.events[2]))
+        await second.replica.send(chunk(second.events[3]))
+        second.peer.reset_now()
+        await second.replica.closed("the replica connection dropped")
+        await rig.until(lambda: len(rig.finished) == 2, "the second request logged")
+        assert rig.finished[1].log_record()["reason"] == "client_abort"
+        assert [o for _, o in rig.ended] == [Outcome.COMPLETE, Outcome.CLIENT_GONE] and settled(rig)

@@ -177,8 +177,9 @@ class Rig:
                            replica_failed=self.failed_on.append)
         self.ended: list[tuple[Exchange, Outcome]] = []
         self._changed = asyncio.Event()
-        # Real sockets: the pump as the server starts it (no coalescing), the replica connections as they connect.
-        self.pump = start_pump(loop, 0.0, 0) if pump else None
+        # Real sockets: the pump as the server starts it, the replica connections as they connect.
+        self.coalesce_s, self.coalesce_min_streams = self.config.coalesce_ms / 1000, self.config.coalesce_min_streams
+        self.pump = start_pump(loop, self.coalesce_s, self.coalesce_min_streams) if pump else None
         self.state.pump = self.pump
         self.connected: asyncio.Queue[UpstreamConnection] = asyncio.Queue()
         self._listener: socket.socket | None = None
@@ -287,7 +288,8 @@ class Rig:
 
     async def socket_upstream(self, target) -> UpstreamConnection:
         ours, peer = self.tcp_pair()
-        transport, conn = await self.loop.create_connection(lambda: UpstreamConnection(target), sock=ours)
+        transport, conn = await self.loop.create_connection(
+            lambda: UpstreamConnection(target, self.coalesce_s, self.coalesce_min_streams), sock=ours)
         self._transports.append(transport)
         conn.replica = Peer(self.loop, peer)  # type: ignore[attr-defined]
         self.upstreams.append(conn)
