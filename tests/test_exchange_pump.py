@@ -813,3 +813,49 @@ async def test_coalescing_streams_complete_whole_or_end_once_when_the_client_lea
         await rig.until(lambda: len(rig.finished) == 2, "the second request logged")
         assert rig.finished[1].log_record()["reason"] == "client_abort"
         assert [o for _, o in rig.ended] == [Outcome.COMPLETE, Outcome.CLIENT_GONE] and settled(rig)
+
+
+async def test_a_resume_after_the_last_token_rewinds_it_in_python(loop) -> None:
+    """The replica dies after the last token but before the usage chunk the client asked for: the resume asks
+    another for that token again (its usage chunk comes with it) and drops it. That rewound part stays in Python
+    (the pump does not drop tokens); the client reads every token once and the usage of an uninterrupted request."""
+    with Rig(loop, replicas=("r1", "r2"), pump=True, **RESUME) as rig:
+        stream = await Stream().start(rig, post(**USAGE))
+        assert stream.in_pump()
+        await stream.replica.send(b"".join(chunk(e) for e in stream.events[1:MAX_TOKENS]))
+        await stream.peer.until(lambda got: body_of(got).count(b"data: ") == MAX_TOKENS, "every token")
+        stream.replica.sock.close()
+        _, replica, sent = await rig.replica_request()
+        resumed = orjson.loads(sent)
+        assert resumed["prompt"] == PROMPT_IDS + [100 + i for i in range(MAX_TOKENS - 1)] and resumed["max_tokens"] == 1
+        await replica.send(HEAD + b"".join(chunk(e) for e in answer(sent, ident="cmpl-2", created=2)) + LAST)
+        got = await stream.peer.until(ended, "the end of the stream")
+        assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, True))
+        record = await stream.logged()
+        assert record["resumes"] == 1 and pumped(rig) == 1
+        assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE] and settled(rig)
+
+
+async def test_a_resumed_part_in_the_pump_moves_off_a_replica_that_leaves(loop) -> None:
+    """A stream resumed once (its resumed part in the pump) whose second replica leaves the set: it moves to a
+    third from what the pump had relayed of the resumed part, token-exact, one [DONE]; only the first is blamed."""
+    with Rig(loop, replicas=("r1", "r2", "r3"), pump=True, **RESUME) as rig:
+        stream = await Stream().start(rig, post(), first=2)
+        assert stream.in_pump()
+        stream.replica.sock.close()
+        second, replica, sent = await rig.replica_request()
+        part = answer(sent, ident="cmpl-2", created=2)
+        await replica.send(HEAD + chunk(part[0]))
+        await stream.peer.until(lambda got: body_of(got).count(b"data: ") == 3, "the first resumed event")
+        assert stream.client.exchange.phase is Phase.PUMPED
+        assert rig.relay.migrate_off(second.target) == 1
+        _, replica, sent = await rig.replica_request()
+        assert orjson.loads(sent)["prompt"] == PROMPT_IDS + [100, 101, 102]
+        await replica.send(HEAD + b"".join(chunk(e) for e in answer(sent, ident="cmpl-3", created=3)) + LAST)
+        got = await stream.peer.until(ended, "the end of the stream")
+        assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False))
+        record = await stream.logged()
+        assert record["resumes"] == 2 and rig.failed_on == [rig.target]
+        assert sample(rig, "gateway_resumes_total", outcome="resumed") == 1
+        assert sample(rig, "gateway_resumes_total", outcome="migrated") == 1
+        assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.ANSWERED, Outcome.COMPLETE] and settled(rig)
