@@ -246,3 +246,24 @@ def test_a_metered_stream_goes_through_the_pump_byte_for_byte(stack: Stack, tmp_
     assert metric(gateway.url, "gateway_native_relay_streams_total") == 2
     counted = usage_of(gateway.url)["keys"][""]["mock"]["since_start"]
     assert counted["completion_tokens"] == 12 and counted["prompt_tokens"] > 0
+
+
+def test_a_pumped_resumable_stream_ends_with_one_last_chunk_and_the_connection_goes_on(stack: Stack) -> None:
+    """Resume on: the pump sends the response's last chunk with [DONE] (Stream.last_sent) instead of Python writing
+    it after the pump lets go; the client gets it once, and the next request on the connection is answered."""
+    replica = stack.replica("r1", "--itl-ms", "1")
+    gateway = stack.gateway([], [replica], "--resume-limit", "2")
+    body = json.dumps({"model": "mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+                       "stream": True}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    before = metric(gateway.url, "gateway_native_relay_streams_total")
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(request)
+            head, chunks = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200 ")  # not a stray last chunk of the response before
+            assert chunks.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+            assert chunks.count(b"\r\n0\r\n\r\n") == 1
+            assert b'"token_ids":[' not in chunks  # recorded by the pump, not sent: the client did not ask
+    assert metric(gateway.url, "gateway_native_relay_streams_total") == before + 2

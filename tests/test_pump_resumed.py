@@ -135,6 +135,12 @@ def python_path(reads: list[bytes], meta: dict[str, Any]) -> tuple[ResumeStream,
     return stream, bytes(transport.data)
 
 
+def on_the_wire(reference: ResumeStream, written: bytes, ended: bool) -> bytes:
+    """What the client gets on the Python path: the stream's writes, then, once the replica's response ended after
+    [DONE], the last chunk exchange.py's upstream_complete writes (the pump sends it with [DONE]: Stream.last_sent)."""
+    return written + (reference.end_chunk() if ended and reference.done else b"")
+
+
 def pump_rig(meta: dict[str, Any], **options: Any) -> tuple[Rig, ResumeStream]:
     state = resumed_stream(meta, Collect())
     flags = resume_flags(state)
@@ -157,7 +163,8 @@ def test_the_pump_rewrites_a_resumed_part_as_the_python_path_does(data) -> None:
         if stream is None:
             return
         got = bytes(rig.received) + (rig.ended[0][1] or b"" if rig.ended else b"")
-        assert got == expected  # on the wire: one chunk per event on both paths
+        assert got == on_the_wire(reference, expected, meta["ended"])  # one chunk per event on both paths
+        assert stream.last_sent == (meta["ended"] and reference.done)
         assert stream.broken == reference.broken
         assert not stream.unmatched
         assert stream.done_sent == reference.done
@@ -188,7 +195,7 @@ def feed_all(meta: dict[str, Any], events: list[bytes]) -> tuple[Rig, bytes]:
     payload = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
     rig, _ = pump_rig(meta)
     rig.feed(payload)
-    return rig, python_path([payload], meta)[1]
+    return rig, on_the_wire(*python_path([payload], meta), True)
 
 
 def vllm_part(finish: bytes, stop: bytes) -> list[bytes]:

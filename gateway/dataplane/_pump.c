@@ -168,6 +168,7 @@ typedef struct Stream {
     double wake;
     /* SSE events (EV_* flags) */
     int evflags, ev_err, done_sent, broken, finished, usage_sent, no_ids, have_prompt, got_prompt;
+    int last_sent;  /* EV_RESUME: the response's last chunk went out after [DONE] (Python's to write otherwise) */
     long long events, prompt_tokens, completion_tokens;
     Buf ev;      /* payload not yet split into events */
     Buf ids;     /* token ids as the replica wrote them, comma separated: "12,7,5" */
@@ -1378,6 +1379,15 @@ static void on_readable(Pump *p, Stream *s, double now) {
             return;
         }
         if (s->evflags & EV_RESUME) {
+            /* The replica's stream ended after [DONE] went out: the client's ends here too, so its last chunk goes in
+             * this send rather than in a write of its own from Python (exchange.py's upstream_complete). */
+            if (s->done && s->done_sent && !s->broken) {
+                if (buf_put(&p->out, "0\r\n\r\n", 5) < 0) {
+                    finish(s, END_PUMP_ERROR);
+                    return;
+                }
+                s->last_sent = 1;
+            }
             out = p->out.data + start;
             out_len = (Py_ssize_t)(p->out.len - start);
         }
@@ -1488,6 +1498,7 @@ static PyObject *Stream_get_blocked(Stream *s, void *c) { return PyBool_FromLong
 static PyObject *Stream_get_registered(Stream *s, void *c) { return PyBool_FromLong(s->armed || s->cl_armed); }
 static PyObject *Stream_get_events(Stream *s, void *c) { return PyLong_FromLongLong(s->events); }
 static PyObject *Stream_get_done_sent(Stream *s, void *c) { return PyBool_FromLong(s->done_sent); }
+static PyObject *Stream_get_last_sent(Stream *s, void *c) { return PyBool_FromLong(s->last_sent); }
 static PyObject *Stream_get_broken(Stream *s, void *c) { return PyBool_FromLong(s->broken); }
 static PyObject *Stream_get_finished(Stream *s, void *c) { return PyBool_FromLong(s->finished); }
 static PyObject *Stream_get_usage_sent(Stream *s, void *c) { return PyBool_FromLong(s->usage_sent); }
@@ -1517,6 +1528,8 @@ static PyGetSetDef Stream_getset[] = {
     {"events", (getter)Stream_get_events, NULL, "JSON events relayed (content events, the usage chunk)", NULL},
     {"usage", (getter)Stream_get_usage, NULL, "(prompt_tokens, completion_tokens) of the usage chunk, or None", NULL},
     {"done_sent", (getter)Stream_get_done_sent, NULL, "EV_RESUME: [DONE] went to the client", NULL},
+    {"last_sent", (getter)Stream_get_last_sent, NULL, "EV_RESUME: the last chunk (0 CRLF CRLF) went to the client too",
+     NULL},
     {"broken", (getter)Stream_get_broken, NULL, "EV_RESUME: an in-band error or an early [DONE] ended it", NULL},
     {"finished", (getter)Stream_get_finished, NULL, "an event carried a finish_reason", NULL},
     {"usage_sent", (getter)Stream_get_usage_sent, NULL, "the usage chunk went by", NULL},
@@ -1698,7 +1711,7 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     if (s->evflags & EV_RESUME) s->evflags = (s->evflags | EV_ON) & ~EV_STRIP_USAGE;  /* resume re-frames */
     if (s->evflags & EV_STRIP_USAGE) s->evflags |= EV_ON;
     s->plain = 0;
-    s->ev_err = s->done_sent = s->broken = s->no_ids = s->got_prompt = 0;
+    s->ev_err = s->done_sent = s->broken = s->no_ids = s->got_prompt = s->last_sent = 0;
     s->finished = (evflags & EV_FINISHED) != 0;  /* what the Python path saw before handing the stream over */
     s->usage_sent = (evflags & EV_USAGE_SENT) != 0;
     s->events = 0;

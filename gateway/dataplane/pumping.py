@@ -212,4 +212,5 @@ def resume_absorb(resume: Any, stream: Any) -> None:
     resume.usage_sent = resume.usage_sent or stream.usage_sent
     resume.no_ids = resume.no_ids or stream.no_ids
     resume.done = resume.done or stream.done_sent
+    resume.last_sent = resume.last_sent or stream.last_sent
     resume.broken = resume.broken or stream.broken

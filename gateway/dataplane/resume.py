@@ -219,6 +219,7 @@ class ResumeStream:
         self.finished = False  # a choice carried its finish_reason
         self.usage_sent = False
         self.done = False  # [DONE] went out
+        self.last_sent = False  # and the response's last chunk: the pump wrote it with [DONE] (pumping.py)
         self.broken = False  # this segment ended in an in-band error or garbage: drop the rest of it
         self._buffer = b""
         self.pending: list[bytes] = []  # filled by the upstream connection's parser, one chunk at a time
@@ -487,7 +488,7 @@ class ResumeStream:
         self.transport.write(_DONE_CHUNK + _LAST_CHUNK)
 
     def end_chunk(self) -> bytes:
-        return _LAST_CHUNK
+        return b"" if self.last_sent else _LAST_CHUNK
 
     def cannot_resume(self) -> str | None:
         """Why this stream cannot be continued now: None, "limit", or a refusal reason."""
