@@ -3,12 +3,13 @@ pump (gateway/dataplane/_pump.c) relaying bodies between real loopback sockets w
 client and the replicas), through tests/test_exchange_unit.py's Rig with `pump=True`.
 
 What is decided when a response head arrives (does the pump take the body, with which event flags: plain, resume,
-token accounting, both; what the client asked for), each way the pump lets go of a stream (complete, complete with
-bytes after the end, the replica's EOF, malformed chunking, the client gone, a broken stream handed back to Python
-for resume with what the client had not taken written first, the pump's own failure), and that each attempt ends
-exactly once. Each test checks what a user would notice: the bytes the client gets, the replica connection reused or
-closed, the counts and the reason the request is logged with. Runs under the sanitizer build too
-(scripts/pump_asan.sh).
+token accounting, both, what the client asked for; or does it stay in Python: HTTP/1.0, a length, TLS, a held
+chunk, a pump that cannot take it), each way the pump lets go of a stream (complete, complete with bytes after the
+end, the replica's EOF or reset, malformed chunking, the client gone, a broken stream handed back to Python for
+resume with what the client had not taken written first, the pump's own failure, a timeout, a drain by migration),
+and that each attempt ends exactly once. Each test checks what a user would notice: the bytes the client gets, the
+replica connection reused or closed, the counts and the reason the request is logged with. Runs under the
+sanitizer build too (scripts/pump_asan.sh).
 """
 
 from __future__ import annotations
@@ -96,10 +97,13 @@ def chat_events(count: int, ids: bool | None) -> list[bytes]:
     return [b"data: " + orjson.dumps(document) + b"\n\n" for document in out[:count]]
 
 
-def post(path: bytes = b"/v1/completions", **fields: Any) -> bytes:
-    body = orjson.dumps({"model": "m", "prompt": "hi", "max_tokens": MAX_TOKENS, "stream": True, **fields})
+def post(chat: bool = False, **fields: Any) -> bytes:
+    """A client's streamed completion request (chat: /v1/chat/completions)."""
+    asked = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    body = orjson.dumps({"model": "m", **asked, "max_tokens": MAX_TOKENS, "stream": True, **fields})
     return (b"POST %s HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (path, len(body), body))
+            b"content-length: %d\r\n\r\n%s" % (b"/v1/chat/completions" if chat else b"/v1/completions", len(body),
+                                                 body))
 
 
 def body_of(received: bytes) -> bytes:
@@ -302,11 +306,15 @@ async def test_bodies_the_pump_cannot_frame_stay_in_python(loop, why) -> None:
         _, replica, sent = await rig.replica_request()
         stream = answer(sent)
         if why == "http/1.0 client":
-            await replica.send(HEAD + b"".join(chunk(e) for e in stream) + LAST)
+            head, body = HEAD, b"".join(chunk(e) for e in stream) + LAST
         else:
             body = b"".join(stream)
-            await replica.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n"
-                               b"\r\n%s" % (len(body), body))
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
+        first = len(chunk(stream[0])) if why == "http/1.0 client" else len(stream[0])
+        await replica.send(head + body[:first])  # the body goes on after its head's read
+        await peer.until(lambda got: body_of(got) == stream[0], "the first event")
+        assert client.exchange.phase is Phase.STREAMING
+        await replica.send(body[first:])
         got = await peer.until(lambda got: got.endswith(b"data: [DONE]\n\n"), "the whole stream")
         assert body_of(got) == b"".join(stream)  # the payload as it is, no chunk framing around it
         await rig.until(lambda: rig.finished, "the request logged")
@@ -543,12 +551,7 @@ async def test_a_chat_stream_resumed_through_the_pump_reads_as_one_chat_stream(l
     parts (the resumed one rebuilt as chat chunks, EV_RESUMED_CHAT) and the client reads one chat stream."""
     with Rig(loop, replicas=("r1", "r2"), pump=True, **RESUME) as rig:
         client, peer = await rig.socket_client()
-        request = orjson.loads(body_of(post()))
-        del request["prompt"]
-        request["messages"] = [{"role": "user", "content": "hi"}]
-        body = orjson.dumps(request)
-        await peer.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-                        b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await peer.send(post(chat=True))
         _, replica, sent = await rig.replica_request()
         assert orjson.loads(sent)["return_token_ids"] is True
         await replica.send(HEAD + b"".join(chunk(e) for e in chat_events(3, True)))  # the role chunk, two tokens
