@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.observability.usage import StreamMeter, ask
+from gateway.observability.usage import _FINGERPRINT, StreamMeter, _fingerprint_of, ask
 
 try:
     from gateway.dataplane._pump import meter_read
@@ -138,3 +138,14 @@ def test_the_c_read_test_takes_only_plain_reads() -> None:
     assert meter_read(content + usage) == -1 and meter_read(b"") == -1
     with pytest.raises(TypeError):
         meter_read(bytearray(content))
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.text(alphabet='ab"\\ {}', max_size=8), before=st.sampled_from([b"", b'"x":1,']),
+       after=st.sampled_from([b"}", b',"y":"z"}']))
+def test_the_fingerprint_is_read_as_the_regex_reads_it(value: str, before: bytes, after: bytes) -> None:
+    """_fingerprint_of (two finds) against the regex it replaced, escapes and all."""
+    payload = b'data: {' + before + b'"system_fingerprint":' + orjson.dumps(value) + after + b"\n\n"
+    found = _FINGERPRINT.search(payload)
+    assert _fingerprint_of(payload) == (found.group(1) if found else None) == orjson.dumps(value)
+    assert _fingerprint_of(b'data: {"system_fingerprint":null}\n\n') is None
