@@ -186,7 +186,7 @@ async def loop():
 
 
 def settled(rig: Rig) -> bool:
-    return counts_are_zero(rig) and rig.pump.active == 0
+    return counts_are_zero(rig) and (rig.pump is None or rig.pump.active == 0)
 
 
 # -- which streams the pump takes, and with which flags ---------------------------------------------------------
@@ -651,6 +651,41 @@ async def test_a_client_that_stops_reading_a_pumped_stream_times_out(loop) -> No
         record = await stream.logged()
         assert record["reason"] == "client_timeout" and rig.failed_on == []
         assert [o for _, o in rig.ended] == [Outcome.CLIENT_TIMEOUT] and settled(rig)
+
+
+def held(stream: Stream) -> bool:
+    """The client is not taking what it is sent: Python's transport paused it, or the pump holds bytes for it."""
+    pumped = stream.conn.pumped
+    return stream.client.writing_paused or (pumped is not None and pumped.blocked)
+
+
+@pytest.mark.parametrize("pump", [True, False], ids=["pump", "python relay"])
+async def test_a_client_reading_slower_than_the_replica_writes_is_not_cut(loop, pump) -> None:
+    """A client that reads, only slower than the replica writes, is behind at every sweep of the timeouts; it is not
+    silent, so it is not cut (idle_timeout_s), by either relay: what it reads between two sweeps is progress."""
+    with Rig(loop, sockets=True, pump=pump, idle_timeout_s=2.0) as rig:
+        stream = await Stream().start(rig, post(max_tokens=40), peer_rcvbuf=4096, our_sndbuf=4096)
+        assert stream.in_pump() if pump else stream.exchange.phase is Phase.STREAMING
+        stream.events = events(0, 40, PROMPT_IDS, False, False, big=tuple(range(1, 40)), size=50_000)
+        stream.body = b"".join(chunk(e) for e in stream.events) + LAST
+        stream.at = len(chunk(stream.events[0]))
+        sending = asyncio.ensure_future(stream.replica.send(stream.body[stream.at:]))  # ~2 MB, as fast as it goes
+        try:
+            for now in (200.0, 201.5, 203.0, 204.5):
+                async with asyncio.timeout(5):
+                    while not held(stream):
+                        await asyncio.sleep(0)  # no event says so: checked at each turn of the loop
+                stream.client.check_timeouts(now)
+                assert stream.client.exchange is stream.exchange, f"cut at {now}"
+                read = len(stream.peer.received)
+                await stream.peer.until(lambda got: len(got) > read + 300_000, "300 kB more")  # then slow again
+            stream.at = len(stream.body)
+            got = await stream.peer.until(ended, "the end of the stream")
+        finally:
+            sending.cancel()
+        assert body_of(got) == stream.body
+        await stream.logged()
+        assert [o for _, o in rig.ended] == [Outcome.COMPLETE] and settled(rig)
 
 
 @pytest.mark.parametrize("config", [{}, RESUME], ids=["plain", "resume"])

@@ -151,10 +151,11 @@ class Peer:
 
 class Rig:
     """One gateway's data path with replica targets whose connections are mock transports; with `pump=True`, the C
-    pump on and every connection a real socket (the pump needs fds it can epoll) whose far end the test plays."""
+    pump on and every connection a real socket (the pump needs fds it can epoll) whose far end the test plays
+    (`sockets=True` alone: real sockets, the Python relay)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, replicas: tuple[str, ...] = ("r1",), pump: bool = False,
-                 **config: object):
+                 sockets: bool = False, **config: object):
         self.loop = loop
         self.config = Config().with_changes(**config)
         self.metrics = Metrics()
@@ -181,6 +182,7 @@ class Rig:
         self.coalesce_s, self.coalesce_min_streams = self.config.coalesce_ms / 1000, self.config.coalesce_min_streams
         self.pump = start_pump(loop, self.coalesce_s, self.coalesce_min_streams) if pump else None
         self.state.pump = self.pump
+        self.sockets = sockets or pump
         self.connected: asyncio.Queue[UpstreamConnection] = asyncio.Queue()
         self._listener: socket.socket | None = None
         self._transports: list[asyncio.BaseTransport] = []
@@ -232,7 +234,7 @@ class Rig:
             await self.connect_gate.wait()
         if self.connect_error is not None:
             raise self.connect_error
-        if self.pump is not None:
+        if self.sockets:
             return await self.socket_upstream(target or self.target)
         return self.new_upstream(target)
 

@@ -132,7 +132,7 @@ EndHook = Callable[["Exchange", Outcome], None]
 
 class Exchange:
     __slots__ = ("relay", "client", "request", "state", "phase", "target", "conn", "failed", "first_byte_deadline",
-                 "idle_reads", "idle_since", "blocked_since", "blocked_size", "outcome", "__weakref__")
+                 "idle_reads", "idle_since", "blocked_since", "blocked_size", "blocked_reads", "outcome", "__weakref__")
 
     # Hook point: appended to by other components (token accounting); run by `end`.
     on_end: list[EndHook] = []
@@ -151,6 +151,7 @@ class Exchange:
         self.idle_since = 0.0
         self.blocked_since = 0.0
         self.blocked_size = -1
+        self.blocked_reads = -1
         self.outcome: Outcome | None = None
         client.exchange = self
         self.state.exchange_started()
@@ -355,9 +356,13 @@ class Exchange:
             # The client is not reading. Silence is then the client's: cut it after idle_timeout_s of
             # reading nothing (HAProxy's `timeout client`), and the replica connection with it.
             size = self.client.transport.get_write_buffer_size()
-            if not self.blocked_since or size != self.blocked_size:
-                self.blocked_since = now  # (a client reading slowly drains the buffer: that is progress)
+            progress = conn.progress
+            if not self.blocked_since or size != self.blocked_size or progress != self.blocked_reads:
+                # A client reading slowly drains the buffer, or (the pump's backlog is not in it) lets the pump read
+                # the replica again: that is progress.
+                self.blocked_since = now
                 self.blocked_size = size
+                self.blocked_reads = progress
             elif now - self.blocked_since > idle:
                 self.request.reason = Reason.CLIENT_TIMEOUT.value
                 self.request.keep_alive = False
