@@ -900,3 +900,27 @@ async def test_a_resumed_part_in_the_pump_moves_off_a_replica_that_leaves(loop) 
         assert sample(rig, "gateway_resumes_total", outcome="resumed") == 1
         assert sample(rig, "gateway_resumes_total", outcome="migrated") == 1
         assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.ANSWERED, Outcome.COMPLETE] and settled(rig)
+
+
+async def test_a_stream_whose_client_is_behind_stays_on_a_leaving_replica(loop) -> None:
+    """Drain by migration while the pump holds bytes the client has not taken: stopping the pump would drop them (the
+    client would read a cut chunk, then the resumed events), so the stream stays on the leaving replica, as a stream
+    resume refuses does; once the client has caught up it can move, token-exact."""
+    with Rig(loop, replicas=("r1", "r2"), pump=True, **RESUME) as rig:
+        stream = await Stream().start(rig, post(), peer_rcvbuf=4096, our_sndbuf=4096)
+        assert stream.in_pump()
+        original = events(0, MAX_TOKENS, PROMPT_IDS, True, False, big=(1, 2))
+        await stream.replica.send(chunk(original[1]) + chunk(original[2]))
+        await until_blocked(stream)
+        assert rig.relay.migrate_off(rig.target) == 0 and stream.in_pump()
+        expected = events(0, MAX_TOKENS, PROMPT_IDS, None, False, big=(1, 2))
+        await stream.peer.until(lambda got: dechunk(body_of(got))[0] == b"".join(expected[:3]), "what was held")
+        assert rig.relay.migrate_off(rig.target) == 1  # caught up: it moves
+        _, replica, sent = await rig.replica_request()
+        assert orjson.loads(sent)["prompt"] == PROMPT_IDS + [100, 101, 102]
+        await replica.send(HEAD + b"".join(chunk(e) for e in answer(sent, ident="cmpl-2", created=2)) + LAST)
+        got = await stream.peer.until(ended, "the end of the stream")
+        assert dechunk(body_of(got))[0] == b"".join(expected)
+        record = await stream.logged()
+        assert record["resumes"] == 1 and rig.failed_on == []
+        assert [o for _, o in rig.ended] == [Outcome.ANSWERED, Outcome.COMPLETE] and settled(rig)

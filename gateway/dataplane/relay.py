@@ -368,6 +368,8 @@ class Relay:
         if resume is None or not resume.replying or resume.done:
             return False
         pumped = conn.pumped  # the C pump relays the stream: `resume` learns what it sent only when it stops
+        if pumped is not None and pumped.blocked:
+            return False  # the pump holds bytes the client has not taken, which stopping it would drop: it stays
         if self._unmovable(resume if pumped is None else resume_as_pumped(resume, pumped)):
             return False  # it stays on the leaving replica until it ends, as on the Python path
         exchange.end(Outcome.ANSWERED)  # the leaving replica's engine stops generating for it now
