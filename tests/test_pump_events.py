@@ -345,3 +345,26 @@ def test_the_c_batch_loop_is_resume_pys_own(data) -> None:
         if stream._raw_ids:
             stream._parse_raw_ids()
     assert with_c.received == without_c.received
+
+
+def test_a_first_event_that_only_looks_like_json_is_read_when_asked_for_and_leaves_no_id() -> None:
+    """resume_absorb keeps the pump's first event as bytes; ResumeStream.ident reads it when asked for. An event the
+    pump took for JSON by its braces that is not JSON leaves the id unknown (it raised in the pump's end callback,
+    when resume_absorb parsed it there)."""
+    from gateway.dataplane.pumping import resume_absorb
+
+    meta = {"chat": True, "wants_ids": False, "include_usage": False, "body": {"stream": True}}
+    for first, ident in ((b'{"id":"chatcmpl-1","created":7,"choices":[]}', "chatcmpl-1"), (b"{not json}", None)):
+        rig = Rig(events=flags(meta))
+        try:
+            event = b"data: " + first + b"\n\n"
+            rig.feed(b"%x\r\n%s\r\n" % (len(event), event))
+            rig.drain()
+            state = ResumeStream(dict(meta["body"]), True, False, 1)
+            resume_absorb(state, rig.stream)
+            assert state.first_event == first  # not parsed yet
+            assert state.ident == ident
+            assert state.created == (7 if ident else None)
+            assert state.first_event is None
+        finally:
+            rig.close()

@@ -205,9 +205,8 @@ def resume_absorb(resume: Any, stream: Any) -> None:
         resume._raw_ids.append(stream.token_ids)
     if resume.prompt_ids is None and stream.prompt_token_ids is not None:
         resume.prompt_ids = orjson.loads(b"[" + stream.prompt_token_ids + b"]")
-    if resume.ident is None and stream.first_event is not None:
-        first = orjson.loads(stream.first_event)
-        resume.ident, resume.created = first.get("id"), first.get("created")
+    if resume.first_event is None and resume._ident is None:  # read only when asked for (ResumeStream.ident)
+        resume.first_event = stream.first_event
     resume.finished = resume.finished or stream.finished
     resume.usage_sent = resume.usage_sent or stream.usage_sent
     resume.no_ids = resume.no_ids or stream.no_ids

@@ -213,8 +213,12 @@ class ResumeStream:
         self.received: list[int] = []
         self.offset = 0  # tokens in the prompt of the current segment that the original request generated
         self.skip = 0  # tokens of the current segment the client already has (a rewound resume)
-        self.ident: Any = None
-        self.created: Any = None
+        self._ident: Any = None
+        self._created: Any = None
+        # The first event as the pump recorded it (pumping.py's resume_absorb): `ident` and `created` are read from
+        # it when something asks for them, which only a resume or a migration does (orjson.loads of the event at
+        # every pumped stream's end was ~1.1 us of the ~1.8 us resume_absorb took, measured).
+        self.first_event: bytes | None = None
         self.no_ids = False
         self.finished = False  # a choice carried its finish_reason
         self.usage_sent = False
@@ -225,6 +229,41 @@ class ResumeStream:
         self.pending: list[bytes] = []  # filled by the upstream connection's parser, one chunk at a time
         # The received token ids as the replica wrote them (b"12" or b"12,7"): parsed only to resume.
         self._raw_ids: list[bytes] = []
+
+    def _read_first(self) -> None:
+        first, self.first_event = self.first_event, None
+        try:
+            ev = orjson.loads(first)  # type: ignore[arg-type]
+        except orjson.JSONDecodeError:  # the pump records an event that looks like an object: not all of them are
+            return
+        if isinstance(ev, dict):
+            self._ident, self._created = ev.get("id"), ev.get("created")
+
+    @property
+    def ident(self) -> Any:
+        """The first event's `id`: every event of a resumed part gets it. None: no event went out yet."""
+        if self.first_event is not None:
+            self._read_first()
+        return self._ident
+
+    @ident.setter
+    def ident(self, value: Any) -> None:
+        if self.first_event is not None:
+            self._read_first()
+        self._ident = value
+
+    @property
+    def created(self) -> Any:
+        """The first event's `created`, for the events of a resumed part too."""
+        if self.first_event is not None:
+            self._read_first()
+        return self._created
+
+    @created.setter
+    def created(self, value: Any) -> None:
+        if self.first_event is not None:
+            self._read_first()
+        self._created = value
 
     # -- the replica's payload, event by event
     def start_segment(self, transport: asyncio.Transport) -> None:
