@@ -924,3 +924,29 @@ async def test_a_stream_whose_client_is_behind_stays_on_a_leaving_replica(loop) 
         record = await stream.logged()
         assert record["resumes"] == 1 and rig.failed_on == []
         assert [o for _, o in rig.ended] == [Outcome.ANSWERED, Outcome.COMPLETE] and settled(rig)
+
+
+async def test_an_error_that_comes_with_the_head_leaves_the_stream_to_python_which_resumes_it(loop) -> None:
+    """vLLM's in-band error already in the read that brings the head: the pump declines the stream (add() saw it
+    break) and Python handles it as a broken stream, resumed on another replica once the first ends its response."""
+    with Rig(loop, replicas=("r1", "r2"), pump=True, **RESUME) as rig:
+        client, peer = await rig.socket_client()
+        await peer.send(post())
+        _, replica, sent = await rig.replica_request()
+        original = answer(sent)
+        await replica.send(HEAD + chunk(original[0]) + chunk(ERROR_EVENT))
+        await peer.until(lambda got: body_of(got).count(b"data: ") == 1, "the first event")
+        assert client.exchange.phase is Phase.STREAMING and pumped(rig) == 0
+        await replica.send(chunk(b"data: [DONE]\n\n") + LAST)  # vLLM ends its response after the error
+        _, replica, sent = await rig.replica_request()
+        assert orjson.loads(sent)["prompt"] == PROMPT_IDS + [100]
+        rest = answer(sent, ident="cmpl-2", created=2)
+        await replica.send(HEAD + chunk(rest[0]))
+        await peer.until(lambda got: body_of(got).count(b"data: ") == 2, "the first resumed event")
+        assert client.exchange.phase is Phase.PUMPED  # the resumed part goes to the pump
+        await replica.send(b"".join(chunk(e) for e in rest[1:]) + LAST)
+        got = await peer.until(ended, "the end of the stream")
+        assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False))
+        await rig.until(lambda: rig.finished, "the request logged")
+        assert rig.finished[0].log_record()["resumes"] == 1 and pumped(rig) == 1
+        assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE] and settled(rig)
