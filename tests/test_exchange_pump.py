@@ -724,7 +724,7 @@ class NoFreeDescriptor:
     its fd limit), those open stay usable."""
 
     def __enter__(self) -> None:
-        probe = os.dup(0)
+        probe = os.open(os.devnull, os.O_RDONLY)  # the lowest free descriptor
         os.close(probe)
         self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (probe, self.limits[1]))
