@@ -201,6 +201,7 @@ CASES = [
     ("plain, usage and ids asked", {}, {**USAGE, **IDS}),
     ("accounting, usage asked", ACCOUNTING, USAGE),  # the pump counts (EV_ON)
     ("accounting, usage not asked", ACCOUNTING, {}),  # the pump drops the usage chunk the gateway asked for
+    ("accounting, ids asked", ACCOUNTING, IDS),  # the meter leaves the ids as the replica wrote them
     ("resume", RESUME, {}),  # EV_RESUME | EV_STRIP_IDS: the ids the gateway asked for written as null
     ("resume, ids asked", RESUME, IDS),
     ("resume, usage asked", RESUME, USAGE),  # EV_NEED_USAGE: [DONE] only after the usage chunk

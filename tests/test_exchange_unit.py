@@ -270,7 +270,7 @@ class Rig:
         conn.data_received(CHUNKED[:100])
         return conn, client, out
 
-    # -- real sockets (pump=True)
+    # -- real sockets (pump=True or sockets=True)
     def tcp_pair(self, peer_rcvbuf: int = 0, our_sndbuf: int = 0) -> tuple[socket.socket, socket.socket]:
         """Two connected loopback TCP sockets, (the gateway's, the peer's): a socketpair the protocols accept as they
         accept the server's (connection_made sets TCP_NODELAY, which an AF_UNIX pair refuses). Small buffers make a
