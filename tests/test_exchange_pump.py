@@ -503,13 +503,16 @@ async def test_a_client_that_leaves_aborts_the_replica_connection(loop, noticed_
         assert [o for _, o in rig.ended] == [Outcome.CLIENT_GONE] and settled(rig)
 
 
+@pytest.mark.parametrize("config", [RESUME, BOTH], ids=["resume", "resume and accounting"])
 @pytest.mark.parametrize("caught_up", [True, False], ids=["client caught up", "client still behind"])
-async def test_a_broken_stream_resumes_elsewhere_after_what_the_client_had_not_taken(loop, caught_up) -> None:
+async def test_a_broken_stream_resumes_elsewhere_after_what_the_client_had_not_taken(loop, caught_up,
+                                                                                     config) -> None:
     """vLLM's in-band error breaks a resumable stream in the pump (BROKEN) while the client, reading slowly, has not
     taken everything the pump wrote: those bytes reach it first, then the stream goes on from another replica, one
     continuous stream with the original id, every token once, one [DONE]. The resumed part is pumped when the client
-    has caught up by then; when it has not (bytes still queued for it), Python relays it, after them."""
-    with Rig(loop, replicas=("r1", "r2"), pump=True, **RESUME) as rig:
+    has caught up by then; when it has not (bytes still queued for it), Python relays it, after them. Counted (with
+    accounting on) by the token ids of both parts, each once."""
+    with Rig(loop, replicas=("r1", "r2"), pump=True, **config) as rig:
         stream = await Stream().start(rig, post(), peer_rcvbuf=4096, our_sndbuf=4096)
         assert stream.in_pump()
         original = events(0, MAX_TOKENS, PROMPT_IDS, True, False, big=(1, 2))[:3]  # none finishes
@@ -545,6 +548,8 @@ async def test_a_broken_stream_resumes_elsewhere_after_what_the_client_had_not_t
         assert record["status"] == 200 and record["reason"] == "" and record["resumes"] == 1
         assert sample(rig, "gateway_resumes_total", outcome="resumed") == 1
         assert pumped(rig) == (2 if caught_up else 1)
+        if config.get("token_accounting"):
+            assert (record["prompt_tokens"], record["completion_tokens"]) == (len(PROMPT_IDS), MAX_TOKENS)
         assert rig.failed_on == [rig.target]
         await stream.replica.closed("the first replica's connection dropped")
         assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE] and settled(rig)
