@@ -96,27 +96,32 @@ def _relay_hook(meter: StreamMeter, read: bytes) -> bytes:
         if events >= 0:
             meter.events += events
             return read
+        return meter.feed_rare(read)
     return meter.feed(read)
 
 
 @pytest.mark.skipif(meter_read is None, reason="the C pump is not built")
 @settings(max_examples=300, deadline=None)
 @given(tokens=st.integers(1, 12), chat=st.booleans(), client_asked=st.booleans(),
-       cuts=st.lists(st.integers(0, 4000)), stop=st.integers(0, 4000))
+       cuts=st.lists(st.integers(0, 4000)), bounds=st.lists(st.integers(0, 40)), stop=st.integers(0, 4000))
 def test_the_relays_c_read_test_counts_and_passes_what_feed_does(tokens: int, chat: bool, client_asked: bool,
-                                                                 cuts: list[int], stop: int) -> None:
-    """meter_read in place of feed() for the common read: the same bytes to the client and the same counts, for any
-    split of the stream into reads, whole or cut short anywhere."""
+                                                                 cuts: list[int], bounds: list[int], stop: int) -> None:
+    """meter_read in place of feed() for the common read, and in feed() for a read's whole chunks: the same bytes to
+    the client and the same counts as feed() without it, for any split of the stream into reads, whole or cut short
+    anywhere."""
     body = {"model": "m", "stream": True, "max_tokens": tokens, "messages": [{"role": "user", "content": "hi"}]}
     if client_asked:
         body["stream_options"] = {"include_usage": True}
     path = b"/v1/chat/completions" if chat else b"/v1/completions"
     sent = vllm_stream(tokens, chat, with_usage=True)
     sent = sent[:len(sent) - stop % (len(sent) + 1) if stop % 3 == 0 else len(sent)]  # a third of them cut short
-    points = sorted({cut % (len(sent) + 1) for cut in cuts} | {0, len(sent)})
+    ends = [at + 3 for at in range(len(sent)) if sent.startswith(b"\n\r\n", at)]  # chunk boundaries
+    points = {cut % (len(sent) + 1) for cut in cuts} | {ends[bound % len(ends)] for bound in bounds if ends}
+    points = sorted(point for point in points | {0, len(sent)} if point <= len(sent))
     reads = [sent[a:b] for a, b in zip(points, points[1:])]
     plain, _ = meter_for(body, path)
     hooked, _ = meter_for(body, path)
+    hooked.read_test = meter_read  # as the Python relay gives it (gateway/dataplane/upstream.py send)
     out_plain = b"".join(plain.feed(read) for read in reads)
     out_hooked = b"".join(_relay_hook(hooked, read) for read in reads)
     plain.end()

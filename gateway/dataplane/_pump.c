@@ -2036,41 +2036,70 @@ done:
     return result;
 }
 
-/* usage.py's StreamMeter, its common read in C: the events of a read a stripping meter passes as it came (it ends
- * with a whole content chunk, `}]}\n\n\r\n`, so it holds no usage chunk: vLLM writes only [DONE] after that one; and
- * no choice finishes in it: `"finish_reason":"`), else -1 (StreamMeter.feed takes it). The Python relay calls it once
- * a read of a metered stream in place of feed(): its slice compare, `partition` and call were ~3,000 instructions a
- * read (callgrind). The read starts on a chunk boundary (the meter keeps nothing back): its chunks are walked by their
- * size lines, one event each when the chunk is one `data: {...}\n\n` (JSON holds no raw newline, so one memchr
- * tells); counting `data: {` with find() instead was ~250 instructions a read. Any other framing: that count. */
+/* One chunk of a metered read at d[pos..n): its payload and size, and where the next chunk starts; 0 when the framing
+ * does not hold there (the last chunk too: StreamMeter._walk reads those). */
+static int meter_chunk(const char *d, size_t n, size_t pos, const char **payload, size_t *size, size_t *next) {
+    size_t v = 0, at = pos;
+    for (; at < n && at - pos < 16; at++) {
+        unsigned char c = (unsigned char)d[at];
+        int digit = c >= '0' && c <= '9' ? c - '0' : (c | 0x20) >= 'a' && (c | 0x20) <= 'f' ? (c | 0x20) - 'a' + 10 : -1;
+        if (digit < 0) break;
+        v = v * 16 + (size_t)digit;
+    }
+    if (at == pos || v == 0 || n - at < 2 || d[at] != '\r' || d[at + 1] != '\n' || v > n - (at + 2)
+            || n - (at + 2) - v < 2 || d[at + 2 + v] != '\r' || d[at + 3 + v] != '\n')
+        return 0;
+    *payload = d + at + 2;
+    *size = v;
+    *next = at + 4 + v;
+    return 1;
+}
+
+/* A chunk's events: one when it is one `data: {...}\n\n` (JSON holds no raw newline, so one memchr tells), else the
+ * `data: {` in it, as usage.py counts them. */
+static size_t meter_events(const char *payload, size_t size) {
+    if (size >= sizeof("data: {\n\n") - 1 && memcmp(payload, "data: {", 7) == 0
+            && memchr(payload, '\n', size) == payload + size - 2 && payload[size - 1] == '\n')
+        return 1;
+    return count_of(payload, size, LIT("data: {"));
+}
+
+/* usage.py's StreamMeter, its reads in C. meter_read(read): the events of a read a stripping meter passes as it came
+ * (it ends with a whole content chunk, `}]}\n\n\r\n`, so it holds no usage chunk: vLLM writes only [DONE] after that
+ * one; and no choice finishes in it: `"finish_reason":"`), else -1 (StreamMeter.feed takes it). The Python relay
+ * calls it once a read of a metered stream in place of feed(): its slice compare, `partition` and call were ~3,000
+ * instructions a read (callgrind). The read starts on a chunk boundary (the meter keeps nothing back): its chunks are
+ * walked by their size lines; counting `data: {` with find() instead was ~250 instructions a read.
+ * meter_read(read, True), for a read of whole chunks the meter walks: (the events of the chunks before the first
+ * that finishes a choice or holds the usage chunk, where that chunk starts, or -1: none does). bytes.find and count
+ * over such a read were ~3 instructions a byte (CPython 3.11 Objects/stringlib/fastsearch.h, two-way, for reads
+ * over 30,000 bytes), most of accounting's cost on stream200, whose last read often holds most of it (callgrind). */
 static PyObject *meter_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 1 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "meter_read(read: bytes)");
+    int where = nargs == 2 ? PyObject_IsTrue(args[1]) : 0;
+    if (nargs < 1 || nargs > 2 || !PyBytes_Check(args[0]) || where < 0) {
+        if (where >= 0) PyErr_SetString(PyExc_TypeError, "meter_read(read: bytes, where: bool = False)");
         return NULL;
     }
-    const char *d = PyBytes_AS_STRING(args[0]);
-    size_t n = (size_t)PyBytes_GET_SIZE(args[0]);
+    const char *d = PyBytes_AS_STRING(args[0]), *payload;
+    size_t n = (size_t)PyBytes_GET_SIZE(args[0]), pos = 0, events = 0, size, next;
+    if (where) {
+        for (; pos < n; pos = next) {
+            if (!meter_chunk(d, n, pos, &payload, &size, &next)
+                    || find(payload, size, LIT("\"finish_reason\":\"")) != NULL
+                    || find(payload, size, LIT("\"choices\":[]")) != NULL)
+                return Py_BuildValue("(nn)", (Py_ssize_t)events, (Py_ssize_t)pos);
+            events += meter_events(payload, size);
+        }
+        return Py_BuildValue("(nn)", (Py_ssize_t)events, (Py_ssize_t)-1);
+    }
     static const char content_end[] = "}]}\n\n\r\n";
     if (n < sizeof(content_end) - 1 || memcmp(d + n - (sizeof(content_end) - 1), content_end, sizeof(content_end) - 1)
             || find(d, n, LIT("\"finish_reason\":\"")) != NULL)
         return PyLong_FromLong(-1);
-    size_t pos = 0, events = 0;
-    while (pos < n) {
-        size_t size = 0, at = pos;
-        for (; at < n && at - pos < 16; at++) {
-            unsigned char c = (unsigned char)d[at];
-            int v = c >= '0' && c <= '9' ? c - '0' : (c | 0x20) >= 'a' && (c | 0x20) <= 'f' ? (c | 0x20) - 'a' + 10 : -1;
-            if (v < 0) break;
-            size = size * 16 + (size_t)v;
-        }
-        const char *payload = d + at + 2;
-        if (at == pos || at + 2 > n || d[at] != '\r' || d[at + 1] != '\n' || size < sizeof("data: {\n\n") - 1
-                || size > n - (at + 2) || n - (at + 2) - size < 2 || payload[size] != '\r' || payload[size + 1] != '\n'
-                || memcmp(payload, "data: {", 7) != 0 || memchr(payload, '\n', size) != payload + size - 2
-                || payload[size - 1] != '\n')
+    for (; pos < n; pos = next) {
+        if (!meter_chunk(d, n, pos, &payload, &size, &next))
             return PyLong_FromSize_t(count_of(d, n, LIT("data: {")));
-        events++;
-        pos = at + 2 + size + 2;
+        events += meter_events(payload, size);
     }
     return PyLong_FromSize_t(events);
 }
@@ -2080,8 +2109,8 @@ static PyMethodDef module_methods[] = {
      "token_ids(read, strip, frame=False) -> (read, ids, finished, keys, events, usage chunks) | None: resume.py's "
      "batch path over one read (frame: the read comes back as one chunk)"},
     {"meter_read", (PyCFunction)(void (*)(void))meter_read, METH_FASTCALL,
-     "meter_read(read) -> events | -1: usage.py's StreamMeter, a read that passes as it came (a whole content chunk "
-     "last, no finish_reason) and its events, or -1"},
+     "meter_read(read, where=False) -> events | -1, or with where (events before, start of the first chunk that "
+     "finishes a choice or holds the usage chunk | -1): usage.py's StreamMeter, its reads of a stream"},
     {"_fault", fault, METH_VARARGS,
      "_fault(name, count): the next `count` calls of epoll_add, epoll_del, epoll_wait or alloc fail (-1: all, "
      "0: none); for the tests only"},

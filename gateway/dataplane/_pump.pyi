@@ -1,5 +1,6 @@
 """Types of the C stream pump (_pump.c)."""
 from collections.abc import Callable
+from typing import overload
 
 COMPLETE: int
 COMPLETE_EXTRA: int
@@ -69,4 +70,9 @@ def _fault(name: str, count: int) -> None: ...
 def token_ids(read: bytes, strip: bool, frame: bool = False) -> tuple[bytes, bytes, bool, int, int, int] | None: ...
 
 
+@overload
 def meter_read(read: bytes) -> int: ...
+
+
+@overload
+def meter_read(read: bytes, where: bool) -> tuple[int, int]: ...

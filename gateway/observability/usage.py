@@ -189,7 +189,7 @@ class StreamMeter:
     """
 
     __slots__ = ("ask", "prompt", "completion", "exact", "events", "_mode", "_parts", "_size", "_tail", "_held",
-                 "_single", "_early", "_prev", "_last", "_quick", "plain")
+                 "_single", "_early", "_prev", "_last", "_quick", "plain", "read_test")
 
     def __init__(self, ask: Ask):
         self.ask = ask
@@ -208,6 +208,9 @@ class StreamMeter:
         # _STRIP while nothing is kept back or held: the Python relay may test the next read with the C pump's
         # meter_read (a whole content chunk last, no finish_reason) and add its events here, without calling feed().
         self.plain = False
+        # The C pump's meter_read (`plain` above), given by the Python relay when the pump is built: _general tests
+        # a read's whole chunks with it too (a read that ends inside a chunk: most of them on back-to-back streams).
+        self.read_test: Any = None
 
     def head(self, status: int, chunked: bool) -> None:
         """A new response head (a retry starts over): count only a 200."""
@@ -235,6 +238,13 @@ class StreamMeter:
         # endswith/find, whose argument parsing costs more than the test (CPython 3.11 Objects/bytesobject.c).
         quick = self._quick
         if quick == _STRIP:
+            test = self.read_test
+            if test is not None:  # the C pump's test (see `plain`): a read with the response head can be long
+                events = test(data)
+                if events < 0:
+                    return self._feed(data)
+                self.events += events
+                return data
             if data[_CONTENT_FROM:] != _CONTENT_END or data.partition(_FINISHED)[1]:
                 return self._feed(data)
         elif quick == _WATCH:
@@ -250,6 +260,10 @@ class StreamMeter:
         else:
             self._count(data)
         return data
+
+    def feed_rare(self, data: bytes) -> bytes:
+        """feed() for a read the Python relay's meter_read did not take (`plain`): its tests are not made twice."""
+        return self._feed(data)
 
     def _count(self, data: bytes) -> None:
         events = data.count(_EVENT)
@@ -296,28 +310,39 @@ class StreamMeter:
                 # them) cannot, vLLM writes nothing but [DONE] after the usage chunk. `find`, not `in`: on bytes
                 # `in` first tries its argument as an integer and formats the TypeError it clears (~2,400
                 # instructions, CPython 3.11 Objects/bytesobject.c _Py_bytes_contains).
-                at = 0 if self._held else whole.find(_FINISHED)
-                if at < 0 and not whole.endswith(_CONTENT_END):
-                    at = whole.find(_USAGE_CHUNK)
-                elif at > 0 and not whole.endswith(_CONTENT_END):
-                    usage = whole.find(_USAGE_CHUNK, 0, at)
-                    at = usage if usage >= 0 else at
+                test = self.read_test
+                if self._held:
+                    at = start = 0
+                elif test is not None:
+                    # The same, chunk by chunk in C (_pump.c meter_read): the events before that chunk, its start.
+                    events, at = test(whole, True)
+                    start = at
+                    self.events += events
+                else:
+                    at = whole.find(_FINISHED)
+                    if at < 0 and not whole.endswith(_CONTENT_END):
+                        at = whole.find(_USAGE_CHUNK)
+                    elif at > 0 and not whole.endswith(_CONTENT_END):
+                        usage = whole.find(_USAGE_CHUNK, 0, at)
+                        at = usage if usage >= 0 else at
+                    start = whole.rfind(b"\n\r\n", 0, at) + 3 if at > 0 else 0
+                    if start < 3:
+                        start = 0
+                    if start:
+                        self.events += whole.count(_EVENT, 0, start)
                 if at >= 0:
                     # Walked chunk by chunk from the chunk that holds it on: a back-to-back stream often brings
                     # much of itself in the read that finishes it.
-                    start = whole.rfind(b"\n\r\n", 0, at) + 3 if at else 0
-                    if start < 3:
-                        start = 0
-                    head = whole[:start]
-                    self.events += head.count(_EVENT)
                     tail, self._tail = self._tail, b""
                     out = self._walk(whole[start:] if start else whole)
-                    if head:
-                        out = head + out
+                    if start:  # one copy of what comes before it, not two (a slice, then the sum)
+                        out = b"".join((memoryview(whole)[:start], out))
                     if self._mode == _PLAIN:  # the last chunk, or not vLLM's framing: the rest passes as it comes
                         return out + tail if tail else out
                     self._tail += tail  # after what _walk kept of `whole`, if anything
                     return out
+                if test is not None:
+                    return whole  # its events counted in C
                 data = whole
             else:
                 # The usage chunk is in one of the last whole reads (then [DONE], then the last chunk): read at the
@@ -347,9 +372,12 @@ class StreamMeter:
             if eol < 0:
                 break
             try:
-                size = int(buffer[pos:eol].split(b";", 1)[0], 16)
-            except ValueError:
-                return self._give_up(out, buffer[pos:])
+                size = int(buffer[pos:eol], 16)
+            except ValueError:  # a chunk extension (RFC 9112 section 7.1.1), or not a size line at all
+                try:
+                    size = int(buffer[pos:eol].split(b";", 1)[0], 16)
+                except ValueError:
+                    return self._give_up(out, buffer[pos:])
             if size == 0:  # the last chunk (and trailers): the response ends, nothing may stay held
                 self._mode = _PLAIN  # the rest of the last chunk, split across reads, passes as it comes
                 out += self._held
