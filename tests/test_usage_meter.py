@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.observability.usage import _FINGERPRINT, StreamMeter, _fingerprint_of, ask
+from gateway.observability.usage import _FINGERPRINT, StreamMeter, UsageBook, _fingerprint_of, ask
 
 try:
     from gateway.dataplane._pump import meter_read
@@ -120,8 +120,12 @@ def test_the_relays_c_read_test_counts_and_passes_what_feed_does(tokens: int, ch
     points = sorted(point for point in points | {0, len(sent)} if point <= len(sent))
     reads = [sent[a:b] for a, b in zip(points, points[1:])]
     plain, _ = meter_for(body, path)
-    hooked, _ = meter_for(body, path)
-    hooked.read_test = meter_read  # as the Python relay gives it (gateway/dataplane/upstream.py send)
+    asked = ask(b"POST", path, orjson.dumps(body))
+    assert asked is not None
+    hooked = StreamMeter(asked[0])
+    hooked.read_test = meter_read  # as the Python relay gives it, before the head (gateway/dataplane/upstream.py send)
+    hooked.head(200, True)
+    assert hooked.plain == (not client_asked)
     out_plain = b"".join(plain.feed(read) for read in reads)
     out_hooked = b"".join(_relay_hook(hooked, read) for read in reads)
     plain.end()
@@ -154,3 +158,23 @@ def test_the_fingerprint_is_read_as_the_regex_reads_it(value: str, before: bytes
     found = _FINGERPRINT.search(payload)
     assert _fingerprint_of(payload) == (found.group(1) if found else None) == orjson.dumps(value)
     assert _fingerprint_of(b'data: {"system_fingerprint":null}\n\n') is None
+
+
+def test_the_book_rolls_its_minute_and_day_when_they_end() -> None:
+    """record() rolls only when the minute moved: a new minute starts from 0, a new day too, the total stays."""
+    now = [86400 * 20000 + 30.0]  # 30 s into a UTC day
+    book = UsageBook(clock=lambda: now[0])
+    book.record("k", "m", 3, 4)
+    book.record("k", "m", 1, 1)
+    totals = book.report("k")["keys"]["k"]["m"]
+    assert totals["minute"]["total_tokens"] == totals["day"]["total_tokens"] == totals["since_start"]["total_tokens"] == 9
+    now[0] += 40  # the next minute, the same day
+    book.record("k", "m", 2, 0)
+    totals = book.report("k")["keys"]["k"]["m"]
+    assert (totals["minute"]["total_tokens"], totals["day"]["total_tokens"]) == (2, 11)
+    assert totals["minute"]["requests"] == 1 and totals["day"]["requests"] == 3
+    now[0] += 86400  # the next day
+    book.record("k", "m", 5, 5)
+    totals = book.report("k")["keys"]["k"]["m"]
+    assert (totals["minute"]["total_tokens"], totals["day"]["total_tokens"], totals["since_start"]["total_tokens"]) \
+        == (10, 10, 21)

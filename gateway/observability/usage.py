@@ -205,8 +205,8 @@ class StreamMeter:
         self._single = 0  # a read shorter than this holds one event
         self._early = self._prev = self._last = b""
         self._quick = _OFF  # _STRIP or _WATCH while nothing is kept back or held: feed()'s first test
-        # _STRIP while nothing is kept back or held: the Python relay may test the next read with the C pump's
-        # meter_read (a whole content chunk last, no finish_reason) and add its events here, without calling feed().
+        # _STRIP while nothing is kept back or held, and read_test is given: the Python relay may test the next read
+        # with it (a whole content chunk last, no finish_reason) and add its events here, without calling feed().
         self.plain = False
         # The C pump's meter_read (`plain` above), given by the Python relay when the pump is built: _general tests
         # a read's whole chunks with it too (a read that ends inside a chunk: most of them on back-to-back streams).
@@ -229,7 +229,7 @@ class StreamMeter:
         self.events = 0
         self.exact = False
         self._quick = self._mode if self._mode == _STRIP or self._mode == _WATCH else _OFF
-        self.plain = self._mode == _STRIP
+        self.plain = self._mode == _STRIP and self.read_test is not None
 
     def feed(self, data: bytes) -> bytes:
         # The common read first, in as few bytecodes as it takes (the Python relay calls this once a read): nothing
@@ -278,7 +278,7 @@ class StreamMeter:
             self._quick = mode if not self._tail and not self._held else _OFF
         else:
             self._quick = _PLAIN if mode == _PLAIN else _OFF
-        self.plain = self._quick == _STRIP
+        self.plain = self._quick == _STRIP and self.read_test is not None
         return out
 
     def _general(self, data: bytes) -> bytes:
@@ -609,13 +609,19 @@ class UsageBook:
             self.day = {}
 
     def record(self, key: str, model: str, prompt: int, completion: int) -> None:
-        self._roll(self.clock())
+        # Once a counted request: the roll only when the minute moved (a day ends on a minute's end), the adds
+        # inline (~3,000 of its ~8,000 instructions were the two, callgrind).
+        now = self.clock()
+        if now // 60 != self.minute_index:
+            self._roll(now)
         label = (key, model)
         for table in (self.total, self.minute, self.day, self._unsaved):
             counts = table.get(label)
             if counts is None:
                 counts = table[label] = _Counts()
-            counts.add(prompt, completion)
+            counts.requests += 1
+            counts.prompt += prompt
+            counts.completion += completion
         for listener in self.listeners:
             listener(key, model, prompt, completion)
 
