@@ -300,3 +300,21 @@ def test_a_resumed_part_the_pump_does_not_follow_is_counted(stack: Stack, relay:
     else:
         assert normalized(events(gateway, path, body, headers)) == normalized(reference)
         assert "gateway_native_relay_unmatched_events_total 0.0" in gateway.metrics()
+
+
+def test_the_upstream_body_is_the_clients_bytes_with_return_token_ids_added() -> None:
+    """resume.plan adds `"return_token_ids":true` to the client's bytes before its closing brace (no re-serializing);
+    a body whose token counts it normalizes, or that names return_token_ids already, is written anew (one key)."""
+    from gateway.dataplane.resume import CHAT, plan
+
+    client = b'{"model": "mock", "messages": [{"role": "user", "content": "hi"}], "stream": true, "max_tokens": 5}\n'
+    planned = plan(b"POST", CHAT, CHAT, "1.1", client, 2)
+    assert planned.upstream_body == client.rstrip()[:-1] + b',"return_token_ids":true}'
+    assert json.loads(planned.upstream_body) == {**json.loads(client), "return_token_ids": True}
+    for body, max_tokens in (({"max_tokens": "5"}, 5), ({"max_tokens": 5, "return_token_ids": False}, 5)):
+        document = {"model": "mock", "messages": [], "stream": True, **body}
+        upstream = plan(b"POST", CHAT, CHAT, "1.1", json.dumps(document).encode(), 2).upstream_body
+        assert upstream.count(b"return_token_ids") == 1
+        assert json.loads(upstream) == {**document, "max_tokens": max_tokens, "return_token_ids": True}
+    asked = json.dumps({"model": "mock", "messages": [], "stream": True, "return_token_ids": True}).encode()
+    assert plan(b"POST", CHAT, CHAT, "1.1", asked, 2).upstream_body is None  # sent as the client wrote it

@@ -158,17 +158,23 @@ def plan(method: bytes, path: bytes, url: bytes, version: str, body_bytes: bytes
     reason = refusal(body, chat)
     if reason is not None:
         return Plan(refused=reason)
+    rewritten = "return_token_ids" in body
     for key in _TOKEN_COUNTS:  # the counts a resume lowers by the tokens already sent, as integers
-        if body.get(key) is not None:
-            count = token_count(body[key])
+        value = body.get(key)
+        if value is not None and type(value) is not int:
+            count = token_count(value)
             if count is None:
                 return _NO_PLAN  # the replica refuses such a request (400): nothing to resume
             body[key] = count
+            rewritten = True
     wants_ids = body.get("return_token_ids") is True
     upstream_body = None
     if not wants_ids:
         body["return_token_ids"] = True
-        upstream_body = orjson.dumps(body)
+        if rewritten:
+            upstream_body = orjson.dumps(body)
+        else:  # the client's bytes with the member added before the object's closing brace (no orjson.dumps)
+            upstream_body = body_bytes.rstrip()[:-1] + b',"return_token_ids":true}'
     stream = ResumeStream(body, chat, wants_ids, limit)
     stream.url = url
     return Plan(stream, None, upstream_body)
