@@ -7,6 +7,8 @@ usage chunk's.
 
 from __future__ import annotations
 
+import sys
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -92,9 +94,7 @@ def test_not_a_completion_is_left_alone() -> None:
 def _relay_hook(meter: StreamMeter, read: bytes) -> bytes:
     """What the Python relay does with a read of a metered stream (gateway/dataplane/upstream.py data_received)."""
     if meter.plain:
-        events = meter_read(read)
-        if events >= 0:
-            meter.events += events
+        if meter_read(read, meter.tally):
             return read
         return meter.feed_rare(read)
     return meter.feed(read)
@@ -147,6 +147,13 @@ def test_the_c_read_test_takes_only_plain_reads() -> None:
     assert meter_read(content + usage) == -1 and meter_read(b"") == -1
     with pytest.raises(TypeError):
         meter_read(bytearray(content))
+    tally = bytearray(8)  # the relay's form: the events added in place, a bool back
+    assert meter_read(content * 2, tally) is True and meter_read(finish, tally) is False
+    assert meter_read(content, tally) is True and int.from_bytes(tally, sys.byteorder) == 3
+    with pytest.raises(ValueError):
+        meter_read(content, bytearray(4))
+    assert meter_read(content + finish + usage, True) == (1, len(content))  # the walk's form
+    assert meter_read(content * 2, True) == (2, -1)
 
 
 @settings(max_examples=300, deadline=None)
@@ -167,7 +174,7 @@ def test_the_book_rolls_its_minute_and_day_when_they_end() -> None:
     book.record("k", "m", 3, 4)
     book.record("k", "m", 1, 1)
     totals = book.report("k")["keys"]["k"]["m"]
-    assert totals["minute"]["total_tokens"] == totals["day"]["total_tokens"] == totals["since_start"]["total_tokens"] == 9
+    assert [totals[period]["total_tokens"] for period in ("minute", "day", "since_start")] == [9, 9, 9]
     now[0] += 40  # the next minute, the same day
     book.record("k", "m", 2, 0)
     totals = book.report("k")["keys"]["k"]["m"]

@@ -2080,14 +2080,26 @@ static size_t meter_events(const char *payload, size_t size) {
  * calls it once a read of a metered stream in place of feed(): its slice compare, `partition` and call were ~3,000
  * instructions a read (callgrind). The read starts on a chunk boundary (the meter keeps nothing back): its chunks are
  * walked by their size lines; counting `data: {` with find() instead was ~250 instructions a read.
- * meter_read(read, True), for a read of whole chunks the meter walks: (the events of the chunks before the first
+ * meter_read(read, tally), tally a meter's bytearray(8): True, the events added to the native int64 in it, or False
+ * (the read is not such a read): the relay's `events >= 0` and `meter.events += events` were ~370 instructions a
+ * read (callgrind). meter_read(read, True), for a read of whole chunks the meter walks: (the events of the chunks before the first
  * that finishes a choice or holds the usage chunk, where that chunk starts, or -1: none does). bytes.find and count
  * over such a read were ~3 instructions a byte (CPython 3.11 Objects/stringlib/fastsearch.h, two-way, for reads
  * over 30,000 bytes), most of accounting's cost on stream200, whose last read often holds most of it (callgrind). */
 static PyObject *meter_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    int where = nargs == 2 ? PyObject_IsTrue(args[1]) : 0;
-    if (nargs < 1 || nargs > 2 || !PyBytes_Check(args[0]) || where < 0) {
-        if (where >= 0) PyErr_SetString(PyExc_TypeError, "meter_read(read: bytes, where: bool = False)");
+    if (nargs < 1 || nargs > 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "meter_read(read: bytes, where: bool | bytearray = False)");
+        return NULL;
+    }
+    char *tally = NULL;
+    int where = 0;
+    if (nargs == 2 && PyByteArray_CheckExact(args[1])) {
+        if (PyByteArray_GET_SIZE(args[1]) != (Py_ssize_t)sizeof(int64_t)) {
+            PyErr_SetString(PyExc_ValueError, "meter_read: the tally is a bytearray of 8 bytes");
+            return NULL;
+        }
+        tally = PyByteArray_AS_STRING(args[1]);
+    } else if (nargs == 2 && (where = PyObject_IsTrue(args[1])) < 0) {
         return NULL;
     }
     const char *d = PyBytes_AS_STRING(args[0]), *payload;
@@ -2104,14 +2116,23 @@ static PyObject *meter_read(PyObject *module, PyObject *const *args, Py_ssize_t 
     }
     static const char content_end[] = "}]}\n\n\r\n";
     if (n < sizeof(content_end) - 1 || memcmp(d + n - (sizeof(content_end) - 1), content_end, sizeof(content_end) - 1)
-            || find(d, n, LIT("\"finish_reason\":\"")) != NULL)
+            || find(d, n, LIT("\"finish_reason\":\"")) != NULL) {
+        if (tally != NULL) Py_RETURN_FALSE;
         return PyLong_FromLong(-1);
+    }
     for (; pos < n; pos = next) {
-        if (!meter_chunk(d, n, pos, &payload, &size, &next))
-            return PyLong_FromSize_t(count_of(d, n, LIT("data: {")));
+        if (!meter_chunk(d, n, pos, &payload, &size, &next)) {
+            events = count_of(d, n, LIT("data: {"));
+            break;
+        }
         events += meter_events(payload, size);
     }
-    return PyLong_FromSize_t(events);
+    if (tally == NULL) return PyLong_FromSize_t(events);
+    int64_t total;
+    memcpy(&total, tally, sizeof total);  /* a bytearray's storage need not be aligned for an int64 */
+    total += (int64_t)events;
+    memcpy(tally, &total, sizeof total);
+    Py_RETURN_TRUE;
 }
 
 static PyMethodDef module_methods[] = {
@@ -2119,8 +2140,9 @@ static PyMethodDef module_methods[] = {
      "token_ids(read, strip, frame=False) -> (read, ids, finished, keys, events, usage chunks) | None: resume.py's "
      "batch path over one read (frame: the read comes back as one chunk)"},
     {"meter_read", (PyCFunction)(void (*)(void))meter_read, METH_FASTCALL,
-     "meter_read(read, where=False) -> events | -1, or with where (events before, start of the first chunk that "
-     "finishes a choice or holds the usage chunk | -1): usage.py's StreamMeter, its reads of a stream"},
+     "meter_read(read, where=False) -> events | -1; with a bytearray(8) tally -> bool, the events added to it; with "
+     "where (events before, start of the first chunk that finishes a choice or holds the usage chunk | -1): "
+     "usage.py's StreamMeter, its reads of a stream"},
     {"_fault", fault, METH_VARARGS,
      "_fault(name, count): the next `count` calls of epoll_add, epoll_del, epoll_wait or alloc fail (-1: all, "
      "0: none); for the tests only"},

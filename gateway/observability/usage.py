@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from typing import Any
@@ -188,15 +189,15 @@ class StreamMeter:
     end a stream.
     """
 
-    __slots__ = ("ask", "prompt", "completion", "exact", "events", "_mode", "_parts", "_size", "_tail", "_held",
-                 "_single", "_early", "_prev", "_last", "_quick", "plain", "read_test")
+    __slots__ = ("ask", "prompt", "completion", "exact", "_events", "tally", "_mode", "_parts", "_size", "_tail",
+                 "_held", "_single", "_early", "_prev", "_last", "_quick", "plain", "read_test")
 
     def __init__(self, ask: Ask):
         self.ask = ask
         self.prompt = 0
         self.completion = 0
         self.exact = False  # the replica's own numbers (else: what reached the client, estimated)
-        self.events = 0
+        self._events = 0
         self._mode = _OFF
         self._parts: list[bytes] = []
         self._size = 0
@@ -208,6 +209,8 @@ class StreamMeter:
         # _STRIP while nothing is kept back or held, and read_test is given: the Python relay may test the next read
         # with it (a whole content chunk last, no finish_reason) and add its events here, without calling feed().
         self.plain = False
+        # The events the Python relay's meter_read counted (its native int64, added in C): `events` adds them up.
+        self.tally = bytearray(8)
         # The C pump's meter_read (`plain` above), given by the Python relay when the pump is built: _general tests
         # a read's whole chunks with it too (a read that ends inside a chunk: most of them on back-to-back streams).
         self.read_test: Any = None
@@ -226,7 +229,8 @@ class StreamMeter:
         self._held = []
         self._single = 0
         self._early = self._prev = self._last = b""
-        self.events = 0
+        self._events = 0
+        self.tally = bytearray(8)
         self.exact = False
         self._quick = self._mode if self._mode == _STRIP or self._mode == _WATCH else _OFF
         self.plain = self._mode == _STRIP and self.read_test is not None
@@ -243,7 +247,7 @@ class StreamMeter:
                 events = test(data)
                 if events < 0:
                     return self._feed(data)
-                self.events += events
+                self._events += events
                 return data
             if data[_CONTENT_FROM:] != _CONTENT_END or data.partition(_FINISHED)[1]:
                 return self._feed(data)
@@ -256,10 +260,15 @@ class StreamMeter:
         else:
             return self._feed(data)
         if len(data) < self._single:
-            self.events += 1
+            self._events += 1
         else:
             self._count(data)
         return data
+
+    @property
+    def events(self) -> int:
+        """The events that reached the client, or are held for it (a stream cut short counts them)."""
+        return self._events + int.from_bytes(self.tally, sys.byteorder, signed=True)
 
     def feed_rare(self, data: bytes) -> bytes:
         """feed() for a read the Python relay's meter_read did not take (`plain`): its tests are not made twice."""
@@ -269,7 +278,7 @@ class StreamMeter:
         events = data.count(_EVENT)
         if not self._single and events:
             self._single = len(data) // events * 3 // 2  # half again an event's size: two events never fit
-        self.events += events
+        self._events += events
 
     def _feed(self, data: bytes) -> bytes:
         out = self._general(data)
@@ -317,7 +326,7 @@ class StreamMeter:
                     # The same, chunk by chunk in C (_pump.c meter_read): the events before that chunk, its start.
                     events, at = test(whole, True)
                     start = at
-                    self.events += events
+                    self._events += events
                 else:
                     at = whole.find(_FINISHED)
                     if at < 0 and not whole.endswith(_CONTENT_END):
@@ -329,7 +338,7 @@ class StreamMeter:
                     if start < 3:
                         start = 0
                     if start:
-                        self.events += whole.count(_EVENT, 0, start)
+                        self._events += whole.count(_EVENT, 0, start)
                 if at >= 0:
                     # Walked chunk by chunk from the chunk that holds it on: a back-to-back stream often brings
                     # much of itself in the read that finishes it.
@@ -356,7 +365,7 @@ class StreamMeter:
         else:
             return data
         if len(data) < self._single:
-            self.events += 1
+            self._events += 1
         elif data:
             self._count(data)
         return data
@@ -423,7 +432,7 @@ class StreamMeter:
                 # count, the rest passes as it comes (two reads walked for nothing, ~15,000 instructions a stream).
                 self._mode = _PLAIN
                 return  # the client did not ask for it
-        self.events += payload.count(_EVENT)
+        self._events += payload.count(_EVENT)
         if self._mode == _STRIP and (self._held or payload.find(_FINISHED) >= 0) \
                 and not payload.startswith(b"data: [DONE]"):
             self._held.append(frame)  # until the usage chunk says which fingerprint it carried
@@ -451,7 +460,7 @@ class StreamMeter:
 
     def pumped(self, usage: tuple[int, int] | None, events: int) -> None:
         """The C pump relayed the rest of the stream (pump_mode): its usage chunk's counts and its events."""
-        self.events += events
+        self._events += events
         if usage is not None:
             self.prompt, self.completion = usage
             self.exact = True
@@ -494,9 +503,10 @@ class StreamMeter:
                 if counts is not None:
                     self.prompt, self.completion = counts
                     self.exact = True
-        if not self.exact and self.events:
+        events = self.events
+        if not self.exact and events:
             # Cut short: the content events the client got (chat's first event only names the role).
-            self.completion = max(0, self.events - (1 if self.ask.chat else 0))
+            self.completion = max(0, events - (1 if self.ask.chat else 0))
             self.prompt = self.ask.prompt_estimate
 
     @property
