@@ -368,3 +368,30 @@ def test_a_first_event_that_only_looks_like_json_is_read_when_asked_for_and_leav
             assert state.first_event is None
         finally:
             rig.close()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one read", "a read a chunk"])
+def test_after_the_usage_chunk_a_stripping_pump_passes_the_rest_as_the_meter_does(split) -> None:
+    """usage.py's meter passes what follows the usage chunk as it comes (vLLM writes only [DONE] and the last chunk
+    there); the pump does the same, in the usage chunk's read and after it: the same bytes, the same events."""
+    from gateway.observability.usage import Ask, StreamMeter
+
+    head = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+    events = [head + b'[{"index":0,"delta":{"content":" a"},"logprobs":null,"finish_reason":"length"}]}\n\n',
+              head + b'[],"usage":{"prompt_tokens":3,"total_tokens":4,"completion_tokens":1}}\n\n',
+              b'data: {"odd":"not vLLM\'s, after its usage chunk","finish_reason":"stop"}\n\n', b"data: [DONE]\n\n"]
+    frames = [b"%x\r\n%s\r\n" % (len(e), e) for e in events] + [b"0\r\n\r\n"]
+    reads = frames if split else [b"".join(frames)]
+    meter = StreamMeter(Ask("m", True, True, True, None, 1))
+    meter.head(200, True)
+    expected = b"".join(meter.feed(piece) for piece in reads)
+    rig = Rig(events=_pump.EV_ON | _pump.EV_STRIP_USAGE)
+    try:
+        rig.feed_reads(reads)
+        rig.drain()
+        assert bytes(rig.received) == expected
+        assert b'"usage"' not in expected and expected.endswith(frames[2] + frames[3] + frames[4])
+        assert rig.stream.events == meter.events
+        assert rig.stream.usage == (3, 1)
+    finally:
+        rig.close()

@@ -1315,6 +1315,9 @@ static int strip_chunk(Stream *s, const char *frame, size_t n, const char *paylo
                     if (*fpe == '\\') fpe++;
                 if (fpe >= payload + pn) fp = NULL;
             }
+            /* vLLM writes only [DONE] and the last chunk after it: the rest passes as it comes (usage.py's _chunk,
+             * _PLAIN), and strip_usage relays the rest of this read so */
+            s->plain = 1;
             return flush_held(s, out, fp, fp ? (size_t)(fpe + 1 - fp) : 0);  /* the client did not ask for it */
         }
     }
@@ -1326,7 +1329,7 @@ static int strip_chunk(Stream *s, const char *frame, size_t n, const char *paylo
     if ((s->held.len || FIND_K(payload, pn, "\"finish_reason\":\"", 7) != NULL)
             && !(pn >= 12 && memcmp(payload, "data: [DONE]", 12) == 0))
         return buf_put(&s->held, frame, n);  /* until the usage chunk says which fingerprint it carried */
-    if (flush_held(s, out, NULL, 0) < 0) return -1;
+    if (s->held.len && flush_held(s, out, NULL, 0) < 0) return -1;  /* a call a chunk otherwise (callgrind) */
     return buf_put(out, frame, n);
 }
 
@@ -1354,6 +1357,10 @@ static int strip_usage(Pump *p, Stream *s, const char *data, size_t len) {
         }
         if (strip_chunk(s, b + pos, (size_t)end, eol + 2, (size_t)size, out) < 0) return -1;
         pos += (size_t)end;
+        if (s->plain) {  /* the usage chunk went */
+            if (buf_put(out, b + pos, n - pos) < 0) return -1;
+            pos = n;
+        }
     }
     if (kept) {
         if (pos && pos < n) memmove(s->frames.data, b + pos, n - pos);
