@@ -186,7 +186,9 @@ class StreamMeter:
     Per read of a stream this costs a test of its end (and, for a read that ends inside a chunk, one search
     back from its end) and, when the client did not ask for usage, a search for a finish_reason and, in a read
     that does not end with a content chunk, for the usage chunk: everything else happens in the few reads that
-    end a stream.
+    end a stream. With the C pump built, the Python relay gives `read_test` (_pump.c meter_read) and, while
+    `plain`, tests each read with it without calling feed() (its events go to `tally`); the walk's searches use
+    it too.
     """
 
     __slots__ = ("ask", "prompt", "completion", "exact", "_events", "tally", "_mode", "_parts", "_size", "_tail",
@@ -207,7 +209,7 @@ class StreamMeter:
         self._early = self._prev = self._last = b""
         self._quick = _OFF  # _STRIP or _WATCH while nothing is kept back or held: feed()'s first test
         # _STRIP while nothing is kept back or held, and read_test is given: the Python relay may test the next read
-        # with it (a whole content chunk last, no finish_reason) and add its events here, without calling feed().
+        # with it (a whole content chunk last, no finish_reason; its events go to `tally`) without calling feed().
         self.plain = False
         # The events the Python relay's meter_read counted (its native int64, added in C): `events` adds them up.
         self.tally = bytearray(8)
@@ -428,8 +430,9 @@ class StreamMeter:
                 for held in self._held:
                     out.append(_with_fingerprint(held, fingerprint) if fingerprint else held)
                 self._held = []
-                # vLLM writes only [DONE] and the last chunk after it (serving.py, 0.32): nothing left to hold or
-                # count, the rest passes as it comes (two reads walked for nothing, ~15,000 instructions a stream).
+                # vLLM writes only [DONE] and the last chunk after it (vllm/entrypoints/openai/chat_completion/
+                # serving.py, 0.32): nothing left to hold or count, the rest passes as it comes (two reads walked
+                # for nothing, ~15,000 instructions a stream).
                 self._mode = _PLAIN
                 return  # the client did not ask for it
         self._events += payload.count(_EVENT)
