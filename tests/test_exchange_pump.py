@@ -752,11 +752,9 @@ class EpollRefuses:
 @pytest.mark.parametrize(("config", "failure"), [
     ({}, NoFreeDescriptor), (ACCOUNTING, NoFreeDescriptor), (RESUME, NoFreeDescriptor), (BOTH, NoFreeDescriptor),
     ({}, EpollRefuses), (ACCOUNTING, EpollRefuses),
-    # A resumable stream's events that came with the head are written by add() itself (unsent=True), before it
-    # registers the replica's socket: a registration that fails then leaves them written, and Python writes them
-    # again. (The fd limit fails add() before it writes.)
-    pytest.param(RESUME, EpollRefuses, marks=pytest.mark.xfail(
-        strict=True, reason="add() can fail after writing a resumable stream's first events: they go out twice")),
+    # A resumable stream's events that came with the head are written by add() itself (unsent=True), after it
+    # registers the replica's socket: a registration that fails leaves them to Python, written once.
+    (RESUME, EpollRefuses),
 ], ids=["plain, fd limit", "accounting, fd limit", "resume, fd limit", "both, fd limit", "plain, epoll refuses",
         "accounting, epoll refuses", "resume, epoll refuses"])
 async def test_a_stream_the_pump_cannot_take_stays_in_python(loop, config, failure) -> None:

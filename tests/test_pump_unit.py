@@ -240,3 +240,50 @@ def test_module_init_checks_every_addition_and_uses_no_deprecated_member_names()
     # structmember.h's T_INT / READONLY are deprecated since 3.12: only a 3.11 fallback may name them.
     outside_fallback = re.sub(r"#if PY_VERSION_HEX < 0x030C0000.*?#endif", "", source, flags=re.S)
     assert not re.search(r"\b(T_INT|T_OBJECT|READONLY)\b", outside_fallback)
+
+
+# -- add() with a resumable stream's events from the head's read (unsent): it registers before it writes them
+
+def _unsent_events(size: int) -> bytes:
+    event = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+             b'"delta":{"content":"' + b"x" * size + b'"},"logprobs":null,"finish_reason":null,"token_ids":[7]}]}\n\n')
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+RESUMABLE = _pump.EV_RESUME | _pump.EV_FIRST | _pump.EV_STRIP_IDS
+
+
+def test_a_registration_add_cannot_make_fails_it_before_it_writes_the_heads_events(rigs) -> None:
+    rig = Rig(add=False)
+    rigs.append(rig)
+    _pump._fault("epoll_add", 1)
+    with pytest.raises(OSError):
+        rig.pump.add(rig.up.fileno(), rig.cl.fileno(), rig.on_end, _unsent_events(100), RESUMABLE, unsent=True)
+    assert rig.drain() == b""  # Python relays them: written once
+    assert rig.pump.active == 0 and rig.pump.zombies == 0
+    assert set(epoll_registrations(rig.pump.fileno()).values()) == {1}
+
+
+def test_add_failing_while_the_replica_cannot_leave_the_epoll_set_keeps_the_stream_until_it_does(rigs) -> None:
+    """The client takes only part of the head's events and add() cannot block (the replica's socket does not leave
+    the set): the stream is kept among the zombies, never freed while the kernel holds its pointer."""
+    rig = Rig(add=False)
+    rigs.append(rig)
+    blocked_client(rig)
+    _pump._fault("epoll_del", -1)
+    try:
+        with pytest.raises(OSError):
+            rig.pump.add(rig.up.fileno(), rig.cl.fileno(), rig.on_end, _unsent_events(200_000), RESUMABLE,
+                         unsent=True)
+    finally:
+        _pump._fault("epoll_del", 0)
+    gc.collect()
+    assert rig.pump.zombies == 1 and rig.pump.active == 0
+    registered = set(epoll_registrations(rig.pump.fileno()).values()) - {1}
+    assert len(registered) == 1  # the replica's socket, with the zombie's pointer
+    rig.replica.sendall(b"5\r\nhello\r\n")  # the zombie's fd turns readable: the pump takes it out this time
+    select.select([rig.pump.fileno()], [], [], 5)
+    rig.pump.run()
+    gc.collect()
+    assert rig.pump.zombies == 0
+    assert set(epoll_registrations(rig.pump.fileno()).values()) == {1}

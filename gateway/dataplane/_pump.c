@@ -1805,14 +1805,14 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     if (s->up_fd < 0) goto fail;
     s->cl_fd = fcntl(cl_fd, F_DUPFD_CLOEXEC, 0);
     if (s->cl_fd < 0) goto fail;
+    /* Registered before the head's events are written: add() failing after it wrote them made Python relay them
+     * again (the exception sends the stream back whole). What stays: a client that takes only part of them and
+     * then a failing block() (its epoll registration or allocation). */
+    if (arm(p, s) < 0) goto fail;
     Py_ssize_t out_len = unsent ? (Py_ssize_t)(p->out.len - start) : 0;
     ssize_t w = out_len ? send(s->cl_fd, p->out.data + start, (size_t)out_len, MSG_NOSIGNAL | MSG_DONTWAIT) : 0;
     if (w < 0) w = 0;  /* a client error shows when its socket turns writable (on_writable ends the stream) */
-    if (w < out_len) {
-        if (block(p, s, p->out.data + start + w, out_len - w) < 0) goto fail;
-    } else if (arm(p, s) < 0) {
-        goto fail;
-    }
+    if (w < out_len && block(p, s, p->out.data + start + w, out_len - w) < 0) goto fail;
     Py_INCREF(on_end);
     s->on_end = on_end;
     Py_INCREF(p);
@@ -1823,6 +1823,13 @@ static PyObject *Pump_add(Pump *p, PyObject *args, PyObject *kwds) {
     return (PyObject *)s;
 fail:
     PyErr_SetFromErrno(PyExc_OSError);  /* before close() can change errno */
+    if (disarm(p, s) < 0 || disarm_client(p, s) < 0) {  /* still in the epoll set: kept alive, retried (bury) */
+        close_unregistered(s);
+        s->zombie = 1;
+        Py_INCREF(p);  /* a zombie's reference to its pump, dropped by bury() */
+        list_push(&p->zombies, s);  /* our reference moves to the zombie list */
+        return NULL;
+    }
     Py_DECREF(s);  /* closes the dups */
     return NULL;
 }
