@@ -68,7 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--systems", default="direct,haproxy,gateway,gateway2",
                     help="comma list of direct,haproxy,gateway,gateway2,gateway-resume (gateway 1w with --resume-limit 2),"
                          " gateway-py (gateway 1w with --no-native-relay: the Python relay),"
-                         " gateway-tokens (gateway 1w with --token-accounting), gateway-py-tokens (both)")
+                         " gateway-tokens (gateway 1w with --token-accounting), gateway-py-tokens (both), gateway-both (resume and token accounting on)")
     ap.add_argument("--workloads", default=None, help="comma list of unary,stream50,stream200 ('' = none: paced points only)")
     ap.add_argument("--unary-conc", default=None, help="default 1,4,16,64,256 (quick: 1,16,64)")
     ap.add_argument("--stream-conc", default=None, help="default 1,4,16,64,128 (quick: 16)")

@@ -229,17 +229,19 @@ def paced_ratios(rows: list[dict], systems: list[str]) -> tuple[list[str], dict]
             lines.append(text)
     # A feature's own cost: the gateway with it on against the same gateway with it off, point by point.
     for feature in [s for s in GATEWAY_SYSTEMS if s != "gateway" and s in systems and "gateway" in systems]:
+        # a Python-relay feature against the Python relay with it off, when that ran too
+        off = "gateway-py" if feature.startswith("gateway-py-") and "gateway-py" in systems else "gateway"
         for (s, step, spr), f in sorted(idx.items(), key=lambda kv: (kv[0][1], kv[0][2])):
-            base = idx.get(("gateway", step, spr))
+            base = idx.get((off, step, spr))
             if s != feature or base is None or not base["cpu_us_per_stream"] or f["cpu_us_per_stream"] is None:
                 continue
             r = f["cpu_us_per_stream"] / base["cpu_us_per_stream"]
-            out[f"{feature}.paced.{step:g}ms.{spr}.cpu_vs_gateway"] = r
+            out[f"{feature}.paced.{step:g}ms.{spr}.cpu_vs_{off}"] = r
             pr = paired(f, base)
             if pr:
-                out[f"{feature}.paced.{step:g}ms.{spr}.cpu_vs_gateway_paired"] = list(pr)
+                out[f"{feature}.paced.{step:g}ms.{spr}.cpu_vs_{off}_paired"] = list(pr)
             lines.append(f"paced {spr}/replica x {step:g} ms, CPU/stream: {SYSTEM_LABEL[feature]} "
-                         f"{f['cpu_us_per_stream']:.0f} us vs {SYSTEM_LABEL['gateway']} {base['cpu_us_per_stream']:.0f} us"
+                         f"{f['cpu_us_per_stream']:.0f} us vs {SYSTEM_LABEL[off]} {base['cpu_us_per_stream']:.0f} us"
                          f" -> ratio {r:.2f}" + paired_text(pr, len(f.get("slice_cpu_us_per_stream") or [])))
     return lines, out
 
