@@ -623,14 +623,21 @@ async def test_a_replica_silent_in_the_pump_times_out(loop, config) -> None:
             assert record["reason"] == "upstream_timeout"
             assert [o for _, o in rig.ended] == [Outcome.UPSTREAM_TIMEOUT]
         else:
-            _, replica, sent = await rig.replica_request()
-            await replica.send(HEAD + b"".join(chunk(e) for e in answer(sent)) + LAST)
-            got = await stream.peer.until(ended, "the end of the stream")
-            assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False))
-            record = await stream.logged()
-            assert record["reason"] == "" and record["resumes"] == 1
-            assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE]
+            await resumed_whole_on_the_next_replica(rig, stream)
         assert settled(rig)
+
+
+async def resumed_whole_on_the_next_replica(rig: Rig, stream: Stream) -> None:
+    """The stream resumes on the next replica, which answers in full: the client reads every token once, ids null
+    (it did not ask for them), and the request is logged as one success after one resume."""
+    _, replica, sent = await rig.replica_request()
+    _pump._fault("epoll_wait", 0)  # (a no-op unless a test made the pump's wait fail)
+    await replica.send(HEAD + b"".join(chunk(e) for e in answer(sent)) + LAST)
+    got = await stream.peer.until(ended, "the end of the stream")
+    assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False))
+    record = await stream.logged()
+    assert record["reason"] == "" and record["resumes"] == 1
+    assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE]
 
 
 async def until_blocked(stream: Stream, timeout_s: float = 5.0) -> None:
@@ -711,14 +718,7 @@ async def test_the_pumps_own_failure_is_the_gateways_error_not_the_replicas(loop
                 assert record["reason"] == "gateway_error"
                 assert [o for _, o in rig.ended] == [Outcome.FAILED]
             else:
-                _, replica, sent = await rig.replica_request()
-                _pump._fault("epoll_wait", 0)
-                await replica.send(HEAD + b"".join(chunk(e) for e in answer(sent)) + LAST)
-                got = await stream.peer.until(ended, "the end of the stream")
-                assert dechunk(body_of(got))[0] == b"".join(events(0, MAX_TOKENS, PROMPT_IDS, None, False))
-                record = await stream.logged()
-                assert record["reason"] == "" and record["resumes"] == 1
-                assert [o for _, o in rig.ended] == [Outcome.FAILED, Outcome.COMPLETE]
+                await resumed_whole_on_the_next_replica(rig, stream)
         finally:
             _pump._fault("epoll_wait", 0)
         assert rig.failed_on == [] and sample(rig, "gateway_upstream_died_total", replica="r1") == 0
