@@ -44,8 +44,9 @@ class SocketRig(Rig):
         self.port = self.listener.getsockname()[1]
         self.replica_sides: list[socket.socket] = []
 
-    async def _connect(self) -> UpstreamConnection:
-        _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self.target), "127.0.0.1", self.port)
+    async def _connect(self, target=None) -> UpstreamConnection:  # type: ignore[no-untyped-def]
+        target = target or self.target
+        _, conn = await self.loop.create_connection(lambda: UpstreamConnection(target), "127.0.0.1", self.port)
         side, _ = self.listener.accept()  # the kernel completed the handshake: accept does not wait
         side.settimeout(5)
         self.replica_sides.append(side)
