@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
+from gateway.dataplane import resume
 from replicas.mock_engine import greedy_text, prompt_ids
 from tests.conftest import Gateway, Replica, Stack, wait_until
 
@@ -201,6 +203,31 @@ def test_streams_a_resume_could_not_reproduce_fail_visibly(rig, reason: str, ext
     with pytest.raises(httpx.RemoteProtocolError):
         events(gateway, path, body, faulted("close-mid-stream", prompt_length(path, CMPL_BODY) + 4))
     assert f'gateway_resumes_total{{outcome="refused_{reason}"}}' in gateway.metrics()
+
+
+class _ReadFields(dict):
+    """A request body that notes every field read from it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_every_field_a_refusal_reads_makes_a_body_take_the_checks(chat: bool) -> None:
+    """refusal() returns at once for a body with none of the fields it reads: a check on a field missing from that
+    list would never run, and such a stream would be resumed when it cannot be reproduced."""
+    body = _ReadFields({"n": 1, "prompt": [1, 2]})  # a field of the list, refused by none: every check runs
+    assert resume.refusal(body, chat) is None
+    assert body.read - {"prompt"} <= resume._REFUSAL_FIELDS
 
 
 def test_a_replica_without_token_ids_is_not_resumed(rig) -> None:
