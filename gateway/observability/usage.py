@@ -48,6 +48,7 @@ _FINISHED = b'"finish_reason":"'  # a choice that ends here (null otherwise)
 _CONTENT_END = b'}]}\n\n\r\n'  # a chunk whose event ends with its (non-empty) choices: never the usage chunk
 _CONTENT_FROM = -len(_CONTENT_END)
 _FINGERPRINT = re.compile(rb'"system_fingerprint":("(?:[^"\\]|\\.)*")')
+_FINGERPRINT_KEY = b'"system_fingerprint":"'
 _EVENT = b"data: {"
 _MAX_HELD = 1 << 20  # a "stream" whose frames never end is not vLLM's: stop filtering, pass it through
 _MAX_UNARY = 8 << 20  # non-streamed bodies kept to read their usage (vLLM's are a few KB)
@@ -531,10 +532,10 @@ def _usage_event(payload: bytes) -> tuple[int, int] | None:
 def _fingerprint_of(payload: bytes) -> bytes | None:
     """The usage chunk's `"system_fingerprint":"..."` value, quotes included, or None. Two finds, the regex only
     for a value with an escape in it: the regex was ~8,000 instructions a stream (callgrind)."""
-    key = payload.find(b'"system_fingerprint":"')
+    key = payload.find(_FINGERPRINT_KEY)
     if key < 0:
         return None
-    begin = key + 21
+    begin = key + len(_FINGERPRINT_KEY) - 1  # the value's opening quote
     close = payload.find(b'"', begin + 1)
     if close < 0:
         return None
@@ -568,11 +569,6 @@ class _Counts:
 
     def __init__(self, requests: int = 0, prompt: int = 0, completion: int = 0):
         self.requests, self.prompt, self.completion = requests, prompt, completion
-
-    def add(self, prompt: int, completion: int) -> None:
-        self.requests += 1
-        self.prompt += prompt
-        self.completion += completion
 
     def as_dict(self) -> dict[str, int]:
         return {"requests": self.requests, "prompt_tokens": self.prompt, "completion_tokens": self.completion,
@@ -625,7 +621,7 @@ class UsageBook:
         # Once a counted request: the roll only when the minute moved (a day ends on a minute's end), the adds
         # inline (~3,000 of its ~8,000 instructions were the two, callgrind).
         now = self.clock()
-        if now // 60 != self.minute_index:
+        if _utc_minute(now) != self.minute_index:
             self._roll(now)
         label = (key, model)
         for table in (self.total, self.minute, self.day, self._unsaved):
